@@ -1,0 +1,280 @@
+"""Serving requests: raw JSON in, named tensors out.
+
+A request is one user's features, their behaviour history, the request context, and a
+list of candidates with their item features::
+
+    {
+      "user_key": "196",                          # optional: cache key for the user's K/V
+      "user": {"user_id": "196", "age": "45-49", "gender": "M", "occupation": "writer"},
+      "context": {},
+      "history": [
+        {"sequence": "rated_high", "timestamp": 881250949,
+         "item_id": "242", "release_year": "1996", "genre": "Comedy"}
+      ],
+      "candidates": [{"item_id": "302", "release_year": "1997", "genres": ["Crime"]}]
+    }
+
+Raw values are looked up in the schema's tables; unknown values map to the OOV row.
+Malformed requests raise :class:`~onetrans_trt.errors.RequestError` naming the field.
+
+Tensors (numpy, int64 unless dense):
+- ``ns_<feature>``: ``[C]`` categorical, ``[C, max_len]`` multi-hot (0-padded),
+  ``[C, dim]`` float32 dense. User and context features are repeated per candidate.
+- ``s_type`` ``[U, L]`` (0 pad, ``1..K`` the event's sequence, ``K+1..2K`` the [SEP]
+  after sequence k), ``s_<field>`` ``[U, L]``, ``s_length`` ``[U]``: the merged S-token
+  stream, **left-padded** (the newest token is last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from onetrans_trt.data.schema import PAD, FeatureSchema
+from onetrans_trt.errors import RequestError
+
+
+@dataclass
+class Events:
+    """A user's behaviour events, encoded: one entry per event, in any order."""
+
+    types: np.ndarray  # [n] sequence index + 1
+    timestamps: np.ndarray  # [n] float64
+    fields: dict[str, np.ndarray]  # field -> [n] table rows (PAD where not in the sequence)
+
+    def __len__(self) -> int:
+        return int(self.types.shape[0])
+
+    def slice(self, start: int, stop: int) -> "Events":
+        return Events(self.types[start:stop], self.timestamps[start:stop],
+                      {k: v[start:stop] for k, v in self.fields.items()})
+
+
+@dataclass
+class Request:
+    user: dict[str, Any]
+    context: dict[str, Any]
+    history: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    user_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "Request":
+        if not isinstance(obj, dict):
+            raise RequestError("request: expected a JSON object at the top level")
+        for key in ("user", "context"):
+            if key in obj and not isinstance(obj[key], dict):
+                raise RequestError(f"request.{key}: expected an object")
+        for key in ("history", "candidates"):
+            if key in obj and not isinstance(obj[key], list):
+                raise RequestError(f"request.{key}: expected a list")
+        if "candidates" not in obj:
+            raise RequestError("request.candidates: missing (a list of candidate items)")
+        for i, ev in enumerate(obj.get("history", [])):
+            if not isinstance(ev, dict):
+                raise RequestError(f"request.history[{i}]: expected an object")
+        for i, c in enumerate(obj["candidates"]):
+            if not isinstance(c, dict):
+                raise RequestError(f"request.candidates[{i}]: expected an object")
+        key = obj.get("user_key")
+        return cls(
+            user=dict(obj.get("user", {})), context=dict(obj.get("context", {})),
+            history=list(obj.get("history", [])), candidates=list(obj["candidates"]),
+            user_key=None if key is None else str(key),
+        )
+
+    def to_json(self) -> dict:
+        d = {"user": self.user, "context": self.context, "history": self.history,
+             "candidates": self.candidates}
+        if self.user_key is not None:
+            d["user_key"] = self.user_key
+        return d
+
+
+def load_requests(path: str | Path) -> list[Request]:
+    """Read one request (a JSON object) or many (a JSON list, or JSON lines)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RequestError(f"{path}: no such request file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError(f"{path}: cannot read ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            obj = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}: not JSON or JSON lines ({e})") from None
+    items = obj if isinstance(obj, list) else [obj]
+    return [Request.from_json(o) for o in items]
+
+
+# ---- value encoding ------------------------------------------------------------------
+def _categorical(schema: FeatureSchema, table: str, value: Any, where: str) -> int:
+    if isinstance(value, (dict, list)):
+        raise RequestError(f"{where}: expected a single value, got {type(value).__name__}")
+    return schema.tables[table].index(value)
+
+
+def _multihot(schema: FeatureSchema, table: str, value: Any, max_len: int, where: str) -> np.ndarray:
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        value = [value]
+    out = np.zeros(max_len, dtype=np.int64)
+    rows = [_categorical(schema, table, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    rows = [r for r in rows if r != PAD][:max_len]
+    out[: len(rows)] = rows
+    return out
+
+
+def _dense(value: Any, dim: int, where: str) -> np.ndarray:
+    if not isinstance(value, list):
+        value = [value]
+    if len(value) != dim:
+        raise RequestError(f"{where}: expected {dim} number(s), got {len(value)}")
+    out = np.empty(dim, dtype=np.float32)
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RequestError(f"{where}: expected a number, got {v!r}")
+        if not math.isfinite(v):
+            raise RequestError(f"{where}: NaN/Inf is not allowed")
+        out[i] = v
+    return out
+
+
+def encode_ns(schema: FeatureSchema, user: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+              context: Mapping[str, Any], items: Sequence[Mapping[str, Any]], *,
+              where: str = "request") -> dict[str, np.ndarray]:
+    """Encode the NS features of ``len(items)`` candidates.
+
+    ``user`` and ``context`` are repeated for every candidate; ``user`` may also be a list
+    with one user per row (training batches, one sample per row).
+    """
+    c = len(items)
+    out: dict[str, np.ndarray] = {}
+    for f in schema.features:
+        if f.group == "item":
+            sources = [(items[i], f"{where}.candidates[{i}].{f.name}") for i in range(c)]
+        elif f.group == "user" and not isinstance(user, Mapping):
+            sources = [(user[i], f"{where}[{i}].user.{f.name}") for i in range(c)]
+        else:
+            src = user if f.group == "user" else context
+            sources = [(src, f"{where}.{f.group}.{f.name}")] * c
+        vals = []
+        cache: dict[int, np.ndarray | int] = {}
+        for obj, loc in sources:
+            if id(obj) in cache and f.group != "item":
+                vals.append(cache[id(obj)])
+                continue
+            if f.name not in obj:
+                raise RequestError(f"{loc}: missing")
+            v = obj[f.name]
+            if f.kind == "categorical":
+                enc: Any = _categorical(schema, f.table, v, loc)
+            elif f.kind == "multihot":
+                enc = _multihot(schema, f.table, v, f.max_len, loc)
+            else:
+                enc = _dense(v, f.dim, loc)
+            cache[id(obj)] = enc
+            vals.append(enc)
+        if f.kind == "categorical":
+            out[f"ns_{f.name}"] = np.asarray(vals, dtype=np.int64).reshape(c)
+        elif f.kind == "multihot":
+            out[f"ns_{f.name}"] = np.stack(vals).astype(np.int64) if c else np.zeros((0, f.max_len), np.int64)
+        else:
+            out[f"ns_{f.name}"] = np.stack(vals).astype(np.float32) if c else np.zeros((0, f.dim), np.float32)
+    return out
+
+
+def encode_events(schema: FeatureSchema, history: Sequence[Mapping[str, Any]], *,
+                  where: str = "request.history") -> Events:
+    n = len(history)
+    seq_fields = schema.seq_fields
+    types = np.zeros(n, dtype=np.int64)
+    ts = np.zeros(n, dtype=np.float64)
+    fields = {f: np.zeros(n, dtype=np.int64) for f in seq_fields}
+    for i, ev in enumerate(history):
+        loc = f"{where}[{i}]"
+        name = ev.get("sequence")
+        try:
+            k = schema.sequence_index(name)
+        except KeyError:
+            known = [s.name for s in schema.sequences]
+            raise RequestError(f"{loc}.sequence: {name!r} is not one of {known}") from None
+        types[i] = k + 1
+        t = ev.get("timestamp")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise RequestError(f"{loc}.timestamp: expected a finite number, got {t!r}")
+        ts[i] = t
+        for fname, table in schema.sequences[k].fields.items():
+            if fname not in ev:
+                raise RequestError(f"{loc}.{fname}: missing")
+            fields[fname][i] = _categorical(schema, table, ev[fname], f"{loc}.{fname}")
+    return Events(types, ts, fields)
+
+
+def merge_stream(schema: FeatureSchema, ev: Events) -> dict[str, np.ndarray]:
+    """Order a user's events into one S-token stream (1-D arrays, newest last).
+
+    The newest ``max_history`` events are kept. ``timestamp_aware`` interleaves them by
+    time (ties: sequence order, then input order); ``timestamp_agnostic`` concatenates
+    the sequences in schema order (most important first), each followed by its [SEP].
+    """
+    k = schema.num_sequences
+    order = np.lexsort((np.arange(len(ev)), ev.types, ev.timestamps))  # by time, stable
+    order = order[max(0, len(order) - schema.max_history):]
+    types = ev.types[order]
+    fields = {f: v[order] for f, v in ev.fields.items()}
+    if schema.merge_mode == "timestamp_agnostic":
+        parts_t, parts_f = [], {f: [] for f in fields}
+        for s in range(1, k + 1):
+            sel = types == s
+            parts_t += [types[sel], np.array([k + s], dtype=np.int64)]
+            for f in fields:
+                parts_f[f] += [fields[f][sel], np.zeros(1, dtype=np.int64)]
+        types = np.concatenate(parts_t)
+        fields = {f: np.concatenate(v) for f, v in parts_f.items()}
+    return {"s_type": types, **{f"s_{f}": v for f, v in fields.items()}}
+
+
+def pad_streams(schema: FeatureSchema, streams: Sequence[Mapping[str, np.ndarray]],
+                length: int | None = None) -> dict[str, np.ndarray]:
+    """Left-pad merged streams into ``[U, L]`` tensors plus ``s_length``.
+
+    ``length`` defaults to the longest stream (at least 1, so shapes are never empty).
+    """
+    lens = np.array([len(s["s_type"]) for s in streams], dtype=np.int64)
+    width = int(length if length is not None else max(1, int(lens.max(initial=0))))
+    if (lens > width).any():
+        raise ValueError(f"stream longer than the padded length {width}")
+    keys = ["s_type"] + [f"s_{f}" for f in schema.seq_fields]
+    out = {key: np.zeros((len(streams), width), dtype=np.int64) for key in keys}
+    for i, s in enumerate(streams):
+        n = int(lens[i])
+        if n:
+            for key in keys:
+                out[key][i, width - n:] = s[key]
+    out["s_length"] = lens
+    return out
+
+
+def encode_request(schema: FeatureSchema, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Encode one request: (user history tensors with U=1, candidate NS tensors with C rows)."""
+    ev = encode_events(schema, req.history)
+    hist = pad_streams(schema, [merge_stream(schema, ev)])
+    ns = encode_ns(schema, req.user, req.context, req.candidates)
+    return hist, ns
+
+
+def repeat_history(hist: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Repeat a one-user history ``n`` times (the naive, unified path's input)."""
+    return {k: np.repeat(v, n, axis=0) for k, v in hist.items()}

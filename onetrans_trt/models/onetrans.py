@@ -1,0 +1,211 @@
+"""OneTrans (arXiv 2510.26104): one causal transformer over ``[S-tokens ; NS-tokens]``.
+
+Three entry points compute the same numbers:
+
+- ``model(batch)``: the **unified** forward, one sequence per (user, candidate) pair and
+  one attention over the whole of it under the S/NS causal mask;
+- ``model.encode_user(history)``: the **user encoder**, the S side alone, returning each
+  layer's S-token K/V (:class:`UserKV`; layer ``l``'s K/V hold the S-tokens layer
+  ``l-1`` kept);
+- ``model.score_candidates(user_kv, candidates)``: the **candidate scorer**, the NS side
+  of C candidates of one user attending the cached K/V (never copied per candidate).
+
+Causality makes the split exact: no S-token ever attends an NS-token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from onetrans_trt.models.attention import (
+    masked_attention,
+    merge_heads,
+    prefix_key_mask,
+    shared_prefix_attention,
+    split_heads,
+    tail_causal_attention,
+    tail_causal_mask,
+)
+from onetrans_trt.models.blocks import FFN, MLP, MixedLinear, RMSNorm
+from onetrans_trt.models.config import ModelConfig
+from onetrans_trt.models.tokenizers import (
+    AutoSplitNSTokenizer,
+    Embeddings,
+    GroupNSTokenizer,
+    STokenizer,
+)
+
+
+@dataclass
+class UserKV:
+    """What crosses from the user side to the candidate side.
+
+    ``keys[l]`` / ``values[l]``: ``[U, H, n_l, dh]`` (torch tensors or numpy arrays),
+    left-padded; ``lengths``: ``[U]`` real S-tokens in the stream (clamped per layer to
+    ``n_l``).
+    """
+
+    keys: list[Any]
+    values: list[Any]
+    lengths: Any
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.keys)
+
+    def nbytes(self) -> int:
+        return int(sum(k.nbytes if hasattr(k, "nbytes") else k.numel() * k.element_size()
+                       for k in [*self.keys, *self.values]))
+
+
+class OneTransLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, s_queries: bool):
+        super().__init__()
+        d, t, f = cfg.d_model, cfg.num_ns_tokens, cfg.d_model * cfg.ffn_mult
+        self.n_heads = cfg.n_heads
+        self.s_queries = s_queries  # False for the top layer: its S outputs are never used
+        self.s_norm1 = RMSNorm(d)
+        self.s_k = nn.Linear(d, d, bias=False)
+        self.s_v = nn.Linear(d, d, bias=False)
+        if s_queries:
+            self.s_q = nn.Linear(d, d, bias=False)
+            self.s_o = nn.Linear(d, d, bias=False)
+            self.s_norm2 = RMSNorm(d)
+            self.s_ffn = FFN(d, f)
+        self.ns_norm1 = RMSNorm(d, tokens=t)
+        self.ns_q = MixedLinear(t, d, d)
+        self.ns_k = MixedLinear(t, d, d)
+        self.ns_v = MixedLinear(t, d, d)
+        self.ns_o = MixedLinear(t, d, d)
+        self.ns_norm2 = RMSNorm(d, tokens=t)
+        self.ns_ffn = FFN(d, f, tokens=t)
+
+    # -- pieces shared by the unified and the split paths ----------------------------
+    def s_update(self, x_tail: Tensor, attn: Tensor) -> Tensor:
+        z = x_tail + self.s_o(attn)
+        return z + self.s_ffn(self.s_norm2(z))
+
+    def ns_update(self, x_ns: Tensor, attn: Tensor) -> Tensor:
+        z = x_ns + self.ns_o(attn)
+        return z + self.ns_ffn(self.ns_norm2(z))
+
+    # -- unified ---------------------------------------------------------------------
+    def forward_unified(self, x_s: Tensor, x_ns: Tensor, length: Tensor, n_queries: int | None):
+        n, t, h = x_s.shape[1], x_ns.shape[1], self.n_heads
+        valid = length.clamp(max=n)
+        hs, hns = self.s_norm1(x_s), self.ns_norm1(x_ns)
+        k = torch.cat([self.s_k(hs), self.ns_k(hns)], dim=1)
+        v = torch.cat([self.s_v(hs), self.ns_v(hns)], dim=1)
+        q_ns = self.ns_q(hns)
+        if self.s_queries:
+            x_tail = x_s if n_queries is None else x_s[:, -n_queries:]
+            hs_tail = hs if n_queries is None else hs[:, -n_queries:]
+            q = torch.cat([self.s_q(hs_tail), q_ns], dim=1)
+            nq = x_tail.shape[1]
+        else:
+            q, nq = q_ns, 0
+        # Mask over keys [S (n) ; NS (t)] for queries [S tail (nq) ; NS (t)].
+        b = x_s.shape[0]
+        s_rows = torch.cat([tail_causal_mask(n, nq, valid)[:, 0],
+                            torch.zeros(b, nq, t, dtype=torch.bool, device=x_s.device)], dim=2)
+        real = prefix_key_mask(n, valid).unsqueeze(1).expand(b, t, n)
+        causal_ns = torch.ones(t, t, dtype=torch.bool, device=x_s.device).tril().expand(b, t, t)
+        ns_rows = torch.cat([real, causal_ns], dim=2)
+        mask = torch.cat([s_rows, ns_rows], dim=1).unsqueeze(1)
+        o = merge_heads(masked_attention(split_heads(q, h), split_heads(k, h), split_heads(v, h), mask))
+        new_ns = self.ns_update(x_ns, o[:, nq:])
+        new_s = self.s_update(x_tail, o[:, :nq]) if self.s_queries else x_s[:, :0]
+        return new_s, new_ns
+
+    # -- user side -------------------------------------------------------------------
+    def encode_s(self, x_s: Tensor, length: Tensor, n_queries: int | None):
+        """Return (K, V) of this layer's S-tokens and the S-tokens passed upward."""
+        h = self.n_heads
+        hs = self.s_norm1(x_s)
+        k, v = split_heads(self.s_k(hs), h), split_heads(self.s_v(hs), h)
+        if not self.s_queries:
+            return k, v, None
+        x_tail = x_s if n_queries is None else x_s[:, -n_queries:]
+        hs_tail = hs if n_queries is None else hs[:, -n_queries:]
+        q = split_heads(self.s_q(hs_tail), h)
+        valid = length.clamp(max=x_s.shape[1])
+        o = merge_heads(tail_causal_attention(q, k, v, valid))
+        return k, v, self.s_update(x_tail, o)
+
+    # -- candidate side ----------------------------------------------------------------
+    def score_ns(self, x_ns: Tensor, k_s: Tensor, v_s: Tensor, length: Tensor) -> Tensor:
+        h = self.n_heads
+        hns = self.ns_norm1(x_ns)
+        q = split_heads(self.ns_q(hns), h)
+        k, v = split_heads(self.ns_k(hns), h), split_heads(self.ns_v(hns), h)
+        valid = length.clamp(max=k_s.shape[2])
+        o = shared_prefix_attention(q, k_s, v_s, valid, k, v)
+        return self.ns_update(x_ns, merge_heads(o))
+
+
+class OneTrans(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.family != "onetrans":
+            raise ValueError(f"OneTrans needs family 'onetrans', got {cfg.family!r}")
+        self.cfg = cfg
+        d = cfg.d_model
+        hidden = cfg.tokenizer_hidden or 2 * d
+        self.embeddings = Embeddings(cfg.schema)
+        if cfg.ns_tokenizer == "auto_split":
+            self.ns_tokenizer: nn.Module = AutoSplitNSTokenizer(self.embeddings, d, cfg.ns_tokens, hidden)
+        else:
+            self.ns_tokenizer = GroupNSTokenizer(self.embeddings, d, cfg.resolved_ns_groups(), hidden)
+        self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
+        self.schedule = cfg.query_schedule()
+        self.layers = nn.ModuleList([
+            OneTransLayer(cfg, s_queries=i < cfg.n_layers - 1) for i in range(cfg.n_layers)
+        ])
+        t = cfg.num_ns_tokens
+        self.final_norm = RMSNorm(d, tokens=t)
+        self.heads = nn.ModuleList([MLP(t * d, cfg.head_hidden or d, 1) for _ in cfg.tasks])
+
+    # -- shared pieces ---------------------------------------------------------------
+    def s_tokens(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The S-token stream ``[U, L, d]`` (at most ``s_max_len`` newest) and lengths."""
+        lmax = self.cfg.schema.s_max_len
+        b = {k: v[:, -lmax:] for k, v in batch.items() if k.startswith("s_") and k != "s_length"}
+        x = self.s_tokenizer(b)
+        return x, batch["s_length"].clamp(min=0, max=x.shape[1])
+
+    def head(self, x_ns: Tensor) -> Tensor:
+        z = self.final_norm(x_ns).flatten(1)
+        return torch.cat([h(z) for h in self.heads], dim=-1)
+
+    # -- the three entry points --------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Unified forward: logits ``[B, tasks]`` for B (history, candidate) pairs."""
+        x_s, length = self.s_tokens(batch)
+        x_ns = self.ns_tokenizer(batch)
+        for layer, nq in zip(self.layers, self.schedule):
+            x_s, x_ns = layer.forward_unified(x_s, x_ns, length, nq)
+        return self.head(x_ns)
+
+    def encode_user(self, batch: dict[str, Tensor]) -> UserKV:
+        """User encoder: each layer's S-token K/V for U users."""
+        x_s, length = self.s_tokens(batch)
+        keys, values = [], []
+        for layer, nq in zip(self.layers, self.schedule):
+            k, v, x_s = layer.encode_s(x_s, length, nq)
+            keys.append(k)
+            values.append(v)
+        return UserKV(keys, values, length)
+
+    def score_candidates(self, user_kv: UserKV, batch: dict[str, Tensor]) -> Tensor:
+        """Candidate scorer: logits ``[C, tasks]`` for C candidates of one user."""
+        if user_kv.keys[0].shape[0] != 1:
+            raise ValueError("score_candidates takes the K/V of exactly one user (U=1)")
+        x_ns = self.ns_tokenizer(batch)
+        length = user_kv.lengths.reshape(1)
+        for layer, k, v in zip(self.layers, user_kv.keys, user_kv.values):
+            x_ns = layer.score_ns(x_ns, k, v, length)
+        return self.head(x_ns)
