@@ -1,0 +1,228 @@
+"""The ``onetrans-trt`` command line: one command per pipeline stage.
+
+Exit codes: 0 success, 1 a check failed, 2 bad input, 3 a missing optional capability
+(TensorRT, a GPU). Errors print one line, ``error: <what was wrong and what to do>``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from onetrans_trt import __version__
+from onetrans_trt.errors import InputError, OneTransError
+
+
+class _Group(click.Group):
+    """Map our errors to one-line messages and exit codes (never a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OneTransError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _emit(obj: Any, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(obj, indent=2) if as_json else human)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                    transient=False, disable=not sys.stderr.isatty(), console=_stderr_console())
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Where datasets are cached (default: $ONETRANS_TRT_DATA or ~/.cache/onetrans-trt).")
+JSON_OUT = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onetrans-trt")
+def cli() -> None:
+    """Take trained OneTrans / HyFormer rankers to fast, numerically trusted inference.
+
+    \b
+    The pipeline, one command per stage:
+      fetch-data  get MovieLens-100K into the data cache
+      train       train a model on it; writes a checkpoint directory
+      info        summarize a checkpoint
+      rank        score a serving request with a checkpoint
+
+    Every command takes --help. Exit codes: 0 ok, 1 check failed, 2 bad input,
+    3 missing optional capability (TensorRT/GPU).
+    """
+
+
+@cli.command("fetch-data")
+@DATA_DIR
+def fetch_data(data_dir: Path | None) -> None:
+    """Download MovieLens-100K (from the recbole==1.2.1 wheel) into the data cache.
+
+    The data is never redistributed with this toolkit: its licence forbids it.
+    """
+    from onetrans_trt.data.movielens import fetch_movielens
+
+    click.echo(str(fetch_movielens(data_dir)))
+
+
+@cli.command()
+@click.option("--model", "family", type=click.Choice(["onetrans", "baseline"]), default="onetrans",
+              show_default=True, help="Model family.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default="small",
+              show_default=True, help="Architecture size.")
+@click.option("--data", type=click.Choice(["ml-100k"]), default="ml-100k", show_default=True,
+              help="Training data.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
+@click.option("--epochs", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True,
+              help="Train this many seeds (seed, seed+1, ...); metrics.json reports each and the "
+                   "mean; the first seed's weights are saved.")
+@click.option("--max-history", type=click.IntRange(1), default=50, show_default=True,
+              help="Most behaviour events kept per user (newest).")
+@click.option("--merge", type=click.Choice(["timestamp_aware", "timestamp_agnostic"]),
+              default="timestamp_aware", show_default=True, help="How behaviour sequences are merged.")
+@click.option("--ns-tokenizer", type=click.Choice(["auto_split", "group"]), default="auto_split",
+              show_default=True)
+@click.option("--pyramid", type=click.Choice(["linear", "off"]), default="linear", show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N training samples (quick runs, tests).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@DATA_DIR
+@JSON_OUT
+def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_history, merge,
+          ns_tokenizer, pyramid, limit, force, data_dir, as_json) -> None:
+    """Train a model on MovieLens-100K and write a checkpoint directory.
+
+    \b
+    OUT/config.json        architecture + feature schema + vocabularies
+    OUT/model.safetensors  weights (no pickle)
+    OUT/metrics.json       test AUC and logloss per task (each seed and the mean)
+
+    \b
+    Example:
+      onetrans-trt train --model onetrans --preset small --out runs/small --epochs 2
+    """
+    from onetrans_trt.data.movielens import TASKS, MovieLens, Split
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.training import train_model
+
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    ml = MovieLens(data_dir, max_history=max_history, merge_mode=merge)
+    if limit is not None:
+        ml.train = Split(ml.train.users[:limit], ml.train.positions[:limit], ml.train.labels[:limit])
+    cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
+                                  ns_tokenizer=ns_tokenizer, pyramid=pyramid)
+    runs, first = [], None
+    with _progress() as prog:
+        for s in range(seed, seed + seeds):
+            task = prog.add_task(f"train {family}/{preset} seed {s}", total=None, status="")
+
+            def report(step: int, total: int, loss: float, task=task) -> None:
+                prog.update(task, completed=step, total=total, status=f"loss {loss:.4f}")
+
+            model, metrics = train_model(cfg, ml, epochs=epochs, batch_size=batch_size, lr=lr,
+                                         seed=s, progress=report)
+            runs.append(metrics)
+            first = first or model
+    mean = {t: {m: sum(r["test"][t][m] for r in runs) / len(runs) for m in ("auc", "logloss")}
+            for t in cfg.tasks}
+    summary = {"model": family, "preset": preset, "data": data, "seeds": [r["seed"] for r in runs],
+               "test_mean": mean, "runs": runs}
+    save_checkpoint(first, out, metrics=summary, force=force)
+    human = "\n".join(
+        [f"wrote {out}"] + [f"  {t}: test AUC {v['auc']:.4f}  logloss {v['logloss']:.4f}"
+                            f"  (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})"
+                            for t, v in mean.items()])
+    _emit({"out": str(out), **summary}, as_json, human)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@JSON_OUT
+def info(ckpt: Path, as_json: bool) -> None:
+    """Summarize a checkpoint: architecture, schema, pyramid, parameters, metrics."""
+    from onetrans_trt.models.checkpoint import checkpoint_hash, load_checkpoint, read_metrics
+
+    model = load_checkpoint(ckpt)
+    cfg = model.cfg
+    s = cfg.schema
+    d = {
+        "path": str(ckpt), "sha256": checkpoint_hash(ckpt), "family": cfg.family, "preset": cfg.preset,
+        "d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_layers": cfg.n_layers,
+        "ns_tokenizer": cfg.ns_tokenizer, "ns_tokens": cfg.num_ns_tokens, "tasks": cfg.tasks,
+        "pyramid_schedule": cfg.query_schedule() if cfg.family == "onetrans" else None,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "schema": {
+            "max_history": s.max_history, "merge_mode": s.merge_mode,
+            "features": {g: [f.name for f in s.features_in(g)] for g in ("user", "item", "context")},
+            "sequences": {q.name: list(q.fields) for q in s.sequences},
+            "tables": {t.name: t.size for t in s.tables.values()},
+        },
+        "metrics": read_metrics(ckpt),
+    }
+    lines = [f"{ckpt}: {cfg.family} ({cfg.preset or 'custom'}), {d['parameters']:,} parameters",
+             f"  d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers, "
+             f"{cfg.num_ns_tokens} NS-tokens ({cfg.ns_tokenizer}), tasks {', '.join(cfg.tasks)}",
+             f"  history: up to {s.max_history} events, {len(s.sequences)} sequences, {s.merge_mode}"]
+    if d["pyramid_schedule"] is not None:
+        lines.append(f"  pyramid S-queries per layer: {d['pyramid_schedule']} (None = all)")
+    m = d["metrics"]
+    if m and "test_mean" in m:
+        for t, v in m["test_mean"].items():
+            lines.append(f"  test {t}: AUC {v['auc']:.4f}, logloss {v['logloss']:.4f}")
+    _emit(d, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--request", "request_path", type=click.Path(path_type=Path), required=True,
+              help="A request JSON file (one object, a list, or JSON lines).")
+@click.option("--backend", type=click.Choice(["torch-split", "torch-unified"]), default="torch-split",
+              show_default=True, help="torch-split encodes the user once; torch-unified runs the "
+                                      "full model per candidate (the naive path).")
+def rank(ckpt: Path, request_path: Path, backend: str) -> None:
+    """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
+
+    \b
+    Request format (see README):
+      {"user": {...}, "context": {...}, "history": [{"sequence": ..., "timestamp": ...,
+       <fields>}], "candidates": [{<item features>}]}
+    """
+    from onetrans_trt.data.requests import load_requests
+    from onetrans_trt.runtime.ranker import Ranker
+
+    ranker = Ranker.load(ckpt, backend=backend)
+    reqs = load_requests(request_path)
+    results = [ranker.rank(r).to_json() for r in reqs]
+    click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="onetrans-trt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The Ranker: requests in, per-task scores out, over any backend.
+
+    ranker = Ranker.load("runs/small", backend="torch-split")
+    result = ranker.rank(request)          # a Request or its JSON dict
+    result.scores["like"]                  # probabilities, one per candidate
+
+Candidates are scored in chunks of ``chunk_size`` so memory stays bounded for any C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onetrans_trt.data.requests import Request, encode_request
+from onetrans_trt.data.schema import FeatureSchema
+from onetrans_trt.errors import InputError
+
+
+@dataclass
+class RankResult:
+    tasks: list[str]
+    logits: np.ndarray  # [C, tasks]
+    user_key: str | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))
+
+    @property
+    def scores(self) -> dict[str, list[float]]:
+        p = self.probabilities
+        return {t: p[:, i].tolist() for i, t in enumerate(self.tasks)}
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.probabilities
+        order = np.argsort(-p[:, 0], kind="stable").tolist() if len(p) else []
+        return {
+            "user_key": self.user_key,
+            "tasks": self.tasks,
+            "scores": self.scores,
+            "logits": {t: self.logits[:, i].astype(float).tolist() for i, t in enumerate(self.tasks)},
+            "order": order,
+        }
+
+
+class Ranker:
+    def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512):
+        if chunk_size < 1:
+            raise InputError("chunk_size must be >= 1")
+        self.schema, self.tasks, self.backend, self.chunk_size = schema, tasks, backend, chunk_size
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "torch-split", **kw: Any) -> "Ranker":
+        """Load from a checkpoint directory (``config.json``) with a torch backend."""
+        from onetrans_trt.models.checkpoint import load_checkpoint
+        from onetrans_trt.runtime.backends import TORCH_BACKENDS
+
+        if backend not in TORCH_BACKENDS:
+            raise InputError(f"unknown backend {backend!r} for a checkpoint; choose one of {sorted(TORCH_BACKENDS)}")
+        model = load_checkpoint(path)
+        return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
+
+    @classmethod
+    def from_model(cls, model: Any, backend: str = "torch-split", **kw: Any) -> "Ranker":
+        from onetrans_trt.runtime.backends import TORCH_BACKENDS
+
+        return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
+
+    def rank(self, request: Request | dict) -> RankResult:
+        req = request if isinstance(request, Request) else Request.from_json(request)
+        hist, ns = encode_request(self.schema, req)
+        c = len(req.candidates)
+        chunks = [{k: v[i:i + self.chunk_size] for k, v in ns.items()} for i in range(0, c, self.chunk_size)]
+        if self.backend.split:
+            kv = self.backend.encode_user(hist)
+            parts = [self.backend.score(kv, ch) for ch in chunks]
+        else:
+            parts = [self.backend.score_unified(hist, ch) for ch in chunks]
+        logits = np.concatenate(parts) if parts else np.zeros((0, len(self.tasks)), np.float32)
+        return RankResult(self.tasks, logits, req.user_key)

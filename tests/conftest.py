@@ -1,0 +1,37 @@
+"""Shared fixtures: the real MovieLens-100K data and a quickly trained tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def movielens():
+    from onetrans_trt.data.movielens import MovieLens
+
+    return MovieLens()  # fetches into the data cache if missing (make test fetches first)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(movielens, tmp_path_factory):
+    """A tiny OneTrans trained briefly on real data (weights are not random)."""
+    from onetrans_trt.data.movielens import TASKS, Split
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.training import train_model
+
+    class Subset:
+        schema = movielens.schema
+        batch = staticmethod(movielens.batch)
+        train = Split(movielens.train.users[:4000], movielens.train.positions[:4000], movielens.train.labels[:4000])
+        test = Split(movielens.test.users[:2000], movielens.test.positions[:2000], movielens.test.labels[:2000])
+
+    cfg = ModelConfig.from_preset("tiny", movielens.schema, tasks=list(TASKS))
+    model, metrics = train_model(cfg, Subset, epochs=1, batch_size=256, seed=0)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(model, out, metrics={"test_mean": metrics["test"], "runs": [metrics]})
+    return out

@@ -1,0 +1,71 @@
+"""The CLI: commands run end to end; bad input is one line and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from onetrans_trt.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "info", "rank", "fetch-data"):
+        assert cmd in r.output
+
+
+def test_train_info_rank(tmp_path, movielens):
+    out = tmp_path / "ck"
+    r = run("train", "--preset", "tiny", "--out", out, "--epochs", "1", "--limit", "1500", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert set(summary["test_mean"]) == {"like", "love"}
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    r = run("info", out, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["family"] == "onetrans"
+    req, _ = movielens.requests(1, n_candidates=4, seed=5)[0]
+    (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
+    for backend in ("torch-split", "torch-unified"):
+        r = run("rank", out, "--request", tmp_path / "req.json", "--backend", backend)
+        assert r.exit_code == 0, r.output
+        assert len(json.loads(r.output)["scores"]["like"]) == 4
+    r = run("train", "--preset", "tiny", "--out", out, "--epochs", "1", "--limit", "100")
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_baseline_trains_and_ranks_unified_only(tmp_path, movielens):
+    out = tmp_path / "bl"
+    assert run("train", "--model", "baseline", "--preset", "tiny", "--out", out, "--epochs", "1",
+               "--limit", "1000").exit_code == 0
+    req, _ = movielens.requests(1, n_candidates=3, seed=6)[0]
+    (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
+    assert run("rank", out, "--request", tmp_path / "req.json", "--backend", "torch-unified").exit_code == 0
+    r = run("rank", out, "--request", tmp_path / "req.json", "--backend", "torch-split")
+    assert r.exit_code == 2 and "user/candidate split" in r.output
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda d, ck: (d / "r.json").write_text('{"user": {}, "candidates": [{}]}'), "missing"),
+    (lambda d, ck: (d / "r.json").write_text("[1, 2"), "not JSON"),
+    (lambda d, ck: (ck / "model.safetensors").write_bytes(b"\x00" * 20), "safetensors"),
+])
+def test_errors_are_one_line_exit_2_no_traceback(tmp_path, tiny_ckpt, setup, needle):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    (tmp_path / "r.json").write_text("{}")
+    setup(tmp_path, ck)
+    p = subprocess.run([sys.executable, "-m", "onetrans_trt.cli", "rank", str(ck), "--request",
+                        str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
