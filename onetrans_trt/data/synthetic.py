@@ -44,11 +44,14 @@ def synthetic_schema(*, max_history: int = 32, n_items: int = 500, n_sequences: 
 
 def synthetic_request(schema: FeatureSchema, rng: np.random.Generator, *, n_history: int,
                       n_candidates: int, user_key: str | None = None) -> Request:
-    """A random request; raw values include a few unknown ids (they map to OOV)."""
+    """A random request for any schema; raw values include a few unknown ids (OOV)."""
 
-    def raw(table: str) -> int:
-        size = schema.tables[table].size
-        return int(rng.integers(0, size + max(1, size // 50)))  # ~2% out of vocabulary
+    def raw(table: str):
+        t = schema.tables[table]
+        i = int(rng.integers(0, t.size + max(1, t.size // 50)))  # ~2% out of vocabulary
+        if t.tokens is None:
+            return i
+        return t.tokens[i] if i < t.size else f"unknown-{i}"
 
     def feature_value(f):
         if f.kind == "categorical":

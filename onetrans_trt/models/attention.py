@@ -67,6 +67,18 @@ def tail_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Ten
     return masked_attention(q, k, v, tail_causal_mask(k.shape[2], q.shape[2], valid))
 
 
+def _real_prefix_keys(k_prefix: Tensor, valid: Tensor) -> Tensor:
+    """``[1, 1, 1, L]`` mask of the prefix's real keys, computed from the K tensor itself.
+
+    Positions come from a cumulative sum over the key axis rather than from the symbolic
+    length, so an exported scorer never reads the shape of the user encoder's inputs.
+    """
+    ones = torch.ones_like(k_prefix[0, 0, :, 0], dtype=torch.int64)
+    j = torch.cumsum(ones, dim=0) - 1
+    n = ones.sum()
+    return (j >= n - valid.reshape(1)).reshape(1, 1, 1, -1)
+
+
 def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_valid: Tensor,
                             k_own: Tensor, v_own: Tensor) -> Tensor:
     """Reference SharedPrefixAttention.
@@ -77,13 +89,11 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
     Returns ``[C, H, T, dh]``: softmax over ``[prefix ; own keys <= i]`` per query i.
     """
     c, h, t, dh = q.shape
-    n = k_prefix.shape[2]
     scale = 1.0 / math.sqrt(dh)
     # Part 1: every candidate's queries against the one shared prefix, as one batch.
     q_all = q.transpose(0, 1).reshape(1, h, c * t, dh)
     s1 = torch.matmul(q_all, k_prefix.transpose(-1, -2)) * scale  # [1, H, C*T, L]
-    real = prefix_key_mask(n, prefix_valid).reshape(1, 1, 1, n)
-    s1 = s1.masked_fill(~real, NEG_INF)
+    s1 = s1.masked_fill(~_real_prefix_keys(k_prefix, prefix_valid), NEG_INF)
     m1 = s1.amax(dim=-1, keepdim=True)  # -inf when the prefix is empty
     p1 = torch.exp(s1 - torch.where(torch.isinf(m1), torch.zeros_like(m1), m1))  # no NaN
     l1 = p1.sum(dim=-1, keepdim=True)

@@ -142,8 +142,7 @@ class OneTransLayer(nn.Module):
         hns = self.ns_norm1(x_ns)
         q = split_heads(self.ns_q(hns), h)
         k, v = split_heads(self.ns_k(hns), h), split_heads(self.ns_v(hns), h)
-        valid = length.clamp(max=k_s.shape[2])
-        o = shared_prefix_attention(q, k_s, v_s, valid, k, v)
+        o = shared_prefix_attention(q, k_s, v_s, length, k, v)  # length >= L means all real
         return self.ns_update(x_ns, merge_heads(o))
 
 

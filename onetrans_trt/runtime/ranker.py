@@ -58,15 +58,42 @@ class Ranker:
         return self.backend.name
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "torch-split", **kw: Any) -> "Ranker":
-        """Load from a checkpoint directory (``config.json``) with a torch backend."""
+    def load(cls, path: str | Path, backend: str | None = None, **kw: Any) -> "Ranker":
+        """Load a checkpoint directory (torch backends) or a build directory (ORT backends).
+
+        Backends: ``torch-split`` / ``torch-unified`` for a checkpoint; ``ort`` (default for a
+        build) and ``ort-unified`` (needs ``export --unified``) for a build.
+        """
         from onetrans_trt.models.checkpoint import load_checkpoint
         from onetrans_trt.runtime.backends import TORCH_BACKENDS
 
+        path = Path(path)
+        if (path / "manifest.json").is_file():
+            return cls._load_build(path, backend or "ort", **kw)
+        backend = backend or "torch-split"
         if backend not in TORCH_BACKENDS:
             raise InputError(f"unknown backend {backend!r} for a checkpoint; choose one of {sorted(TORCH_BACKENDS)}")
         model = load_checkpoint(path)
         return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
+
+    @classmethod
+    def _load_build(cls, build: Path, backend: str, *, providers: list[str] | None = None,
+                    threads: int | None = None, **kw: Any) -> "Ranker":
+        from onetrans_trt.export.api import read_manifest
+        from onetrans_trt.models.checkpoint import read_config
+        from onetrans_trt.runtime.ort_backend import OrtSplitBackend, OrtUnifiedBackend
+
+        read_manifest(build)
+        cfg = read_config(build)
+        if backend == "ort":
+            b: Any = OrtSplitBackend(build, providers=providers, threads=threads)
+        elif backend == "ort-unified":
+            if not (build / "unified.onnx").is_file():
+                raise InputError(f"{build}: no unified.onnx; export with --unified for the 'ort-unified' backend")
+            b = OrtUnifiedBackend(build, providers=providers, threads=threads)
+        else:
+            raise InputError(f"unknown backend {backend!r} for a build; choose 'ort' or 'ort-unified'")
+        return cls(cfg.schema, list(cfg.tasks), b, **kw)
 
     @classmethod
     def from_model(cls, model: Any, backend: str = "torch-split", **kw: Any) -> "Ranker":

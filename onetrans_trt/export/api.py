@@ -1,0 +1,297 @@
+"""``export``: a OneTrans checkpoint becomes a build directory.
+
+    BUILD/
+      manifest.json            what is here and how it was made
+      serving.onnx             the raw traced serving graph (user side + scorer, K/V marked)
+      user_encoder.onnx        history -> each layer's S-token K/V (batched over users)
+      candidate_scorer.onnx    C candidates' NS features + one user's K/V -> logits, probs
+      unified.onnx             (--unified) the naive model: full sequence per candidate
+      samples/                 real requests, their inputs (npz + polygraphy JSON) and
+                               the PyTorch outputs
+
+The directory is assembled in a temporary sibling and renamed into place, so an
+interrupted export never leaves a partial build.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from onetrans_trt import __version__
+from onetrans_trt.data.requests import Request, encode_events, encode_request, merge_stream, pad_streams
+from onetrans_trt.errors import BuildError, CheckpointError, InputError
+from onetrans_trt.io import atomic_directory, atomic_write_json
+
+MANIFEST = "manifest.json"
+USER_ENCODER = "user_encoder.onnx"
+CANDIDATE_SCORER = "candidate_scorer.onnx"
+SERVING = "serving.onnx"
+UNIFIED = "unified.onnx"
+DEFAULT_OPSET = 23
+USER_PASSES = ["pyramid", "cleanup"]
+SCORER_PASSES = ["no-broadcast", "cleanup"]
+
+# Ranges of the dynamic dimensions (for TensorRT optimization profiles): min/typical/max.
+DEFAULT_RANGES = {"users": (1, 1, 64), "candidates": (1, 128, 1024)}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onetrans_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _example(model, n_users: int = 2, n_candidates: int = 3) -> tuple[dict, dict]:
+    """Example inputs for tracing: sizes >= 2 on every dynamic axis."""
+    from onetrans_trt.data.synthetic import synthetic_request
+
+    schema = model.cfg.schema
+    rng = np.random.default_rng(0)
+    reqs = [synthetic_request(schema, rng, n_history=schema.max_history, n_candidates=n_candidates)
+            for _ in range(n_users)]
+    streams = [merge_stream(schema, encode_events(schema, r.history)) for r in reqs]
+    hist = pad_streams(schema, streams, length=max(2, schema.s_max_len))
+    _, ns = encode_request(schema, reqs[0])
+    return hist, ns
+
+
+def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    """Export ``module`` (an :mod:`export.serving` graph) with the dynamo exporter."""
+    from torch.export import Dim
+
+    users, history, cands = Dim("users", min=1, max=4096), Dim("history", min=1, max=1 << 16), \
+        Dim("candidates", min=1, max=1 << 20)
+    shapes: dict[str, Any] = {}
+    for name in module.input_names:
+        if name == "s_length":
+            shapes[name] = {0: users}
+        elif name.startswith("s_"):
+            shapes[name] = {0: users, 1: history}
+        else:
+            shapes[name] = {0: cands}
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in module.input_names)
+    with tempfile.TemporaryDirectory() as tmp:  # the exporter may leave report files behind
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                     input_names=module.input_names, output_names=module.output_names,
+                                     dynamic_shapes=shapes, external_data=False, verbose=False)
+        finally:
+            os.chdir(cwd)
+    prog.save(str(path))
+
+
+def _io_spec(graph_path: Path) -> dict[str, list[dict]]:
+    import onnx
+
+    m = onnx.load(str(graph_path), load_external_data=False)
+
+    def spec(v):
+        tt = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                "shape": [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]}
+
+    return {"inputs": [spec(v) for v in m.graph.input], "outputs": [spec(v) for v in m.graph.output]}
+
+
+def _dynamic_dims(model) -> dict[str, dict[str, int]]:
+    schema = model.cfg.schema
+    lmax = schema.s_max_len
+    dims = {k: dict(zip(("min", "typical", "max"), v)) for k, v in DEFAULT_RANGES.items()}
+    dims["history"] = {"min": 1, "typical": lmax, "max": lmax}
+    n_min, n_typ = 1, lmax
+    for l, q in enumerate(model.cfg.query_schedule()):
+        dims[f"kv_len_{l}"] = {"min": n_min, "typical": n_typ, "max": n_typ}
+        if q is not None:
+            n_min, n_typ = min(q, n_min), min(q, n_typ)
+    return dims
+
+
+def _save_graph(graph, path: Path) -> None:
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    model = gs.export_onnx(graph)
+    model.opset_import[0].version = max(model.opset_import[0].version, 1)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def sample_requests(model, n: int, data_dir: str | Path | None = None) -> tuple[list[Request], str]:
+    """Real MovieLens requests when the checkpoint's schema is MovieLens', else synthetic."""
+    from onetrans_trt.data import movielens as mlmod
+
+    schema = model.cfg.schema
+    if [s.name for s in schema.sequences] == mlmod.SEQUENCES and "item_id" in schema.tables:
+        try:
+            ml = mlmod.MovieLens(data_dir, max_history=schema.max_history, merge_mode=schema.merge_mode)
+            return [r for r, _ in ml.requests(n, n_candidates=16, seed=123)], "ml-100k"
+        except Exception:  # noqa: BLE001 - data not available: fall back to synthetic
+            pass
+    from onetrans_trt.data.synthetic import synthetic_request
+
+    rng = np.random.default_rng(123)
+    return [synthetic_request(schema, rng, n_history=int(rng.integers(0, schema.max_history + 1)),
+                              n_candidates=16) for _ in range(n)], "synthetic"
+
+
+def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
+    """Inputs and PyTorch outputs for each request, as npz and polygraphy JSON."""
+    from polygraphy.json import save_json
+
+    from onetrans_trt.export.serving import kv_output_names
+
+    out.mkdir(parents=True, exist_ok=True)
+    kv_names = kv_output_names(model.cfg.n_layers)
+    user_feeds, scorer_feeds, arrays = [], [], {}
+    with torch.no_grad():
+        for i, req in enumerate(reqs):
+            hist, ns = encode_request(model.cfg.schema, req)
+            kv = model.encode_user({k: torch.from_numpy(v) for k, v in hist.items()})
+            logits = model.score_candidates(kv, {k: torch.from_numpy(v) for k, v in ns.items()})
+            kvs = dict(zip(kv_names, [t.numpy() for p in zip(kv.keys, kv.values) for t in p]))
+            unified = model({k: torch.from_numpy(v) for k, v in
+                             {**{k: np.repeat(v, len(req.candidates), 0) for k, v in hist.items()}, **ns}.items()})
+            user_feeds.append({k: np.ascontiguousarray(v) for k, v in hist.items()})
+            scorer_feeds.append({**{k: np.ascontiguousarray(v) for k, v in ns.items()},
+                                 "s_length": hist["s_length"].copy(), **kvs})
+            for k, v in {**hist, **ns, **kvs}.items():
+                arrays[f"{i}/{k}"] = v
+            arrays[f"{i}/logits"] = logits.numpy()
+            arrays[f"{i}/unified_logits"] = unified.numpy()
+            (out / f"request_{i}.json").write_text(json.dumps(req.to_json()) + "\n")
+    save_json(user_feeds, str(out / "user_encoder_inputs.json"))
+    save_json(scorer_feeds, str(out / "candidate_scorer_inputs.json"))
+    np.savez(out / "samples.npz", **arrays)
+    return {"count": len(reqs), "files": ["samples.npz", "user_encoder_inputs.json",
+                                          "candidate_scorer_inputs.json"]}
+
+
+def load_onetrans(ckpt: str | Path):
+    from onetrans_trt.models.checkpoint import load_checkpoint
+    from onetrans_trt.models.onetrans import OneTrans
+
+    model = load_checkpoint(ckpt)
+    if not isinstance(model, OneTrans):
+        raise CheckpointError(f"{ckpt}: export needs a OneTrans checkpoint (this one is "
+                              f"'{model.cfg.family}', which has no user/candidate split)")
+    return model
+
+
+def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, passes: bool = True,
+                 force: bool = False, unified: bool = False, n_samples: int = 4,
+                 data_dir: str | Path | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export a checkpoint to a build directory; returns the manifest."""
+    import onnx_graphsurgeon as gs
+
+    from onetrans_trt.export.serving import ServingGraph, UnifiedGraph
+    from onetrans_trt.graphs import run_passes
+    from onetrans_trt.graphs.split_kv import candidate_scorer, user_encoder
+    from onetrans_trt.models.checkpoint import checkpoint_hash
+
+    say = progress or (lambda msg: None)
+    out = Path(out)
+    if out.exists() and not force:
+        raise BuildError(f"{out} already exists; pass --force to replace it")
+    if opset < 18:
+        raise InputError(f"--opset {opset} is too old; use 18 or newer (default {DEFAULT_OPSET})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out.parent, prefix=".probe-")
+        probe.close()
+    except OSError as e:
+        raise BuildError(f"cannot write to {out.parent} ({e.strerror or e})") from None
+    model = load_onetrans(ckpt)
+    hist, ns = _example(model)
+    records: list[dict] = []
+    with atomic_directory(out, force=force) as tmp:
+        say("trace serving graph")
+        serving = ServingGraph(model)
+        trace_onnx(serving, {**hist, **ns}, tmp / SERVING, opset)
+        import onnx
+
+        graph = gs.import_onnx(onnx.load(str(tmp / SERVING)))
+        say("split at K/V")
+        ue, cs = user_encoder(graph), candidate_scorer(graph)
+        records += [{"pass": "split-kv", "graph": "serving", "nodes_before": len(graph.nodes),
+                     "nodes_after": len(ue.nodes) + len(cs.nodes)}]
+        if passes:
+            say("graph passes")
+            ue, r1 = run_passes(ue, USER_PASSES, graph_name="user_encoder")
+            cs, r2 = run_passes(cs, SCORER_PASSES, graph_name="candidate_scorer")
+            records += r1 + r2
+        _save_graph(ue, tmp / USER_ENCODER)
+        _save_graph(cs, tmp / CANDIDATE_SCORER)
+        if unified:
+            say("trace unified graph")
+            trace_onnx(UnifiedGraph(model), {**{k: np.repeat(v[:1], 3, 0) for k, v in hist.items()}, **ns},
+                       tmp / UNIFIED, opset)
+        say("samples")
+        reqs, source = sample_requests(model, n_samples, data_dir)
+        samples = write_samples(model, reqs, tmp / "samples")
+        samples["source"] = source
+        cfg = model.cfg
+        graphs = {}
+        for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER),
+                           ("serving", SERVING)) + ((("unified", UNIFIED),) if unified else ()):
+            graphs[key] = {"file": fname, "sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size,
+                           **_io_spec(tmp / fname)}
+        manifest = {
+            "format": "onetrans-trt/build/1",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": {"path": str(Path(ckpt).resolve()), "sha256": checkpoint_hash(ckpt)},
+            "versions": _versions(),
+            "opset": opset,
+            "model": {"family": cfg.family, "preset": cfg.preset, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+                      "head_dim": cfg.head_dim, "n_layers": cfg.n_layers, "ns_tokens": cfg.num_ns_tokens,
+                      "tasks": list(cfg.tasks), "max_history": cfg.schema.max_history,
+                      "s_max_len": cfg.schema.s_max_len},
+            "pyramid": {"schedule": cfg.query_schedule(), "mode": cfg.pyramid if isinstance(cfg.pyramid, str)
+                        else "explicit"},
+            "graphs": graphs,
+            "dynamic_dims": _dynamic_dims(model),
+            "passes": records,
+            "samples": samples,
+        }
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_json(tmp / MANIFEST, manifest)
+    say("done")
+    return manifest
+
+
+def read_manifest(build: str | Path) -> dict[str, Any]:
+    build = Path(build)
+    path = build / MANIFEST
+    if not build.is_dir():
+        raise BuildError(f"{build}: not a build directory (it does not exist)")
+    if not path.is_file():
+        raise BuildError(f"{build}: missing {MANIFEST}; run `onetrans-trt export CKPT --out {build}`")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BuildError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != "onetrans-trt/build/1":
+        raise BuildError(f"{path}: not an onetrans-trt build manifest")
+    return m

@@ -1,0 +1,45 @@
+"""Graph passes over onnx-graphsurgeon graphs, one module per pass.
+
+Each pass is a function ``Graph -> Graph``. :func:`run_passes` applies a list of them by
+name and returns the record that goes into the build manifest (pass, order, node counts
+before and after).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+PASSES: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn: Callable) -> Callable:
+        PASSES[name] = fn
+        fn.pass_name = name
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    from onetrans_trt.graphs import cleanup, no_broadcast, pyramid  # noqa: F401
+
+
+def available_passes() -> list[str]:
+    _load_all()
+    return list(PASSES)
+
+
+def run_passes(graph, names: list[str], *, graph_name: str = "graph"):
+    """Apply passes in order; return ``(graph, records)``."""
+    _load_all()
+    records = []
+    for name in names:
+        if name not in PASSES:
+            from onetrans_trt.errors import InputError
+
+            raise InputError(f"unknown graph pass {name!r}; available: {', '.join(PASSES)}")
+        before = len(graph.nodes)
+        graph = PASSES[name](graph)
+        records.append({"pass": name, "graph": graph_name, "nodes_before": before, "nodes_after": len(graph.nodes)})
+    return graph, records

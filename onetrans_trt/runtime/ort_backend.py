@@ -1,0 +1,91 @@
+"""ONNX Runtime backend: the two graphs of a build directory.
+
+CPU here; the CUDA execution provider is used when onnxruntime-gpu is installed and a GPU
+is visible (``providers=`` to choose explicitly).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onetrans_trt.errors import BuildError, InputError
+from onetrans_trt.models.onetrans import UserKV
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise BuildError(f"{path}: missing; re-run `onetrans-trt export`")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or default_providers())
+    except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors
+        raise BuildError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+
+class OrtSplitBackend:
+    """``user_encoder.onnx`` once per request, ``candidate_scorer.onnx`` per chunk."""
+
+    split = True
+
+    def __init__(self, build: str | Path, *, name: str = "ort", user_graph: str = "user_encoder.onnx",
+                 scorer_graph: str = "candidate_scorer.onnx", providers: list[str] | None = None,
+                 threads: int | None = None):
+        build = Path(build)
+        self.name = name
+        self.user = ort_session(build / user_graph, providers, threads)
+        self.scorer = ort_session(build / scorer_graph, providers, threads)
+        self.user_inputs = [i.name for i in self.user.get_inputs()]
+        self.kv_names = [o.name for o in self.user.get_outputs()]
+        self.scorer_inputs = [i.name for i in self.scorer.get_inputs()]
+        self.kv_dtype = {i.name: i.type for i in self.scorer.get_inputs()}
+
+    def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
+        missing = [n for n in self.user_inputs if n not in hist]
+        if missing:
+            raise InputError(f"user encoder inputs missing: {missing}")
+        outs = self.user.run(self.kv_names, {n: hist[n] for n in self.user_inputs})
+        return UserKV(outs[0::2], outs[1::2], np.asarray(hist["s_length"]))
+
+    def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {}
+        for name in self.scorer_inputs:
+            if name == "s_length":
+                feeds[name] = np.asarray(kv.lengths, dtype=np.int64).reshape(-1)[:1]
+            elif name.startswith("user_k_"):
+                feeds[name] = kv.keys[int(name.rsplit("_", 1)[1])]
+            elif name.startswith("user_v_"):
+                feeds[name] = kv.values[int(name.rsplit("_", 1)[1])]
+            else:
+                feeds[name] = ns[name]
+        return self.scorer.run(["logits"], feeds)[0]
+
+
+class OrtUnifiedBackend:
+    """``unified.onnx``: the naive export, whole sequence per candidate."""
+
+    split = False
+
+    def __init__(self, build: str | Path, *, name: str = "ort-unified", providers: list[str] | None = None,
+                 threads: int | None = None):
+        self.name = name
+        self.sess = ort_session(Path(build) / "unified.onnx", providers, threads)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+
+    def score_unified(self, hist: dict[str, np.ndarray], ns: dict[str, np.ndarray]) -> np.ndarray:
+        c = next(iter(ns.values())).shape[0]
+        feeds = {n: (np.repeat(hist[n], c, axis=0) if n in hist else ns[n]) for n in self.inputs}
+        return self.sess.run(["logits"], feeds)[0]
