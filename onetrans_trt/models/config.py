@@ -37,6 +37,10 @@ class ModelConfig:
     ns_groups: list[list[str]] | None = None  # group: feature names per NS-token
     pyramid: str | list[int] = "linear"  # "linear", "off", or explicit S-query counts
     final_queries: int = 16  # linear pyramid: S-queries of the second-to-last layer
+    # How the user encoder realizes the pyramid: "slice_first" computes queries only for the
+    # kept S-tokens; "compute_then_slice" computes the whole layer and slices the kept tail
+    # afterwards (as PyTorch code often does; the `pyramid` graph pass makes it lean).
+    pyramid_impl: str = "slice_first"
     tasks: list[str] = field(default_factory=lambda: ["label"])
     tokenizer_hidden: int = 0  # 0: 2 * d_model
     head_hidden: int = 0  # 0: d_model
@@ -121,6 +125,8 @@ class ModelConfig:
                 raise bad(f"pyramid list needs {self.n_layers - 1} positive counts, got {p}")
             if any(b > a for a, b in zip(p, p[1:])):
                 raise bad(f"pyramid counts must not increase, got {p}")
+        if self.pyramid_impl not in ("slice_first", "compute_then_slice"):
+            raise bad(f"pyramid_impl must be 'slice_first' or 'compute_then_slice', got {self.pyramid_impl!r}")
         if not isinstance(self.final_queries, int) or self.final_queries < 1:
             raise bad("final_queries must be a positive integer")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):

@@ -68,6 +68,7 @@ class OneTransLayer(nn.Module):
         d, t, f = cfg.d_model, cfg.num_ns_tokens, cfg.d_model * cfg.ffn_mult
         self.n_heads = cfg.n_heads
         self.s_queries = s_queries  # False for the top layer: its S outputs are never used
+        self.slice_first = cfg.pyramid_impl == "slice_first"
         self.s_norm1 = RMSNorm(d)
         self.s_k = nn.Linear(d, d, bias=False)
         self.s_v = nn.Linear(d, d, bias=False)
@@ -129,10 +130,14 @@ class OneTransLayer(nn.Module):
         k, v = split_heads(self.s_k(hs), h), split_heads(self.s_v(hs), h)
         if not self.s_queries:
             return k, v, None
+        valid = length.clamp(max=x_s.shape[1])
+        if not self.slice_first:  # the whole layer for every S-token, then keep the tail
+            o = merge_heads(tail_causal_attention(split_heads(self.s_q(hs), h), k, v, valid))
+            z = self.s_update(x_s, o)
+            return k, v, (z if n_queries is None else z[:, -n_queries:])
         x_tail = x_s if n_queries is None else x_s[:, -n_queries:]
         hs_tail = hs if n_queries is None else hs[:, -n_queries:]
         q = split_heads(self.s_q(hs_tail), h)
-        valid = length.clamp(max=x_s.shape[1])
         o = merge_heads(tail_causal_attention(q, k, v, valid))
         return k, v, self.s_update(x_tail, o)
 
