@@ -64,7 +64,10 @@ def cli() -> None:
       fetch-data  get MovieLens-100K into the data cache
       train       train a model on it; writes a checkpoint directory
       info        summarize a checkpoint
-      rank        score a serving request with a checkpoint
+      rank        score a serving request with a checkpoint or a build
+      export      checkpoint -> user encoder + candidate scorer ONNX graphs (a build)
+      graphs      re-run the graph passes on a build
+      inspect     a build in words: graphs, ops, sizes, FLOPs per request
 
     Every command takes --help. Exit codes: 0 ok, 1 check failed, 2 bad input,
     3 missing optional capability (TensorRT/GPU).
@@ -200,11 +203,14 @@ def info(ckpt: Path, as_json: bool) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--request", "request_path", type=click.Path(path_type=Path), required=True,
               help="A request JSON file (one object, a list, or JSON lines).")
-@click.option("--backend", type=click.Choice(["torch-split", "torch-unified"]), default="torch-split",
-              show_default=True, help="torch-split encodes the user once; torch-unified runs the "
-                                      "full model per candidate (the naive path).")
-def rank(ckpt: Path, request_path: Path, backend: str) -> None:
+@click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "ort", "ort-unified"]),
+              default=None, help="For a checkpoint: torch-split (default; encodes the user once) or "
+                                 "torch-unified (the full model per candidate, the naive path). For a "
+                                 "build: ort (default) or ort-unified (needs export --unified).")
+def rank(ckpt: Path, request_path: Path, backend: str | None) -> None:
     """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
+
+    CKPT is a checkpoint directory or a build directory (from `export`).
 
     \b
     Request format (see README):
@@ -218,6 +224,91 @@ def rank(ckpt: Path, request_path: Path, backend: str) -> None:
     reqs = load_requests(request_path)
     results = [ranker.rank(r).to_json() for r in reqs]
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+
+
+@cli.command("export")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Build directory to write.")
+@click.option("--opset", type=click.IntRange(18), default=23, show_default=True, help="ONNX opset.")
+@click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
+                                                 "no-broadcast check or cleanup.")
+@click.option("--unified", is_flag=True, help="Also write unified.onnx, the naive model (full "
+                                              "sequence per candidate), for the ort-unified backend.")
+@click.option("--samples", "n_samples", type=click.IntRange(1, 100), default=4, show_default=True,
+              help="Real requests saved with their PyTorch outputs under samples/.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@DATA_DIR
+@JSON_OUT
+def export_cmd(ckpt, out, opset, no_passes, unified, n_samples, force, data_dir, as_json) -> None:
+    """Export a OneTrans checkpoint to a build directory of ONNX graphs.
+
+    \b
+    BUILD/user_encoder.onnx      history -> each layer's S-token K/V (batched over users)
+    BUILD/candidate_scorer.onnx  C candidates + one user's K/V -> per-task logits and probs
+    BUILD/serving.onnx           the traced serving graph both are cut from
+    BUILD/manifest.json          checkpoint hash, versions, inputs/outputs, dynamic dims,
+                                 pyramid schedule, passes applied
+    BUILD/samples/               real requests, inputs (npz + polygraphy JSON), PyTorch outputs
+
+    \b
+    Try the saved samples with polygraphy:
+      polygraphy run BUILD/candidate_scorer.onnx --onnxrt \\
+          --load-inputs BUILD/samples/candidate_scorer_inputs.json
+    """
+    from onetrans_trt.export.api import export_build
+
+    with _progress() as prog:
+        task = prog.add_task("export", total=None, status="")
+        manifest = export_build(ckpt, out, opset=opset, passes=not no_passes, force=force, unified=unified,
+                                n_samples=n_samples, data_dir=data_dir,
+                                progress=lambda msg: prog.update(task, status=msg))
+    nodes = {k: v for k, v in ((r["graph"], r["nodes_after"]) for r in manifest["passes"])}
+    human = (f"wrote {out}\n  user_encoder.onnx, candidate_scorer.onnx"
+             f"{', unified.onnx' if unified else ''}; passes: "
+             f"{', '.join(r['pass'] for r in manifest['passes'])}; nodes {nodes}")
+    _emit({"out": str(out), "manifest": manifest}, as_json, human)
+
+
+@cli.command("graphs")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--passes", default=None, help="Comma-separated passes for both graphs, in order "
+                                             "(default: pyramid,cleanup for the user encoder and "
+                                             "no-broadcast,cleanup for the scorer).")
+@click.option("--no-passes", is_flag=True, help="Only split; apply no pass.")
+@click.option("--list", "list_passes", is_flag=True, help="List the available passes and exit.")
+@JSON_OUT
+def graphs_cmd(build, passes, no_passes, list_passes, as_json) -> None:
+    """Re-run the graph passes on a build (re-split from BUILD/serving.onnx)."""
+    from onetrans_trt.export.api import rerun_passes
+    from onetrans_trt.graphs import PASSES, available_passes
+
+    if list_passes:
+        names = available_passes()
+        _emit(names, as_json, "\n".join(f"{n}: {(PASSES[n].__module__)}" for n in names))
+        return
+    if no_passes and passes:
+        raise InputError("give --passes or --no-passes, not both")
+    chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
+    manifest = rerun_passes(build, chosen, chosen)
+    human = "\n".join(f"{r['pass']:14s} {r['graph']:18s} nodes {r['nodes_before']} -> {r['nodes_after']}"
+                      for r in manifest["passes"])
+    _emit(manifest["passes"], as_json, human)
+
+
+@cli.command("inspect")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--candidates", type=click.IntRange(1), default=128, show_default=True,
+              help="Candidates per request for the FLOP count.")
+@click.option("--history", type=click.IntRange(1), default=None,
+              help="S-tokens in the history for the FLOP count (default: the maximum).")
+@JSON_OUT
+def inspect_cmd(build, candidates, history, as_json) -> None:
+    """Describe a build: manifest, node counts by op, sizes, theoretical FLOPs per request
+    (user encoder once + C candidates) against the unified model (C full sequences)."""
+    from onetrans_trt.export.inspect import describe, inspect_build
+
+    info = inspect_build(build, candidates=candidates, history=history)
+    _emit(info, as_json, describe(info))
 
 
 def main() -> None:

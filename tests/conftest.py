@@ -35,3 +35,39 @@ def tiny_ckpt(movielens, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(model, out, metrics={"test_mean": metrics["test"], "runs": [metrics]})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_ckpt, tmp_path_factory):
+    """The trained tiny checkpoint exported (with unified.onnx)."""
+    from onetrans_trt.export.api import export_build
+
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    export_build(tiny_ckpt, out, unified=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving_graphs(tmp_path_factory):
+    """Serving graphs of a random synthetic model, slice-first and compute-then-slice."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from onetrans_trt.data.synthetic import synthetic_schema
+    from onetrans_trt.export.api import _example, trace_onnx
+    from onetrans_trt.export.serving import ServingGraph
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.onetrans import OneTrans
+    from tests.helpers import randomize
+
+    schema = synthetic_schema(max_history=12)
+    out = {}
+    d = tmp_path_factory.mktemp("serving")
+    for impl in ("slice_first", "compute_then_slice"):
+        cfg = ModelConfig.from_preset("tiny", schema, n_layers=3, pyramid_impl=impl)
+        model = randomize(OneTrans(cfg), seed=1)
+        hist, ns = _example(model)
+        path = d / f"{impl}.onnx"
+        trace_onnx(ServingGraph(model), {**hist, **ns}, path, 23)
+        out[impl] = (model, gs.import_onnx(onnx.load(str(path))), hist, ns)
+    return out

@@ -89,6 +89,7 @@ def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path
             shapes[name] = {0: users, 1: history}
         else:
             shapes[name] = {0: cands}
+    module.eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in module.input_names)
     with tempfile.TemporaryDirectory() as tmp:  # the exporter may leave report files behind
         cwd = os.getcwd()
@@ -295,3 +296,34 @@ def read_manifest(build: str | Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != "onetrans-trt/build/1":
         raise BuildError(f"{path}: not an onetrans-trt build manifest")
     return m
+
+
+def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes: list[str] | None) -> dict:
+    """Re-split ``serving.onnx`` and apply passes (``None``: the defaults; ``[]``: none).
+
+    The two graphs and the manifest are replaced atomically, one file at a time.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from onetrans_trt.graphs import run_passes
+    from onetrans_trt.graphs.split_kv import candidate_scorer, user_encoder
+
+    build = Path(build)
+    manifest = read_manifest(build)
+    graph = gs.import_onnx(onnx.load(str(build / SERVING)))
+    ue, cs = user_encoder(graph), candidate_scorer(graph)
+    records = [{"pass": "split-kv", "graph": "serving", "nodes_before": len(graph.nodes),
+                "nodes_after": len(ue.nodes) + len(cs.nodes)}]
+    ue, r1 = run_passes(ue, USER_PASSES if user_passes is None else user_passes, graph_name="user_encoder")
+    cs, r2 = run_passes(cs, SCORER_PASSES if scorer_passes is None else scorer_passes, graph_name="candidate_scorer")
+    from onetrans_trt.io import atomic_path
+
+    for key, fname, g in (("user_encoder", USER_ENCODER, ue), ("candidate_scorer", CANDIDATE_SCORER, cs)):
+        with atomic_path(build / fname) as tmp:
+            _save_graph(g, tmp)
+        manifest["graphs"][key].update({"sha256": sha256_file(build / fname), "bytes": (build / fname).stat().st_size,
+                                        **_io_spec(build / fname)})
+    manifest["passes"] = records + r1 + r2
+    atomic_write_json(build / MANIFEST, manifest)
+    return manifest

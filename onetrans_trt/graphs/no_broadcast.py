@@ -42,6 +42,7 @@ def kv_broadcasts(graph: gs.Graph) -> list[str]:
             if node.op in BROADCAST_OPS:
                 if any(_has_candidate_dim(o) is not False for o in node.outputs):
                     found.append(f"{node.op} {node.name or '?'}")
+                frontier.extend(node.outputs)  # a copy of K/V is still K/V
             elif node.op in LAYOUT_OPS:
                 frontier.extend(node.outputs)
     return found

@@ -23,7 +23,7 @@ def _t(d):
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}
 
 
-def _randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.25) -> None:
+def _randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.25) -> None:  # noqa: D401
     """Random weights far from init (gains included), so masks and merges are exercised."""
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,94 @@
+"""``inspect``: a build in words, node counts, sizes and theoretical FLOPs per request."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onetrans_trt.export.api import CANDIDATE_SCORER, UNIFIED, USER_ENCODER, read_manifest
+from onetrans_trt.graphs.flops import graph_flops
+
+
+def kv_lengths(schedule: list[int | None], history: int) -> list[int]:
+    """K/V tokens per layer for a history of ``history`` S-tokens."""
+    out, n = [], history
+    for q in schedule:
+        out.append(n)
+        if q is not None:
+            n = min(q, n)
+    return out
+
+
+def request_dims(manifest: dict, candidates: int, history: int) -> dict[str, int]:
+    dims = {"users": 1, "candidates": candidates, "history": history}
+    for l, n in enumerate(kv_lengths(manifest["pyramid"]["schedule"], history)):
+        dims[f"kv_len_{l}"] = n
+    return dims
+
+
+def inspect_build(build: str | Path, *, candidates: int = 128, history: int | None = None) -> dict[str, Any]:
+    build = Path(build)
+    m = read_manifest(build)
+    history = history or m["model"]["s_max_len"]
+    dims = request_dims(m, candidates, history)
+    graphs = {}
+    for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
+        model = onnx.load(str(build / fname))
+        ops = collections.Counter(n.op_type for n in model.graph.node)
+        graphs[key] = {"file": fname, "bytes": (build / fname).stat().st_size, "nodes": len(model.graph.node),
+                       "ops": dict(ops.most_common()), "flops": graph_flops(model, dims)["flops"]}
+    split = graphs["user_encoder"]["flops"] + graphs["candidate_scorer"]["flops"]
+    if (build / UNIFIED).is_file():
+        unified = graph_flops(build / UNIFIED, {**dims, "users": candidates})["flops"]
+        how = "unified.onnx at the same sizes"
+    else:
+        one = graph_flops(build / CANDIDATE_SCORER, {**dims, "candidates": 1})["flops"]
+        unified = candidates * (graphs["user_encoder"]["flops"] + one)
+        how = "C x (user encoder + scorer for one candidate); export --unified to measure it"
+    return {
+        "build": str(build), "manifest": m, "request": {"candidates": candidates, "history": history},
+        "dims": dims, "graphs": graphs,
+        "flops": {"user_encoder_once": graphs["user_encoder"]["flops"],
+                  "candidate_scorer": graphs["candidate_scorer"]["flops"], "split_total": split,
+                  "unified": unified, "unified_how": how, "ratio": unified / split if split else None},
+    }
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def describe(info: dict[str, Any]) -> str:
+    m = info["manifest"]
+    mod = m["model"]
+    lines = [
+        f"{info['build']}: {mod['family']} ({mod.get('preset') or 'custom'}), {mod['n_layers']} layers, "
+        f"d_model {mod['d_model']}, {mod['n_heads']} heads, {mod['ns_tokens']} NS-tokens, tasks {', '.join(mod['tasks'])}",
+        f"  from {m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]}), opset {m['opset']}, "
+        f"torch {m['versions']['torch']}, onnx {m['versions']['onnx']}",
+        f"  pyramid S-queries per layer: {m['pyramid']['schedule']} ({m['pyramid']['mode']})",
+        "  passes: " + (", ".join(f"{r['pass']}[{r['graph']}] {r['nodes_before']}->{r['nodes_after']}"
+                                  for r in m["passes"]) or "none"),
+        "  dynamic dims: " + ", ".join(f"{k} {v['min']}..{v['max']} (typ {v['typical']})"
+                                       for k, v in m["dynamic_dims"].items()),
+    ]
+    for key, g in info["graphs"].items():
+        top = ", ".join(f"{op} {n}" for op, n in list(g["ops"].items())[:6])
+        lines.append(f"  {key}: {g['nodes']} nodes ({top}), {g['bytes'] / 1e6:.2f} MB")
+    f = info["flops"]
+    r = info["request"]
+    lines += [
+        f"  FLOPs per request (C={r['candidates']}, history {r['history']}):",
+        f"    user encoder (once)   {_fmt_flops(f['user_encoder_once'])}",
+        f"    candidate scorer      {_fmt_flops(f['candidate_scorer'])}",
+        f"    split total           {_fmt_flops(f['split_total'])}",
+        f"    unified (naive)       {_fmt_flops(f['unified'])}   [{f['unified_how']}]",
+        f"    unified / split       {f['ratio']:.1f}x",
+    ]
+    return "\n".join(lines)
