@@ -32,6 +32,9 @@ demo: venv data
 	@echo
 	@echo "== test AUC on MovieLens-100K (mean of $(SEEDS) seeds) =="
 	@$(BIN)/python -c "import json,sys; [print(f\"{n:10s} \" + '  '.join(f\"{t} AUC {v['auc']:.4f}\" for t,v in json.load(open(f'$(RUNS)/{n}-small/metrics.json'))['test_mean'].items())) for n in ('onetrans','baseline')]"
+	@echo
+	$(BIN)/onetrans-trt export $(RUNS)/onetrans-small --out $(RUNS)/build-small --unified --force
+	$(BIN)/onetrans-trt inspect $(RUNS)/build-small --candidates 128
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
