@@ -69,3 +69,29 @@ def test_errors_are_one_line_exit_2_no_traceback(tmp_path, tiny_ckpt, setup, nee
     assert "Traceback" not in p.stderr
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_export_graphs_inspect_rank_on_a_build(tmp_path, tiny_build, movielens):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    r = run("inspect", build, "--candidates", "32", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["flops"]["unified"] > info["flops"]["split_total"] > 0
+    assert "FLOPs per request" in run("inspect", build).output
+    r = run("graphs", build, "--no-passes", "--json")
+    assert r.exit_code == 0 and [p["pass"] for p in json.loads(r.output)] == ["split-kv"]
+    r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
+    assert [(p["pass"], p["graph"]) for p in json.loads(r.output)][1:] == [
+        ("pyramid", "user_encoder"), ("cleanup", "user_encoder"),
+        ("pyramid", "candidate_scorer"), ("cleanup", "candidate_scorer")]
+    assert run("graphs", build, "--passes", "nonsense").exit_code == 2
+    assert "pyramid" in run("graphs", build, "--list").output
+    req, _ = movielens.requests(1, n_candidates=4, seed=8)[0]
+    (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
+    a = json.loads(run("rank", build, "--request", tmp_path / "req.json").output)
+    b = json.loads(run("rank", build, "--request", tmp_path / "req.json", "--backend", "ort-unified").output)
+    assert max(abs(x - y) for x, y in zip(a["logits"]["like"], b["logits"]["like"])) <= 1e-4
+    assert run("rank", build, "--request", tmp_path / "req.json", "--backend", "torch-split").exit_code == 2
