@@ -68,6 +68,7 @@ def cli() -> None:
       export      checkpoint -> user encoder + candidate scorer ONNX graphs (a build)
       graphs      re-run the graph passes on a build
       inspect     a build in words: graphs, ops, sizes, FLOPs per request
+      plugins     our custom attention ops and which backends work here
 
     Every command takes --help. Exit codes: 0 ok, 1 check failed, 2 bad input,
     3 missing optional capability (TensorRT/GPU).
@@ -232,6 +233,10 @@ def rank(ckpt: Path, request_path: Path, backend: str | None) -> None:
 @click.option("--opset", type=click.IntRange(18), default=23, show_default=True, help="ONNX opset.")
 @click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
                                                  "no-broadcast check or cleanup.")
+@click.option("--fuse-attention/--no-fuse-attention", default=True, show_default=True,
+              help="Replace the attention subgraphs with our SharedPrefixAttention / "
+                   "TailCausalAttention nodes (ORT runs their ONNX function bodies; TensorRT "
+                   "resolves them to our plugins).")
 @click.option("--unified", is_flag=True, help="Also write unified.onnx, the naive model (full "
                                               "sequence per candidate), for the ort-unified backend.")
 @click.option("--samples", "n_samples", type=click.IntRange(1, 100), default=4, show_default=True,
@@ -239,7 +244,7 @@ def rank(ckpt: Path, request_path: Path, backend: str | None) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
-def export_cmd(ckpt, out, opset, no_passes, unified, n_samples, force, data_dir, as_json) -> None:
+def export_cmd(ckpt, out, opset, no_passes, fuse_attention, unified, n_samples, force, data_dir, as_json) -> None:
     """Export a OneTrans checkpoint to a build directory of ONNX graphs.
 
     \b
@@ -259,7 +264,8 @@ def export_cmd(ckpt, out, opset, no_passes, unified, n_samples, force, data_dir,
 
     with _progress() as prog:
         task = prog.add_task("export", total=None, status="")
-        manifest = export_build(ckpt, out, opset=opset, passes=not no_passes, force=force, unified=unified,
+        manifest = export_build(ckpt, out, opset=opset, passes=not no_passes, fuse_attention=fuse_attention,
+                                force=force, unified=unified,
                                 n_samples=n_samples, data_dir=data_dir,
                                 progress=lambda msg: prog.update(task, status=msg))
     nodes = {k: v for k, v in ((r["graph"], r["nodes_after"]) for r in manifest["passes"])}
@@ -309,6 +315,29 @@ def inspect_cmd(build, candidates, history, as_json) -> None:
 
     info = inspect_build(build, candidates=candidates, history=history)
     _emit(info, as_json, describe(info))
+
+
+@cli.command("plugins")
+@JSON_OUT
+def plugins_cmd(as_json: bool) -> None:
+    """List our custom attention ops, their backends, and what is available here.
+
+    \b
+    Backends of each op:
+      reference       the PyTorch definition (the ground truth of every test)
+      onnx_function   ONNX function body of standard ops: ONNX Runtime runs fused graphs
+      triton          flash-style Triton kernel: CPU interpreter in tests, AOT PTX/cubin
+      tensorrt_plugin tensorrt.plugin (QDP) with an ahead-of-time implementation
+    """
+    from onetrans_trt.plugins import OPS, backend_status
+
+    status = backend_status()
+    data = {name: {"summary": OPS[name].summary, "backends": b} for name, b in status.items()}
+    lines = []
+    for name, d in data.items():
+        lines.append(f"{name}: {d['summary']}")
+        lines += [f"  {k:16s} {v}" for k, v in d["backends"].items()]
+    _emit(data, as_json, "\n".join(lines))
 
 
 def main() -> None:

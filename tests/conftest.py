@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Triton kernels run on the CPU through Triton's interpreter, chosen before triton is
+# imported (ahead-of-time compilation runs in a subprocess without it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -38,8 +38,14 @@ CANDIDATE_SCORER = "candidate_scorer.onnx"
 SERVING = "serving.onnx"
 UNIFIED = "unified.onnx"
 DEFAULT_OPSET = 23
-USER_PASSES = ["pyramid", "cleanup"]
-SCORER_PASSES = ["no-broadcast", "cleanup"]
+USER_PASSES = ["pyramid", "cleanup", "fuse-attention"]
+SCORER_PASSES = ["no-broadcast", "cleanup", "fuse-attention"]
+
+
+def default_passes(fuse_attention: bool = True) -> tuple[list[str], list[str]]:
+    """The passes ``export`` runs on (user encoder, candidate scorer)."""
+    keep = (lambda p: True) if fuse_attention else (lambda p: p != "fuse-attention")
+    return [p for p in USER_PASSES if keep(p)], [p for p in SCORER_PASSES if keep(p)]
 
 # Ranges of the dynamic dimensions (for TensorRT optimization profiles): min/typical/max.
 DEFAULT_RANGES = {"users": (1, 1, 64), "candidates": (1, 128, 1024)}
@@ -133,8 +139,9 @@ def _save_graph(graph, path: Path) -> None:
     import onnx
     import onnx_graphsurgeon as gs
 
-    model = gs.export_onnx(graph)
-    model.opset_import[0].version = max(model.opset_import[0].version, 1)
+    from onetrans_trt.plugins import attach_op_functions
+
+    model = attach_op_functions(gs.export_onnx(graph))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
@@ -201,7 +208,7 @@ def load_onetrans(ckpt: str | Path):
 
 
 def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, passes: bool = True,
-                 force: bool = False, unified: bool = False, n_samples: int = 4,
+                 fuse_attention: bool = True, force: bool = False, unified: bool = False, n_samples: int = 4,
                  data_dir: str | Path | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a checkpoint to a build directory; returns the manifest."""
@@ -240,8 +247,9 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
                      "nodes_after": len(ue.nodes) + len(cs.nodes)}]
         if passes:
             say("graph passes")
-            ue, r1 = run_passes(ue, USER_PASSES, graph_name="user_encoder")
-            cs, r2 = run_passes(cs, SCORER_PASSES, graph_name="candidate_scorer")
+            user_passes, scorer_passes = default_passes(fuse_attention)
+            ue, r1 = run_passes(ue, user_passes, graph_name="user_encoder")
+            cs, r2 = run_passes(cs, scorer_passes, graph_name="candidate_scorer")
             records += r1 + r2
         _save_graph(ue, tmp / USER_ENCODER)
         _save_graph(cs, tmp / CANDIDATE_SCORER)

@@ -22,7 +22,7 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    from onetrans_trt.graphs import cleanup, no_broadcast, pyramid  # noqa: F401
+    from onetrans_trt.graphs import cleanup, fuse_attention, no_broadcast, pyramid  # noqa: F401
 
 
 def available_passes() -> list[str]:
@@ -41,5 +41,8 @@ def run_passes(graph, names: list[str], *, graph_name: str = "graph"):
             raise InputError(f"unknown graph pass {name!r}; available: {', '.join(PASSES)}")
         before = len(graph.nodes)
         graph = PASSES[name](graph)
-        records.append({"pass": name, "graph": graph_name, "nodes_before": before, "nodes_after": len(graph.nodes)})
+        rec = {"pass": name, "graph": graph_name, "nodes_before": before, "nodes_after": len(graph.nodes)}
+        if "fused_attention" in graph.__dict__:
+            rec["fused"] = graph.__dict__["fused_attention"]
+        records.append(rec)
     return graph, records

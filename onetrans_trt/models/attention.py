@@ -91,6 +91,9 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
     c, h, t, dh = q.shape
     scale = 1.0 / math.sqrt(dh)
     # Part 1: every candidate's queries against the one shared prefix, as one batch.
+    if k_prefix.shape[2] == 0:  # no prefix at all: only the candidates' own tokens
+        k_prefix = torch.zeros(1, h, 1, dh, dtype=q.dtype, device=q.device)
+        v_prefix, prefix_valid = k_prefix, torch.zeros_like(prefix_valid)
     q_all = q.transpose(0, 1).reshape(1, h, c * t, dh)
     s1 = torch.matmul(q_all, k_prefix.transpose(-1, -2)) * scale  # [1, H, C*T, L]
     s1 = s1.masked_fill(~_real_prefix_keys(k_prefix, prefix_valid), NEG_INF)

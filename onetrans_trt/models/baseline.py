@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from onetrans_trt.models.attention import NEG_INF, prefix_key_mask
 from onetrans_trt.models.blocks import MLP
 from onetrans_trt.models.config import ModelConfig
-from onetrans_trt.models.tokenizers import Embeddings, STokenizer
+from onetrans_trt.models.tokenizers import Embeddings, STokenizer, newest_tokens
 
 
 class Baseline(nn.Module):
@@ -37,8 +37,7 @@ class Baseline(nn.Module):
                                    nn.Linear(2 * d, len(cfg.tasks)))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        lmax = self.cfg.schema.s_max_len
-        s = {k: v[:, -lmax:] for k, v in batch.items() if k.startswith("s_") and k != "s_length"}
+        s = newest_tokens(batch, self.cfg.schema.s_max_len)
         h = self.s_tokenizer(s)  # [B, L, d]
         n = h.shape[1]
         real = prefix_key_mask(n, batch["s_length"].clamp(min=0, max=n))  # [B, L]

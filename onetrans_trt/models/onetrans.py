@@ -33,6 +33,7 @@ from onetrans_trt.models.attention import (
 from onetrans_trt.models.blocks import FFN, MLP, MixedLinear, RMSNorm
 from onetrans_trt.models.config import ModelConfig
 from onetrans_trt.models.tokenizers import (
+    newest_tokens,
     AutoSplitNSTokenizer,
     Embeddings,
     GroupNSTokenizer,
@@ -176,8 +177,7 @@ class OneTrans(nn.Module):
     # -- shared pieces ---------------------------------------------------------------
     def s_tokens(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The S-token stream ``[U, L, d]`` (at most ``s_max_len`` newest) and lengths."""
-        lmax = self.cfg.schema.s_max_len
-        b = {k: v[:, -lmax:] for k, v in batch.items() if k.startswith("s_") and k != "s_length"}
+        b = newest_tokens(batch, self.cfg.schema.s_max_len)
         x = self.s_tokenizer(b)
         return x, batch["s_length"].clamp(min=0, max=x.shape[1])
 

@@ -18,6 +18,11 @@ from onetrans_trt.data.schema import FeatureSchema
 from onetrans_trt.models.blocks import MLP
 
 
+def newest_tokens(batch: dict[str, Tensor], n_max: int) -> dict[str, Tensor]:
+    """The S-stream tensors cut to their newest ``n_max`` positions (left padding first)."""
+    return {k: v[:, -n_max:] for k, v in batch.items() if k.startswith("s_") and k != "s_length"}
+
+
 class Embeddings(nn.Module):
     def __init__(self, schema: FeatureSchema):
         super().__init__()

@@ -204,3 +204,16 @@ def test_scorer_memory_grows_with_c_t_l_not_c_l_d(tmp_path):
     assert per_candidate < broadcast_per_candidate / 2
     bound = 2 * growth[128] + (1024 - 128) * per_candidate
     assert growth[1024] <= bound, (growth, bound)
+
+
+def test_ort_is_exact_for_every_history_length(tiny_build, tiny_ckpt, movielens):
+    """Empty, short (below the pyramid's query counts), full and over-long histories."""
+    ort_ranker = Ranker.load(tiny_build)
+    torch_ranker = Ranker.load(tiny_ckpt, backend="torch-unified")
+    req, _ = movielens.requests(1, n_candidates=6, seed=5)[0]
+    full = list(req.history)
+    assert len(full) > 55
+    for n in [0, 1, 2, 3, 4, 5, 8, 33, 49, 50, 51, len(full)]:
+        req.history = full[-n:] if n else []
+        a, b = ort_ranker.rank(req).logits, torch_ranker.rank(req).logits
+        assert np.abs(a - b).max() <= 1e-5, n

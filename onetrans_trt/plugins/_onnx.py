@@ -1,0 +1,85 @@
+"""Helpers to write ONNX function bodies compactly (standard ops only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+DOMAIN = "onetrans"
+PLUGIN_NAMESPACE = "onetrans"
+FUNCTION_OPSET = 18  # ReduceMax/ReduceSum take axes as inputs from 18 on
+
+
+class Body:
+    """Accumulates nodes of a function body; every value name is unique."""
+
+    def __init__(self, prefix: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
+        self.n = 0
+
+    def _name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, **attrs) -> str:
+        out = self._name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, value, dtype=np.int64, hint: str = "c") -> str:
+        out = self._name(hint)
+        arr = np.asarray(value, dtype=dtype)
+        self.nodes.append(helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(arr)))
+        return out
+
+    def attr_const(self, attr: str, hint: str = "attr") -> str:
+        """A float Constant whose value is the function's attribute ``attr``."""
+        out = self._name(hint)
+        node = helper.make_node("Constant", [], [out])
+        a = onnx.AttributeProto()
+        a.name, a.ref_attr_name, a.type = "value_float", attr, onnx.AttributeProto.FLOAT
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return out
+
+    def dim(self, tensor: str, axis: int) -> str:
+        """``[1]`` int64 holding ``shape(tensor)[axis]``."""
+        return self.op("Shape", tensor, start=axis, end=axis + 1, hint="dim")
+
+    def scalar(self, one_elem: str) -> str:
+        return self.op("Squeeze", one_elem, self.const([0]), hint="scalar")
+
+    def arange(self, n_1: str) -> str:
+        return self.op("Range", self.const(0), self.scalar(n_1), self.const(1), hint="range")
+
+
+def make_function(name: str, inputs: list[str], outputs: list[str], body: Body,
+                  attributes: list[str], opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    """A model-local function; ``opset`` must equal the model's default-domain opset (>= 18)."""
+    return helper.make_function(
+        DOMAIN, name, inputs, outputs, body.nodes,
+        opset_imports=[helper.make_opsetid("", max(opset, FUNCTION_OPSET))], attributes=attributes,
+    )
+
+
+def attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -> onnx.ModelProto:
+    """Add model-local functions (ORT inlines them) and the ``onetrans`` opset import."""
+    have = {(f.domain, f.name) for f in model.functions}
+    for f in functions:
+        if (f.domain, f.name) not in have:
+            model.functions.append(f)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model
+
+
+def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph for TensorRT: drop our local functions so the plugin resolves the nodes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [f for f in out.functions if f.domain != DOMAIN]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out

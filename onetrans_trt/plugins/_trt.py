@@ -1,0 +1,65 @@
+"""Shared pieces of our TensorRT 11 plugins (``tensorrt.plugin``, Quick Deployable Plugins).
+
+Written against the TensorRT 11 Python API documentation:
+- tensorrt.plugin.register / autotune / aot_impl:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/
+- AutoTuneCombination (``"FP32|FP16, ..."``, ``|`` = dependent alternatives):
+  .../tensorrt.plugin/trt_plugin_autotune/AutoTuneCombination.html
+- KernelLaunchParams (grid_x/y/z, block_x/y/z, shared_mem):
+  .../tensorrt.plugin/trt_plugin_aot_impl/KernelLaunchParams.html
+The aot_impl returns ``(kernel_name, ptx, KernelLaunchParams, SymIntExprs)``; the kernel's
+parameters are the input pointers, then the int32 extras, then the output pointers.
+``tensorrt`` is imported lazily: nothing here is needed to export or run graphs on ORT.
+"""
+
+from __future__ import annotations
+
+import os
+
+from onetrans_trt.errors import MissingCapabilityError
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except Exception as e:  # noqa: BLE001 - placeholder wheels raise at import
+        raise MissingCapabilityError(
+            f"TensorRT is not usable here ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            "install the 'trt' extra (tensorrt>=11) on a machine with an NVIDIA GPU") from None
+    return trt, trtp
+
+
+def target_sm() -> int:
+    """The SM version kernels are compiled for: $ONETRANS_TRT_SM, else the visible GPU, else 90."""
+    if os.environ.get("ONETRANS_TRT_SM"):
+        return int(os.environ["ONETRANS_TRT_SM"])
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return major * 10 + minor
+    except Exception:  # noqa: BLE001
+        pass
+    return 90
+
+
+def cdiv(a, b):
+    """Ceiling division on ints or on TensorRT symbolic expressions (no bool branching)."""
+    return (a + b - 1) // b
+
+
+def io_types(float_positions: list[bool]) -> str:
+    """A dependent FP32|FP16 combination; integer positions are INT64 in both."""
+    return ", ".join("FP32|FP16" if f else "INT64|INT64" for f in float_positions)
+
+
+_registered: set[str] = set()
+
+
+def register_once(name: str, fn) -> None:
+    """Register a plugin with TensorRT's registry at most once per process."""
+    if name not in _registered:
+        fn()
+        _registered.add(name)

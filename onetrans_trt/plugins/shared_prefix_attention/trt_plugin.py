@@ -1,0 +1,72 @@
+"""SharedPrefixAttention as a TensorRT 11 plugin (ahead-of-time Triton kernel).
+
+The ONNX node ``SharedPrefixAttention`` with attribute ``plugin_namespace="onetrans"`` (and
+``aot=1``) resolves to this plugin. The pure functions below (output description, I/O
+types, launch geometry) are plain Python over whatever size type TensorRT hands them and
+are unit-tested without TensorRT; :func:`register` binds them to ``tensorrt.plugin``.
+"""
+
+from __future__ import annotations
+
+from onetrans_trt.plugins._onnx import PLUGIN_NAMESPACE
+from onetrans_trt.plugins._trt import cdiv, io_types, register_once, require_tensorrt, target_sm
+from onetrans_trt.plugins.shared_prefix_attention import OP
+
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP}"
+# q, k_prefix, v_prefix, prefix_valid, k_own, v_own -> out
+IO_TYPES = io_types([True, True, True, False, True, True, True])
+BLOCK_M = 16  # must equal triton_kernel.BLOCK_M
+
+
+def output_desc(q):
+    """The output has the queries' shape and dtype."""
+    return q.like()
+
+
+def launch_geometry(q_shape, kp_shape):
+    """``(grid_x, grid_y, extras)``: row blocks over C*T, heads; extras C, H, T, L."""
+    c, h, t = q_shape[0], q_shape[1], q_shape[2]
+    length = kp_shape[2]
+    return cdiv(c * t, BLOCK_M), h, [c, h, t, length]
+
+
+def register() -> None:
+    register_once(PLUGIN_ID, _register)
+
+
+def _register() -> None:
+    from typing import List, Tuple, Union
+
+    trt, trtp = require_tensorrt()
+
+    @trtp.register(PLUGIN_ID)
+    def _desc(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
+              prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc,
+              scale: float) -> trtp.TensorDesc:
+        return output_desc(q)
+
+    @trtp.autotune(PLUGIN_ID)
+    def _tune(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
+              prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc,
+              outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR")]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
+             prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc, scale: float,
+             outputs: Tuple[trtp.TensorDesc], tactic: int
+             ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        from onetrans_trt.plugins.shared_prefix_attention import triton_kernel
+
+        head_dim = q.shape_expr[3]
+        if not head_dim.is_constant:
+            raise ValueError(f"{PLUGIN_ID}: the head dimension must be static")
+        dtype = "float16" if q.dtype == trt.float16 else "float32"
+        kernel = triton_kernel.compile(dtype, head_dim=head_dim.constant_value, scale=scale, arch=target_sm())
+        grid_x, grid_y, extras = launch_geometry(q.shape_expr, k_prefix.shape_expr)
+        params = trtp.KernelLaunchParams()
+        params.grid_x, params.grid_y = grid_x, grid_y
+        params.block_x = kernel.threads
+        params.shared_mem = kernel.shared
+        return (kernel.name.encode(), kernel.ptx.encode(), params,
+                trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extras]))

@@ -1,0 +1,145 @@
+"""Ahead-of-time kernels (PTX/cubin, no GPU) and the TensorRT plugin code paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from onetrans_trt.errors import MissingCapabilityError
+from onetrans_trt.plugins.shared_prefix_attention import trt_plugin as spa_trt
+from onetrans_trt.plugins.tail_causal_attention import trt_plugin as tca_trt
+
+AOT_SCRIPT = r"""
+import json
+from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
+from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
+out = []
+for mod in (spa, tca):
+    for arch in (80, 90):
+        for dtype in ("float32", "float16"):
+            k = mod.compile(dtype, head_dim=64, arch=arch)
+            out.append({"op": mod.__name__, "arch": arch, "dtype": dtype, "name": k.name,
+                        "target": [l for l in k.ptx.splitlines() if l.startswith(".target")],
+                        "entry": f".visible .entry {k.name}(" in k.ptx, "cubin": len(k.cubin),
+                        "threads": k.threads, "shared": k.shared})
+print(json.dumps(out))
+"""
+
+
+def test_both_kernels_compile_ahead_of_time_for_sm80_and_sm90():
+    pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    p = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for r in results:
+        assert r["target"] in ([f".target sm_{r['arch']}"], [f".target sm_{r['arch']}a"]), r
+        assert r["entry"] and r["cubin"] > 1000 and r["threads"] >= 32, r
+        assert r["name"] in ("shared_prefix_attention_kernel", "tail_causal_attention_kernel")
+
+
+class Sym:
+    """A stand-in for TensorRT's symbolic sizes: arithmetic only, never a bool."""
+
+    def __init__(self, expr: str):
+        self.expr = expr
+
+    def _op(self, sym, other):
+        return Sym(f"({self.expr}{sym}{other.expr if isinstance(other, Sym) else other})")
+
+    def __add__(self, o):
+        return self._op("+", o)
+
+    def __sub__(self, o):
+        return self._op("-", o)
+
+    def __mul__(self, o):
+        return self._op("*", o)
+
+    def __floordiv__(self, o):
+        return self._op("//", o)
+
+    def __bool__(self):
+        raise TypeError("symbolic sizes must not be used as booleans")
+
+
+def test_launch_geometry_on_ints_and_symbols():
+    gx, gy, extras = spa_trt.launch_geometry([5, 4, 3, 64], [1, 4, 100, 64])
+    assert (gx, gy, extras) == (1, 4, [5, 4, 3, 100])  # ceil(15 / 16) row blocks
+    gx, gy, extras = spa_trt.launch_geometry([100, 4, 3, 64], [1, 4, 7, 64])
+    assert gx == 19
+    c, h, t, n = Sym("C"), Sym("H"), Sym("T"), Sym("L")
+    gx, gy, extras = spa_trt.launch_geometry([c, h, t, 64], [1, h, n, 64])
+    assert gx.expr == "((((C*T)+16)-1)//16)" and gy is h and [e.expr for e in extras] == ["C", "H", "T", "L"]
+    gx, gy, extras = tca_trt.launch_geometry([2, 4, 33, 64], [2, 4, 50, 64])
+    assert (gx, gy, extras) == (3, 8, [2, 4, 33, 50])
+    b, lq, lk = Sym("B"), Sym("Lq"), Sym("Lk")
+    gx, gy, _ = tca_trt.launch_geometry([b, h, lq, 64], [b, h, lk, 64])
+    assert gx.expr == "(((Lq+16)-1)//16)" and gy.expr == "(B*H)"
+
+
+def test_block_sizes_match_the_kernels():
+    pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
+    from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
+    from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
+
+    assert spa_trt.BLOCK_M == spa.BLOCK_M and tca_trt.BLOCK_M == tca.BLOCK_M
+
+
+def test_io_types_and_output_desc():
+    assert spa_trt.IO_TYPES.split(", ") == ["FP32|FP16"] * 3 + ["INT64|INT64"] + ["FP32|FP16"] * 3
+    assert tca_trt.IO_TYPES.split(", ") == ["FP32|FP16"] * 3 + ["INT64|INT64", "FP32|FP16"]
+
+    class Desc:
+        def like(self):
+            return "same shape and dtype"
+
+    assert spa_trt.output_desc(Desc()) == tca_trt.output_desc(Desc()) == "same shape and dtype"
+
+
+def test_fused_nodes_carry_exactly_the_plugin_attributes(tiny_build):
+    import onnx
+
+    for graph in ("user_encoder", "candidate_scorer"):
+        m = onnx.load(str(tiny_build / f"{graph}.onnx"))
+        nodes = [n for n in m.graph.node if n.domain == "onetrans"]
+        assert nodes
+        for n in nodes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["plugin_namespace"] == b"onetrans" and attrs["aot"] == 1
+            assert set(attrs) == {"scale", "plugin_namespace", "aot"}
+
+
+def test_registration_without_tensorrt_is_a_clear_error():
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # noqa: BLE001
+        with pytest.raises(MissingCapabilityError, match="install the 'trt' extra"):
+            spa_trt.register()
+        return
+    pytest.skip("tensorrt is importable here; the GPU test below covers registration")
+
+
+def test_plugins_build_an_engine_on_a_gpu(tiny_build):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs the 'trt' extra and a GPU)")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: TensorRT engines cannot be built here")
+    import onnx
+
+    from onetrans_trt.plugins import register_trt_plugins, strip_functions
+
+    register_trt_plugins()
+    model = strip_functions(onnx.load(str(tiny_build / "candidate_scorer.onnx")))
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network()
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    assert any(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
