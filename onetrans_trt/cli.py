@@ -68,7 +68,11 @@ def cli() -> None:
       export      checkpoint -> user encoder + candidate scorer ONNX graphs (a build)
       graphs      re-run the graph passes on a build
       inspect     a build in words: graphs, ops, sizes, FLOPs per request
+      convert     FP16 variants of a build's graphs (+ quality report)
+      calibrate   INT8 Q/DQ variants from real calibration data (+ quality report)
+      build       TensorRT engines (profiles, command lines; exit 3 without TensorRT)
       plugins     our custom attention ops and which backends work here
+      bench       side-by-side measurements (ratios from interleaved runs)
 
     Every command takes --help. Exit codes: 0 ok, 1 check failed, 2 bad input,
     3 missing optional capability (TensorRT/GPU).
@@ -204,7 +208,8 @@ def info(ckpt: Path, as_json: bool) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--request", "request_path", type=click.Path(path_type=Path), required=True,
               help="A request JSON file (one object, a list, or JSON lines).")
-@click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "ort", "ort-unified"]),
+@click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "ort", "ort-fp16", "ort-int8",
+                                              "ort-unified", "trt", "trt-fp16", "trt-int8"]),
               default=None, help="For a checkpoint: torch-split (default; encodes the user once) or "
                                  "torch-unified (the full model per candidate, the naive path). For a "
                                  "build: ort (default) or ort-unified (needs export --unified).")
@@ -338,6 +343,132 @@ def plugins_cmd(as_json: bool) -> None:
         lines.append(f"{name}: {d['summary']}")
         lines += [f"  {k:16s} {v}" for k, v in d["backends"].items()]
     _emit(data, as_json, "\n".join(lines))
+
+
+def _quality(build: Path, variant: str, n: int, data_dir, prog) -> dict:
+    from onetrans_trt.calibrate.quality import write_quality
+
+    task = prog.add_task(f"quality {variant}", total=n, status="")
+    return write_quality(build, variant, n_requests=n, data_dir=data_dir,
+                         progress=lambda i, k: prog.update(task, completed=i, total=k))
+
+
+def _quality_lines(rep: dict) -> list[str]:
+    lines = [f"  {t}: AUC {m['auc']:.4f} (PyTorch {m['torch_auc']:.4f}, delta {m['delta_auc']:+.5f}), "
+             f"logloss delta {m['delta_logloss']:+.5f}" for t, m in rep["metrics"].items()]
+    r = rep["ranking"]
+    lines.append(f"  ranking vs PyTorch: top-10 overlap {r['top10_overlap_mean']:.3f} (min {r['top10_overlap_min']:.2f}), "
+                 f"Kendall tau {r['kendall_tau_mean']:.3f}; max |logit error| {rep['max_abs_logit_error']:.2e}")
+    if rep.get("note"):
+        lines.append(f"  note: {rep['note']}")
+    return lines
+
+
+@cli.command("convert")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp16"]), default="fp16", show_default=True)
+@click.option("--kv-fp16", is_flag=True, help="Pass the K/V between the graphs in FP16 (halves the user cache).")
+@click.option("--keep-fp32", default="", help="Comma-separated op types or node names to keep in FP32 "
+                                              "(norms, softmax paths and the final logits always are).")
+@click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
+              help="MovieLens test requests for the quality report (0: skip it).")
+@DATA_DIR
+@JSON_OUT
+def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, data_dir, as_json) -> None:
+    """Write FP16 variants of both graphs to BUILD/fp16/ and report their ranking quality
+    against the float32 PyTorch model (BUILD/fp16/quality.json)."""
+    from onetrans_trt.calibrate.fp16 import convert_build
+
+    info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()], kv_fp16=kv_fp16)
+    rep = None
+    if quality_requests:
+        with _progress() as prog:
+            rep = _quality(build, "fp16", quality_requests, data_dir, prog)
+    lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"] + (_quality_lines(rep) if rep else [])
+    _emit({"fp16": info, "quality": rep}, as_json, "\n".join(lines))
+
+
+@cli.command("calibrate")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Choice(["ml-100k"]), default="ml-100k", show_default=True,
+              help="Where calibration requests come from (training-period MovieLens requests).")
+@click.option("--samples", type=click.IntRange(1), default=128, show_default=True,
+              help="Calibration requests (each one user's history and 16 candidates).")
+@click.option("--keep-float", default="", help="Comma-separated op types or node names to leave unquantized "
+                                               "(attention scores/softmax and norms always are).")
+@click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True)
+@DATA_DIR
+@JSON_OUT
+def calibrate_cmd(build, data, samples, keep_float, quality_requests, data_dir, as_json) -> None:
+    """INT8: calibrate on real requests (max), quantize both graphs with NVIDIA ModelOpt
+    (explicit Q/DQ, per-channel weights), fuse attention, write BUILD/int8/ with the
+    calibration set (calibration.npz) and the quality report (quality.json)."""
+    from onetrans_trt.calibrate.int8 import calibrate_build
+
+    with _progress() as prog:
+        task = prog.add_task("calibrate", total=None, status="")
+        info = calibrate_build(build, n_samples=samples, data_dir=data_dir,
+                               keep_float=[k.strip() for k in keep_float.split(",") if k.strip()],
+                               progress=lambda stage, i, n: prog.update(task, completed=i, total=n, status=stage))
+        rep = _quality(build, "int8", quality_requests, data_dir, prog) if quality_requests else None
+    q = {k: v["qdq"]["QuantizeLinear"] for k, v in info["graphs"].items()}
+    lines = [f"wrote {build}/int8/ ({info['calibration']['requests']} calibration requests; Q nodes {q})"]
+    _emit({"int8": info, "quality": rep}, as_json, "\n".join(lines + (_quality_lines(rep) if rep else [])))
+
+
+@cli.command("build")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which ONNX variant to build (TensorRT 11 is strongly typed: the graph decides).")
+@click.option("--profile", "profile_specs", multiple=True,
+              help="Override a dynamic dimension's range: NAME=MIN,OPT,MAX (e.g. candidates=1,256,2048). "
+                   "Defaults come from the manifest.")
+@click.option("--workspace-mb", type=click.IntRange(64), default=2048, show_default=True)
+@click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for FP32 matmuls.")
+@JSON_OUT
+def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> None:
+    """Build TensorRT engines for both graphs into BUILD/engines/<precision>/.
+
+    \b
+    Written first, also without TensorRT: profiles.json (min/opt/max shape per input),
+    commands.sh (trtexec / polygraphy equivalents), build_log.txt. Then, with TensorRT
+    and a GPU: user_encoder.engine, candidate_scorer.engine (written atomically) and a
+    timing cache. Without TensorRT or a GPU: exit code 3.
+    """
+    from onetrans_trt.engines.build import build_engines, parse_overrides
+
+    plan = build_engines(build, precision, overrides=parse_overrides(list(profile_specs)),
+                         workspace_mb=workspace_mb, tf32=tf32)
+    _emit(plan, as_json, f"built engines in {build}/engines/{precision}/")
+
+
+@cli.command("bench")
+@click.option("--suite", type=click.Choice(["fused"]), default="fused", show_default=True,
+              help="fused: the fused vs unfused candidate scorer on ORT CPU (peak memory, latency).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default="small",
+              show_default=True, help="Model size (random weights, synthetic schema).")
+@click.option("--candidates", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--history", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
+@JSON_OUT
+def bench_cmd(suite, preset, candidates, history, rounds, out, as_json) -> None:
+    """Benchmarks, measured side by side in one run and reported as ratios."""
+    from onetrans_trt.bench.fused import bench_fused
+    from onetrans_trt.io import atomic_write_json
+
+    res = bench_fused(preset=preset, candidates=candidates, history=history, rounds=rounds)
+    if out:
+        atomic_write_json(out, res)
+    lat = res["latency"]
+    human = "\n".join([
+        f"fused vs unfused candidate scorer, ORT CPU, {preset}, C={candidates}, L={history}",
+        f"  peak memory  fused {res['fused_peak_mb']:.1f} MB   unfused {res['unfused_peak_mb']:.1f} MB"
+        f"   ratio {res['fused_over_unfused_memory']:.2f}",
+        f"  latency p50  fused {lat['fused']['p50_ms']:.1f} ms   unfused {lat['unfused']['p50_ms']:.1f} ms"
+        f"   ratio {res['fused_over_unfused_latency']:.2f}",
+    ])
+    _emit(res, as_json, human)
 
 
 def main() -> None:

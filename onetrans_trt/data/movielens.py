@@ -229,20 +229,22 @@ class MovieLens:
                         "release_year": raw["release_year"], "genre": (raw["genres"] or [None])[0]})
         return out
 
-    def requests(self, n: int, n_candidates: int = 50, seed: int = 0) -> list[tuple[Request, list]]:
-        """Real test-time requests: history = a user's training events, candidates = the
-        user's test items (labelled) then unseen items (label ``None``) up to
-        ``n_candidates``. Returns ``(request, labels)`` pairs, labels per candidate as
-        ``[like, love]`` or ``None``."""
+    def requests(self, n: int, n_candidates: int = 50, seed: int = 0, period: str = "test") -> list[tuple[Request, list]]:
+        """Real requests. ``period="test"``: history = a user's training events, candidates =
+        the user's test items (labelled) then unseen items (label ``None``) up to
+        ``n_candidates``. ``period="train"`` stays inside the training period (for
+        calibration): history = the first 80% of the training events, candidates the rest.
+        Returns ``(request, labels)`` pairs, labels per candidate ``[like, love]`` or ``None``."""
         rng = np.random.default_rng(seed)
         all_items = sorted(self.item_raw)
         rows = rng.permutation(len(self.user_ids))[:n]
         out = []
         for row in rows:
             row = int(row)
-            k = self.n_train_events[row]
+            end = self.n_train_events[row] if period == "train" else len(self.raw_events[row])
+            k = int(self.n_train_events[row] * 0.8) if period == "train" else self.n_train_events[row]
             seen = {i for _, i, _ in self.raw_events[row]}
-            test = self.raw_events[row][k:][:n_candidates]
+            test = self.raw_events[row][k:end][:n_candidates]
             cands = [self._item_dict(i) for _, i, _ in test]
             labels: list = [[float(r >= 4), float(r == 5)] for _, _, r in test]
             while len(cands) < n_candidates:

@@ -146,22 +146,33 @@ def _save_graph(graph, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def sample_requests(model, n: int, data_dir: str | Path | None = None) -> tuple[list[Request], str]:
-    """Real MovieLens requests when the checkpoint's schema is MovieLens', else synthetic."""
+def load_onetrans_config(build: str | Path):
+    """The model config saved in a build directory."""
+    from onetrans_trt.models.checkpoint import read_config
+
+    return read_config(build)
+
+
+def sample_requests(model, n: int, data_dir: str | Path | None = None, *, seed: int = 123,
+                    n_candidates: int = 16, period: str = "test") -> tuple[list[Request], str]:
+    """Real MovieLens requests when the schema is MovieLens', else synthetic.
+
+    ``model`` is a model or a :class:`ModelConfig`.
+    """
     from onetrans_trt.data import movielens as mlmod
 
-    schema = model.cfg.schema
+    schema = getattr(model, "cfg", model).schema
     if [s.name for s in schema.sequences] == mlmod.SEQUENCES and "item_id" in schema.tables:
         try:
             ml = mlmod.MovieLens(data_dir, max_history=schema.max_history, merge_mode=schema.merge_mode)
-            return [r for r, _ in ml.requests(n, n_candidates=16, seed=123)], "ml-100k"
+            return [r for r, _ in ml.requests(n, n_candidates=n_candidates, seed=seed, period=period)], "ml-100k"
         except Exception:  # noqa: BLE001 - data not available: fall back to synthetic
             pass
     from onetrans_trt.data.synthetic import synthetic_request
 
-    rng = np.random.default_rng(123)
+    rng = np.random.default_rng(seed)
     return [synthetic_request(schema, rng, n_history=int(rng.integers(0, schema.max_history + 1)),
-                              n_candidates=16) for _ in range(n)], "synthetic"
+                              n_candidates=n_candidates) for _ in range(n)], "synthetic"
 
 
 def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
@@ -311,6 +322,24 @@ def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes
 
     The two graphs and the manifest are replaced atomically, one file at a time.
     """
+    from onetrans_trt.io import atomic_path
+
+    build = Path(build)
+    manifest = read_manifest(build)
+    ue, cs, records = split_with_passes(build, user_passes, scorer_passes)
+
+    for key, fname, g in (("user_encoder", USER_ENCODER, ue), ("candidate_scorer", CANDIDATE_SCORER, cs)):
+        with atomic_path(build / fname) as tmp:
+            _save_graph(g, tmp)
+        manifest["graphs"][key].update({"sha256": sha256_file(build / fname), "bytes": (build / fname).stat().st_size,
+                                        **_io_spec(build / fname)})
+    manifest["passes"] = records
+    atomic_write_json(build / MANIFEST, manifest)
+    return manifest
+
+
+def split_with_passes(build: str | Path, user_passes: list[str] | None, scorer_passes: list[str] | None):
+    """``(user_encoder, candidate_scorer, records)`` graphs cut from ``BUILD/serving.onnx``."""
     import onnx
     import onnx_graphsurgeon as gs
 
@@ -318,20 +347,12 @@ def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes
     from onetrans_trt.graphs.split_kv import candidate_scorer, user_encoder
 
     build = Path(build)
-    manifest = read_manifest(build)
+    if not (build / SERVING).is_file():
+        raise BuildError(f"{build}: missing {SERVING}; re-run `onetrans-trt export`")
     graph = gs.import_onnx(onnx.load(str(build / SERVING)))
     ue, cs = user_encoder(graph), candidate_scorer(graph)
     records = [{"pass": "split-kv", "graph": "serving", "nodes_before": len(graph.nodes),
                 "nodes_after": len(ue.nodes) + len(cs.nodes)}]
     ue, r1 = run_passes(ue, USER_PASSES if user_passes is None else user_passes, graph_name="user_encoder")
     cs, r2 = run_passes(cs, SCORER_PASSES if scorer_passes is None else scorer_passes, graph_name="candidate_scorer")
-    from onetrans_trt.io import atomic_path
-
-    for key, fname, g in (("user_encoder", USER_ENCODER, ue), ("candidate_scorer", CANDIDATE_SCORER, cs)):
-        with atomic_path(build / fname) as tmp:
-            _save_graph(g, tmp)
-        manifest["graphs"][key].update({"sha256": sha256_file(build / fname), "bytes": (build / fname).stat().st_size,
-                                        **_io_spec(build / fname)})
-    manifest["passes"] = records + r1 + r2
-    atomic_write_json(build / MANIFEST, manifest)
-    return manifest
+    return ue, cs, records + r1 + r2

@@ -14,6 +14,12 @@ from onetrans_trt.errors import BuildError, InputError
 from onetrans_trt.models.onetrans import UserKV
 
 
+def _quiet_ort() -> None:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+
+
 def default_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -21,13 +27,18 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None,
+                simulate_qdq: bool = False):
+    """An ORT session; ``simulate_qdq`` runs Q/DQ graphs as float math (no integer kernels)."""
     import onnxruntime as ort
 
     if not path.is_file():
         raise BuildError(f"{path}: missing; re-run `onetrans-trt export`")
+    _quiet_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if simulate_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
     try:
@@ -46,12 +57,33 @@ class OrtSplitBackend:
                  threads: int | None = None):
         build = Path(build)
         self.name = name
-        self.user = ort_session(build / user_graph, providers, threads)
-        self.scorer = ort_session(build / scorer_graph, providers, threads)
+        self.note = ""
+        self.user = self._session(build / user_graph, providers, threads)
+        self.scorer = self._session(build / scorer_graph, providers, threads)
         self.user_inputs = [i.name for i in self.user.get_inputs()]
         self.kv_names = [o.name for o in self.user.get_outputs()]
         self.scorer_inputs = [i.name for i in self.scorer.get_inputs()]
         self.kv_dtype = {i.name: i.type for i in self.scorer.get_inputs()}
+
+    def _session(self, path: Path, providers, threads):
+        """A session that can run the graph. ORT's CPU integer kernels reject per-channel
+        zero points on batched (3-D) weights; such Q/DQ graphs then run as simulated
+        quantization (exactly TensorRT's arithmetic, without the integer speed-up)."""
+        import onnx
+
+        from onetrans_trt.graphs.flops import placeholder_feeds
+
+        sess = ort_session(path, providers, threads)
+        model = onnx.load(str(path))
+        if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+            return sess
+        sizes = {d.dim_param: 2 for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+        try:
+            sess.run(None, placeholder_feeds(model, {**sizes, "history": 2}))
+            return sess
+        except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
+            self.note = f"{path.name}: integer kernels unavailable ({str(e).split('Status Message:')[-1][:80].strip()}); simulated Q/DQ"
+            return ort_session(path, providers, threads, simulate_qdq=True)
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
         missing = [n for n in self.user_inputs if n not in hist]

@@ -87,12 +87,24 @@ class Ranker:
         cfg = read_config(build)
         if backend == "ort":
             b: Any = OrtSplitBackend(build, providers=providers, threads=threads)
+        elif backend in ("ort-fp16", "ort-int8"):
+            sub = backend.split("-")[1]
+            if not (build / sub / "candidate_scorer.onnx").is_file():
+                how = "onetrans-trt convert BUILD --precision fp16" if sub == "fp16" else "onetrans-trt calibrate BUILD"
+                raise InputError(f"{build}: no {sub}/ graphs for backend {backend!r}; run `{how}` first")
+            b = OrtSplitBackend(build, name=backend, user_graph=f"{sub}/user_encoder.onnx",
+                                scorer_graph=f"{sub}/candidate_scorer.onnx", providers=providers, threads=threads)
+        elif backend.startswith("trt"):
+            from onetrans_trt.runtime.trt_backend import TrtSplitBackend
+
+            b = TrtSplitBackend(build, precision=backend.split("-")[1] if "-" in backend else "fp32")
         elif backend == "ort-unified":
             if not (build / "unified.onnx").is_file():
                 raise InputError(f"{build}: no unified.onnx; export with --unified for the 'ort-unified' backend")
             b = OrtUnifiedBackend(build, providers=providers, threads=threads)
         else:
-            raise InputError(f"unknown backend {backend!r} for a build; choose 'ort' or 'ort-unified'")
+            raise InputError(f"unknown backend {backend!r} for a build; choose one of "
+                             f"'ort', 'ort-fp16', 'ort-int8', 'ort-unified', 'trt', 'trt-fp16', 'trt-int8'")
         return cls(cfg.schema, list(cfg.tasks), b, **kw)
 
     @classmethod

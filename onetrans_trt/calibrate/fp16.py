@@ -1,0 +1,157 @@
+"""FP16 variants of the two graphs (onnxconverter-common), written to ``BUILD/fp16/``.
+
+Inputs and outputs stay float32 (``keep_io_types``), except the K/V between the graphs
+when ``kv_fp16`` halves the cache. Norms, the softmax paths (our fused attention ops and
+any Softmax/Exp/reductions), and the heads' final logits stay FP32 by default; more op
+types or node names can be kept with ``keep_fp32``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onetrans_trt.errors import BuildError
+from onetrans_trt.export.api import (
+    CANDIDATE_SCORER,
+    MANIFEST,
+    USER_ENCODER,
+    _io_spec,
+    read_manifest,
+    sha256_file,
+)
+from onetrans_trt.io import atomic_path, atomic_write_json
+
+DEFAULT_FP32_OPS = [
+    "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Exp", "Log",
+    "ReduceMax", "ReduceSum", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Sigmoid",
+    "SharedPrefixAttention", "TailCausalAttention", "Range", "CumSum",
+]
+
+
+def _head_nodes(model: onnx.ModelProto, output: str = "logits", depth: int = 3) -> list[str]:
+    """Names of the last few nodes producing ``output`` (the heads' final layers)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names, frontier = [], [output]
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            n = producers.get(t)
+            if n is not None and n.name not in names:
+                names.append(n.name)
+                nxt += [i for i in n.input if i in producers]
+        frontier = nxt
+    return names
+
+
+def _ensure_names(model: onnx.ModelProto) -> None:
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+
+
+def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False,
+            role: str = "user_encoder") -> onnx.ModelProto:
+    from onnxconverter_common import float16
+
+    from onetrans_trt.plugins import attach_op_functions
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    _ensure_names(model)
+    funcs = list(model.functions)
+    # a graph output that is also consumed inside the graph needs an Identity first
+    graph = gs.import_onnx(model)
+    for out in list(graph.outputs):
+        if out.outputs:
+            inner = gs.Variable(f"{out.name}__inner", dtype=out.dtype, shape=out.shape)
+            for node in list(out.inputs):
+                node.outputs = [inner if o is out else o for o in node.outputs]
+            for node in list(out.outputs):
+                node.inputs = [inner if i is out else i for i in node.inputs]
+            graph.nodes.append(gs.Node("Identity", inputs=[inner], outputs=[out]))
+    model = gs.export_onnx(graph.cleanup().toposort())
+    _ensure_names(model)
+    keep = list(keep_fp32 or [])
+    op_block = DEFAULT_FP32_OPS + [k for k in keep if k[:1].isupper() and "/" not in k and "_" not in k]
+    node_block = [k for k in keep if k not in op_block]
+    if role == "candidate_scorer":
+        node_block += _head_nodes(model)
+    # fresh types for every tensor (the local functions let inference see through our
+    # ops), then leave the function bodies alone: they follow their inputs' dtype
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    del model.functions[:]
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=op_block,
+                                                 node_block_list=node_block, disable_shape_infer=True)
+    _align_casts(converted)
+    del converted.functions[:]
+    converted.functions.extend(funcs)
+    if kv_fp16:
+        converted = _kv_to_fp16(converted, role)
+    return attach_op_functions(converted)
+
+
+def _align_casts(model: onnx.ModelProto) -> None:
+    """The converter retypes a float Cast's output to FP16 without changing its ``to``."""
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    for n in model.graph.node:
+        if n.op_type != "Cast" or types.get(n.output[0]) != onnx.TensorProto.FLOAT16:
+            continue
+        for a in n.attribute:
+            if a.name == "to" and a.i == onnx.TensorProto.FLOAT:
+                a.i = onnx.TensorProto.FLOAT16
+
+
+def _kv_to_fp16(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
+    """User encoder emits FP16 K/V; the scorer takes FP16 K/V (cast up inside)."""
+    graph = gs.import_onnx(model)
+    kv = lambda t: t.name.startswith("user_k_") or t.name.startswith("user_v_")  # noqa: E731
+    if role == "user_encoder":
+        new_outputs = []
+        for out in graph.outputs:
+            if kv(out):
+                inner = gs.Variable(f"{out.name}__fp32", dtype=out.dtype, shape=out.shape)
+                for node in list(out.inputs):
+                    node.outputs = [inner if o is out else o for o in node.outputs]
+                half = gs.Variable(out.name, dtype=np.float16, shape=out.shape)
+                graph.nodes.append(gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[inner], outputs=[half]))
+                new_outputs.append(half)
+            else:
+                new_outputs.append(out)
+        graph.outputs = new_outputs
+    else:
+        for i, inp in enumerate(list(graph.inputs)):
+            if kv(inp):
+                full = gs.Variable(f"{inp.name}__fp32", dtype=np.float32, shape=inp.shape)
+                for node in list(inp.outputs):
+                    node.inputs = [full if x is inp else x for x in node.inputs]
+                half = gs.Variable(inp.name, dtype=np.float16, shape=inp.shape)
+                graph.nodes.append(gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[half], outputs=[full]))
+                graph.inputs[i] = half
+    return gs.export_onnx(graph.cleanup().toposort())  # gs carries the local functions along
+
+
+def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False) -> dict[str, Any]:
+    """Write ``BUILD/fp16/`` (both graphs) and record it in the manifest."""
+    build = Path(build)
+    manifest = read_manifest(build)
+    out = build / "fp16"
+    out.mkdir(exist_ok=True)
+    info: dict[str, Any] = {"kv_dtype": "float16" if kv_fp16 else "float32",
+                            "fp32_ops": DEFAULT_FP32_OPS + list(keep_fp32 or []), "graphs": {}}
+    for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
+        src = build / fname
+        if not src.is_file():
+            raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
+        model = to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
+        onnx.checker.check_model(model)
+        with atomic_path(out / fname) as tmp:
+            onnx.save(model, str(tmp))
+        info["graphs"][role] = {"file": f"fp16/{fname}", "sha256": sha256_file(out / fname), **_io_spec(out / fname)}
+    manifest.setdefault("precisions", {})["fp16"] = info
+    atomic_write_json(build / MANIFEST, manifest)
+    return info

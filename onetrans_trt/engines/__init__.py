@@ -1,0 +1,1 @@
+"""TensorRT engines (thin; ``tensorrt`` and polygraphy's TensorRT loaders imported lazily)."""

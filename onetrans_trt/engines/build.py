@@ -1,0 +1,180 @@
+"""``build``: TensorRT 11 engines for a build's graphs, one precision at a time.
+
+TensorRT 11 builds are strongly typed: the precision is the ONNX variant's (fp32: the
+build's graphs, fp16: ``fp16/``, int8: ``int8/``); no precision flags are set. Everything
+that does not need TensorRT is written first (optimization profiles from the manifest's
+dynamic-dimension ranges, the equivalent command lines), so a machine without TensorRT
+still gets them and a clear exit code 3.
+
+TensorRT API used (checked against the TensorRT 11 Python API docs,
+https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/): ``Builder``,
+``create_network()`` (default flags: strongly typed), ``OnnxParser.parse``,
+``create_builder_config``, ``set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)``,
+``create_optimization_profile`` / ``set_shape`` / ``add_optimization_profile``, timing cache
+(``create_timing_cache``, ``set_timing_cache``), ``build_serialized_network``; through
+polygraphy's ``NetworkFromOnnxBytes``, ``CreateConfig(profiles=, load_timing_cache=, tf32=,
+memory_pool_limits=)``, ``EngineBytesFromNetwork`` (polygraphy 0.53 knows TensorRT 11; we
+never pass its removed fp16/int8 flags and set TF32 explicitly).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
+from onetrans_trt.export.api import CANDIDATE_SCORER, USER_ENCODER, read_manifest
+from onetrans_trt.io import atomic_path, atomic_write_json, atomic_write_text
+
+GRAPHS = {"user_encoder": USER_ENCODER, "candidate_scorer": CANDIDATE_SCORER}
+SUBDIR = {"fp32": "", "fp16": "fp16", "int8": "int8"}
+
+
+def graph_path(build: Path, precision: str, role: str) -> Path:
+    sub = SUBDIR[precision]
+    p = build / sub / GRAPHS[role] if sub else build / GRAPHS[role]
+    if not p.is_file():
+        how = {"fp16": "onetrans-trt convert BUILD --precision fp16", "int8": "onetrans-trt calibrate BUILD"}
+        raise BuildError(f"{p}: missing" + (f"; run `{how[precision]}` first" if precision in how else ""))
+    return p
+
+
+def parse_overrides(specs: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``--profile candidates=1,256,2048`` -> {"candidates": (1, 256, 2048)}."""
+    out = {}
+    for spec in specs:
+        try:
+            name, vals = spec.split("=", 1)
+            lo, opt, hi = (int(v) for v in vals.split(","))
+        except ValueError:
+            raise InputError(f"--profile {spec!r}: expected NAME=MIN,OPT,MAX (e.g. candidates=1,128,1024)") from None
+        if not 1 <= lo <= opt <= hi:
+            raise InputError(f"--profile {spec!r}: need 1 <= MIN <= OPT <= MAX")
+        out[name.strip()] = (lo, opt, hi)
+    return out
+
+
+def profiles(manifest: dict, model: onnx.ModelProto, overrides: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+    """Min/opt/max shape of every input, from the manifest's dynamic dimensions."""
+    dims = {k: (v["min"], v["typical"], v["max"]) for k, v in manifest["dynamic_dims"].items()}
+    unknown = set(overrides) - set(dims)
+    if unknown:
+        raise InputError(f"--profile names unknown dimensions {sorted(unknown)}; known: {sorted(dims)}")
+    dims.update(overrides)
+    out = {}
+    for v in model.graph.input:
+        shape = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        triple = []
+        for i in range(3):
+            triple.append([dims[d][i] if isinstance(d, str) else d for d in shape])
+        out[v.name] = {"min": triple[0], "opt": triple[1], "max": triple[2]}
+    return out
+
+
+def _shape_arg(prof: dict, which: str) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in p[which])}" for name, p in prof.items())
+
+
+def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_plugins: bool) -> list[str]:
+    engine = engine_dir / f"{role}.engine"
+    lines = [f"# {role}"]
+    if has_plugins:
+        lines.append("# our plugins are Python (tensorrt.plugin): the build runs in Python, e.g.")
+        lines.append(f"onetrans-trt build {shlex.quote(str(engine_dir.parent.parent))} --precision {engine_dir.name}")
+    else:
+        lines.append(" ".join(["trtexec", f"--onnx={shlex.quote(str(onnx_path))}", f"--saveEngine={shlex.quote(str(engine))}",
+                               f"--minShapes={_shape_arg(prof, 'min')}", f"--optShapes={_shape_arg(prof, 'opt')}",
+                               f"--maxShapes={_shape_arg(prof, 'max')}"]))
+        lines.append(" ".join(["polygraphy", "convert", shlex.quote(str(onnx_path)), "--convert-to", "trt", "-o",
+                               shlex.quote(str(engine)), "--trt-min-shapes", *[f"{n}:{p['min']}" for n, p in prof.items()],
+                               "--trt-opt-shapes", *[f"{n}:{p['opt']}" for n, p in prof.items()],
+                               "--trt-max-shapes", *[f"{n}:{p['max']}" for n, p in prof.items()]]))
+    lines.append("# benchmark the built engine (AOT plugins need no Python at run time):")
+    lines.append(f"trtexec --loadEngine={shlex.quote(str(engine))} --shapes={_shape_arg(prof, 'opt')}")
+    return lines
+
+
+def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict | None = None,
+                  workspace_mb: int = 2048, tf32: bool = True,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = progress or (lambda msg: None)
+    build = Path(build)
+    manifest = read_manifest(build)
+    if precision not in SUBDIR:
+        raise InputError(f"--precision {precision!r}: choose fp32, fp16 or int8")
+    engine_dir = build / "engines" / precision
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    plan: dict[str, Any] = {"precision": precision, "workspace_mb": workspace_mb, "tf32": tf32, "graphs": {}}
+    lines = ["#!/usr/bin/env bash", "# Equivalent command lines for these engines (written by onetrans-trt build)"]
+    models = {}
+    for role in GRAPHS:
+        path = graph_path(build, precision, role)
+        model = onnx.load(str(path))
+        models[role] = (path, model)
+        prof = profiles(manifest, model, overrides or {})
+        has_plugins = any(n.domain == "onetrans" for n in model.graph.node)
+        plan["graphs"][role] = {"onnx": str(path.relative_to(build)), "profile": prof, "plugins": has_plugins,
+                                "engine": f"engines/{precision}/{role}.engine"}
+        lines += command_lines(engine_dir, role, path, prof, has_plugins)
+    atomic_write_json(engine_dir / "profiles.json", plan)
+    atomic_write_text(engine_dir / "commands.sh", "\n".join(lines) + "\n")
+    log = [f"{time.strftime('%Y-%m-%dT%H:%M:%S')} build {precision}: profiles and command lines written"]
+    try:
+        from onetrans_trt.plugins._trt import require_tensorrt
+
+        trt, _ = require_tensorrt()
+        _require_gpu()
+    except MissingCapabilityError as e:
+        log.append(f"not built: {e}")
+        atomic_write_text(engine_dir / "build_log.txt", "\n".join(log) + "\n")
+        raise MissingCapabilityError(f"{e}. Profiles and command lines are in {engine_dir}") from None
+    from onetrans_trt.plugins import register_trt_plugins, strip_functions
+
+    register_trt_plugins()
+    cache_path = engine_dir / "timing.cache"
+    for role, (path, model) in models.items():
+        say(f"build {role}")
+        t0 = time.time()
+        data = _build_one(trt, strip_functions(model), plan["graphs"][role]["profile"], cache_path, workspace_mb, tf32)
+        with atomic_path(engine_dir / f"{role}.engine") as tmp:
+            tmp.write_bytes(data)
+        log.append(f"built {role}.engine ({len(data)} bytes) in {time.time() - t0:.1f}s")
+    atomic_write_text(engine_dir / "build_log.txt", "\n".join(log) + "\n")
+    plan["built"] = True
+    atomic_write_json(engine_dir / "profiles.json", plan)
+    return plan
+
+
+def _require_gpu() -> None:
+    try:
+        import torch
+
+        ok = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        raise MissingCapabilityError("no CUDA GPU is visible: TensorRT engines must be built on the GPU they run on")
+
+
+def _build_one(trt, model: onnx.ModelProto, prof: dict, cache_path: Path, workspace_mb: int, tf32: bool) -> bytes:
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, Profile
+
+    p = Profile()
+    for name, s in prof.items():
+        p.add(name, min=s["min"], opt=s["opt"], max=s["max"])
+    config = CreateConfig(profiles=[p], tf32=tf32, load_timing_cache=str(cache_path) if cache_path.exists() else None,
+                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20})
+    network = NetworkFromOnnxBytes(model.SerializeToString())
+    engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_path))()
+    if engine is None:
+        raise BuildError("TensorRT could not build the engine; see the TensorRT log above")
+    return bytes(engine)
+
+
+def dump_profiles(plan: dict) -> str:
+    return json.dumps({r: g["profile"] for r, g in plan["graphs"].items()}, indent=2)

@@ -1,0 +1,88 @@
+"""TensorRT backend (GPU servers): binds the two engines of ``BUILD/engines/<precision>/``.
+
+The user's K/V stay on the device: the user encoder writes them into CUDA tensors that
+the scorer reads by address, with no host round trip. Uses the TensorRT 11 runtime API
+(``Runtime.deserialize_cuda_engine``, ``create_execution_context``, ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``) and torch for device memory and streams.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from onetrans_trt.errors import BuildError, MissingCapabilityError
+from onetrans_trt.models.onetrans import UserKV
+
+
+class TrtSplitBackend:
+    split = True
+
+    def __init__(self, build: str | Path, precision: str = "fp32"):
+        from onetrans_trt.plugins import register_trt_plugins
+        from onetrans_trt.plugins._trt import require_tensorrt
+
+        trt, _ = require_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingCapabilityError("backend 'trt' needs a CUDA GPU")
+        register_trt_plugins()
+        self.name = f"trt-{precision}"
+        self.trt, self.torch = trt, torch
+        d = Path(build) / "engines" / precision
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engines, self.contexts = {}, {}
+        for role in ("user_encoder", "candidate_scorer"):
+            path = d / f"{role}.engine"
+            if not path.is_file():
+                raise BuildError(f"{path}: missing; run `onetrans-trt build {build} --precision {precision}`")
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise BuildError(f"{path}: TensorRT cannot deserialize it (built for another GPU or version?)")
+            self.engines[role] = engine
+            self.contexts[role] = engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+
+    def _io(self, role: str):
+        e = self.engines[role]
+        names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        inputs = [n for n in names if e.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        return inputs, [n for n in names if n not in inputs]
+
+    def _run(self, role: str, feeds: dict) -> dict:
+        torch, trt = self.torch, self.trt
+        ctx, engine = self.contexts[role], self.engines[role]
+        inputs, outputs = self._io(role)
+        keep = []
+        for name in inputs:
+            x = feeds[name]
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+            t = t.to("cuda", dtype=getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)).contiguous()
+            keep.append(t)
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        out = {}
+        for name in outputs:
+            dtype = getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
+            out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            ctx.set_tensor_address(name, out[name].data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise BuildError(f"TensorRT failed to run the {role} engine")
+        self.stream.synchronize()
+        return out
+
+    def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
+        out = self._run("user_encoder", hist)
+        names = [n for n in self._io("user_encoder")[1]]
+        keys = [out[n] for n in names if n.startswith("user_k_")]
+        values = [out[n] for n in names if n.startswith("user_v_")]
+        return UserKV(keys, values, np.asarray(hist["s_length"]))
+
+    def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = dict(ns)
+        feeds["s_length"] = np.asarray(kv.lengths, dtype=np.int64).reshape(-1)[:1]
+        for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
+            feeds[f"user_k_{i}"], feeds[f"user_v_{i}"] = k[:1], v[:1]  # device tensors, no copy
+        return self._run("candidate_scorer", feeds)["logits"].float().cpu().numpy()
