@@ -74,3 +74,40 @@ def serving_graphs(tmp_path_factory):
         trace_onnx(ServingGraph(model), {**hist, **ns}, path, 23)
         out[impl] = (model, gs.import_onnx(onnx.load(str(path))), hist, ns)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_build(movielens, tmp_path_factory):
+    """A `small` OneTrans trained briefly on real data (1 epoch on 20k samples), exported,
+    with FP16 and INT8 variants and their quality reports."""
+    import warnings
+
+    from onetrans_trt.calibrate.fp16 import convert_build
+    from onetrans_trt.calibrate.int8 import calibrate_build
+    from onetrans_trt.calibrate.quality import write_quality
+    from onetrans_trt.data.movielens import TASKS, Split
+    from onetrans_trt.export.api import export_build
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.training import train_model
+
+    n = 20000
+
+    class Subset:
+        schema = movielens.schema
+        batch = staticmethod(movielens.batch)
+        train = Split(movielens.train.users[:n], movielens.train.positions[:n], movielens.train.labels[:n])
+        test = Split(movielens.test.users[:1000], movielens.test.positions[:1000], movielens.test.labels[:1000])
+
+    cfg = ModelConfig.from_preset("small", movielens.schema, tasks=list(TASKS))
+    model, _ = train_model(cfg, Subset, epochs=1, batch_size=256, seed=0)
+    root = tmp_path_factory.mktemp("small")
+    ckpt = save_checkpoint(model, root / "ckpt")
+    build = root / "build"
+    export_build(ckpt, build, n_samples=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_build(build)
+        calibrate_build(build, n_samples=64)
+        reports = {v: write_quality(build, v, n_requests=200) for v in ("fp16", "int8")}
+    return build, reports

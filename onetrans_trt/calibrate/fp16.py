@@ -90,9 +90,48 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp
     _align_casts(converted)
     del converted.functions[:]
     converted.functions.extend(funcs)
+    converted = _float32_outputs(converted)
     if kv_fp16:
         converted = _kv_to_fp16(converted, role)
     return attach_op_functions(converted)
+
+
+def _float32_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph outputs stay float32 (the converter leaves some FP16 behind an Identity), and
+    float32 -> float16 -> float32 cast round trips (around kept-FP32 nodes) are dropped,
+    so values computed in FP32 are never rounded to FP16 on their way out."""
+    graph = gs.import_onnx(model)
+    outs = []
+    for out in graph.outputs:
+        if out.dtype == np.float16:
+            inner = gs.Variable(f"{out.name}__fp16", dtype=np.float16, shape=out.shape)
+            for node in list(out.inputs):
+                node.outputs = [inner if o is out else o for o in node.outputs]
+            out = gs.Variable(out.name, dtype=np.float32, shape=out.shape)
+            graph.nodes.append(gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[inner], outputs=[out]))
+        outs.append(out)
+    graph.outputs = outs
+    _drop_roundtrips(graph)
+    return gs.export_onnx(graph.cleanup().toposort())
+
+
+def _drop_roundtrips(graph: gs.Graph) -> None:
+    for up in [n for n in graph.nodes if n.op == "Cast" and n.attrs.get("to") == onnx.TensorProto.FLOAT]:
+        src = up.inputs[0]
+        down = src.inputs[0] if src.inputs else None
+        if down is None or down.op != "Cast" or down.attrs.get("to") != onnx.TensorProto.FLOAT16:
+            continue
+        if down.inputs[0].dtype != np.float32:
+            continue
+        out = up.outputs[0]
+        full = down.inputs[0]
+        if out in graph.outputs:
+            up.inputs = [full]
+            up.attrs["to"] = onnx.TensorProto.FLOAT  # a float32 -> float32 cast: an identity
+            continue
+        for consumer in list(out.outputs):
+            consumer.inputs = [full if t is out else t for t in consumer.inputs]
+    graph.cleanup()
 
 
 def _align_casts(model: onnx.ModelProto) -> None:

@@ -66,7 +66,8 @@ def quantize_graph(model: onnx.ModelProto, feed_list: list[dict[str, np.ndarray]
         try:
             with contextlib.redirect_stdout(buf):
                 quantize(str(src), quantize_mode="int8", calibration_data_reader=FeedReader(feed_list),
-                         calibration_method="max", calibration_eps=["cpu"], op_types_to_exclude=op_excl,
+                         calibration_method="max", calibration_eps=["cpu"], op_types_to_quantize=["MatMul", "Gemm"],
+                         op_types_to_exclude=op_excl,
                          nodes_to_exclude=node_excl, high_precision_dtype=high_precision_dtype,
                          disable_mha_qdq=True, output_path=str(dst), log_level="ERROR")
         finally:
