@@ -71,6 +71,7 @@ def cli() -> None:
       convert     FP16 variants of a build's graphs (+ quality report)
       calibrate   INT8 Q/DQ variants from real calibration data (+ quality report)
       build       TensorRT engines (profiles, command lines; exit 3 without TensorRT)
+      validate    every backend vs PyTorch: numbers, ranking, first divergence, reports
       plugins     our custom attention ops and which backends work here
       bench       side-by-side measurements (ratios from interleaved runs)
 
@@ -440,6 +441,83 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
     plan = build_engines(build, precision, overrides=parse_overrides(list(profile_specs)),
                          workspace_mb=workspace_mb, tf32=tf32)
     _emit(plan, as_json, f"built engines in {build}/engines/{precision}/")
+
+
+@cli.command("validate")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Choice(["ml-100k"]), default=None,
+              help="Validate on real MovieLens test requests (labelled: AUC deltas too).")
+@click.option("--requests", "requests_file", type=click.Path(path_type=Path), default=None,
+              help="Validate on these requests (JSON object, list, or JSON lines).")
+@click.option("--count", type=click.IntRange(1), default=100, show_default=True, help="Requests to use.")
+@click.option("--backends", default=None, help="Comma-separated backends (default: every one available: "
+                                               "torch-split, ort, ort-fp16, ort-int8, trt-* with TensorRT).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
+              help="JSON file overriding tolerances per precision (fp32/fp16/int8: atol, rtol, min_cosine, "
+                   "max_delta_auc, min_top10_overlap).")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint (default: the one the manifest names).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, help="Write the HTML report here.")
+@click.option("--save-goldens", type=click.Path(path_type=Path), default=None,
+              help="Also write the requests' inputs and PyTorch outputs here (polygraphy JSON).")
+@click.option("--goldens", type=click.Path(path_type=Path), default=None,
+              help="Validate ORT backends against saved goldens instead (no PyTorch needed).")
+@DATA_DIR
+def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt, json_path, html_path,
+                 save_goldens, goldens, data_dir) -> None:
+    """Compare every backend against the float32 PyTorch model; exit 0 when all pass,
+    1 when any fails (the report names the first diverging layer and node), 2 on bad input.
+
+    \b
+    Examples:
+      onetrans-trt validate BUILD --data ml-100k --json report.json --html report.html
+      onetrans-trt validate BUILD --data ml-100k --save-goldens goldens/
+      onetrans-trt validate BUILD --goldens goldens/        # on a host without torch
+    """
+    from onetrans_trt.errors import ValidationFailed
+    from onetrans_trt.validate.policy import load_policy
+    from onetrans_trt.validate.report import write_html, write_json
+
+    policy = load_policy(policy_path)
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    if goldens is not None:
+        from onetrans_trt.validate.api import validate_goldens
+
+        report = validate_goldens(build, goldens, backends=chosen, policy=policy)
+    else:
+        from onetrans_trt.validate.api import validate_build
+
+        if data is None and requests_file is None:
+            raise InputError("give --data ml-100k or --requests FILE (or --goldens DIR)")
+        with _progress() as prog:
+            task = prog.add_task("validate", total=None, status="")
+            report = validate_build(build, backends=chosen, data=data, requests_file=requests_file, n_requests=count,
+                                    policy=policy, ckpt=ckpt, data_dir=data_dir, save_goldens=save_goldens,
+                                    progress=lambda st, i, n: prog.update(task, completed=i, total=n, status=st))
+    if json_path:
+        write_json(report, json_path)
+    if html_path:
+        write_html(report, html_path)
+    lines = [f"verdict: {report['verdict'].upper()} ({report['requests']['count']} requests)"]
+    for name, b in report["backends"].items():
+        worst = max((s["max_abs"] for g in b["graphs"].values() for s in g.values()), default=0.0)
+        line = f"  {name:12s} {b['verdict'].upper():4s}  max |error| {worst:.3g}"
+        m = b.get("end_to_end", {}).get("metrics")
+        if m:
+            line += "  delta AUC " + ", ".join(f"{t} {v['delta_auc']:+.5f}" for t, v in m.items())
+        lines.append(line)
+        d = b.get("divergence")
+        if d and d.get("module"):
+            lines.append(f"    first divergence: layer {d['layer']}, {d['module']} (node {d['node']}, "
+                         f"{d['role']}), max |error| {d['max_abs']:.3g}"
+                         + (f", shape {d['shape_mismatch']}" if d.get("shape_mismatch") else ""))
+    for p in (json_path, html_path):
+        if p:
+            lines.append(f"report: {p}")
+    click.echo("\n".join(lines))
+    if report["verdict"] != "pass":
+        raise ValidationFailed("validation failed: see the report for the first divergence")
 
 
 @cli.command("bench")

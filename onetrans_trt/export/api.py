@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from onetrans_trt import __version__
 from onetrans_trt.data.requests import Request, encode_events, encode_request, merge_stream, pad_streams
@@ -62,6 +61,7 @@ def sha256_file(path: str | Path) -> str:
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+    import torch
 
     return {"onetrans_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
@@ -83,6 +83,7 @@ def _example(model, n_users: int = 2, n_candidates: int = 3) -> tuple[dict, dict
 
 def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
     """Export ``module`` (an :mod:`export.serving` graph) with the dynamo exporter."""
+    import torch
     from torch.export import Dim
 
     users, history, cands = Dim("users", min=1, max=4096), Dim("history", min=1, max=1 << 16), \
@@ -148,7 +149,7 @@ def _save_graph(graph, path: Path) -> None:
 
 def load_onetrans_config(build: str | Path):
     """The model config saved in a build directory."""
-    from onetrans_trt.models.checkpoint import read_config
+    from onetrans_trt.models.config import read_config
 
     return read_config(build)
 
@@ -177,6 +178,7 @@ def sample_requests(model, n: int, data_dir: str | Path | None = None, *, seed: 
 
 def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
     """Inputs and PyTorch outputs for each request, as npz and polygraphy JSON."""
+    import torch
     from polygraphy.json import save_json
 
     from onetrans_trt.export.serving import kv_output_names

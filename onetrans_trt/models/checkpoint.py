@@ -19,7 +19,7 @@ from torch import nn
 
 from onetrans_trt.errors import CheckpointError, ConfigError
 from onetrans_trt.io import atomic_directory
-from onetrans_trt.models.config import ModelConfig
+from onetrans_trt.models.config import ModelConfig, read_config  # noqa: F401
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -55,22 +55,6 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, *, metrics: dict | No
         if metrics is not None:
             (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     return out_dir
-
-
-def read_config(ckpt_dir: str | Path) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG
-    if not Path(ckpt_dir).is_dir():
-        raise CheckpointError(f"{ckpt_dir}: not a checkpoint directory (it does not exist)")
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: missing {CONFIG}; is this a checkpoint directory?")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    try:
-        return ModelConfig.from_dict(raw)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

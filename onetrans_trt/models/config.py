@@ -163,4 +163,27 @@ class ModelConfig:
         return cls(schema=schema, preset=preset, **kw)
 
 
-__all__ = ["ModelConfig", "PRESETS", "asdict"]
+def read_config(directory) -> "ModelConfig":
+    """``config.json`` of a checkpoint or build directory (no torch needed)."""
+    import json
+    from pathlib import Path
+
+    from onetrans_trt.errors import CheckpointError
+
+    d = Path(directory)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a checkpoint directory (it does not exist)")
+    if not path.is_file():
+        raise CheckpointError(f"{d}: missing config.json; is this a checkpoint directory?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+__all__ = ["ModelConfig", "PRESETS", "asdict", "read_config"]

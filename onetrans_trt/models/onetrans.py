@@ -15,12 +15,10 @@ Causality makes the split exact: no S-token ever attends an NS-token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from onetrans_trt.kv import UserKV  # noqa: F401  (re-exported)
 from onetrans_trt.models.attention import (
     masked_attention,
     merge_heads,
@@ -39,28 +37,6 @@ from onetrans_trt.models.tokenizers import (
     GroupNSTokenizer,
     STokenizer,
 )
-
-
-@dataclass
-class UserKV:
-    """What crosses from the user side to the candidate side.
-
-    ``keys[l]`` / ``values[l]``: ``[U, H, n_l, dh]`` (torch tensors or numpy arrays),
-    left-padded; ``lengths``: ``[U]`` real S-tokens in the stream (clamped per layer to
-    ``n_l``).
-    """
-
-    keys: list[Any]
-    values: list[Any]
-    lengths: Any
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.keys)
-
-    def nbytes(self) -> int:
-        return int(sum(k.nbytes if hasattr(k, "nbytes") else k.numel() * k.element_size()
-                       for k in [*self.keys, *self.values]))
 
 
 class OneTransLayer(nn.Module):

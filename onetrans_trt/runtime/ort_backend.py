@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from onetrans_trt.errors import BuildError, InputError
-from onetrans_trt.models.onetrans import UserKV
+from onetrans_trt.kv import UserKV
 
 
 def _quiet_ort() -> None:
@@ -97,10 +97,11 @@ class OrtSplitBackend:
         for name in self.scorer_inputs:
             if name == "s_length":
                 feeds[name] = np.asarray(kv.lengths, dtype=np.int64).reshape(-1)[:1]
-            elif name.startswith("user_k_"):
-                feeds[name] = kv.keys[int(name.rsplit("_", 1)[1])]
-            elif name.startswith("user_v_"):
-                feeds[name] = kv.values[int(name.rsplit("_", 1)[1])]
+            elif name.startswith("user_k_") or name.startswith("user_v_"):
+                src = kv.keys if name.startswith("user_k_") else kv.values
+                x = np.asarray(src[int(name.rsplit("_", 1)[1])])
+                want = np.float16 if self.kv_dtype[name] == "tensor(float16)" else np.float32
+                feeds[name] = x if x.dtype == want else x.astype(want)
             else:
                 feeds[name] = ns[name]
         return self.scorer.run(["logits"], feeds)[0]

@@ -64,12 +64,12 @@ class Ranker:
         Backends: ``torch-split`` / ``torch-unified`` for a checkpoint; ``ort`` (default for a
         build) and ``ort-unified`` (needs ``export --unified``) for a build.
         """
-        from onetrans_trt.models.checkpoint import load_checkpoint
-        from onetrans_trt.runtime.backends import TORCH_BACKENDS
-
         path = Path(path)
         if (path / "manifest.json").is_file():
             return cls._load_build(path, backend or "ort", **kw)
+        from onetrans_trt.models.checkpoint import load_checkpoint
+        from onetrans_trt.runtime.backends import TORCH_BACKENDS
+
         backend = backend or "torch-split"
         if backend not in TORCH_BACKENDS:
             raise InputError(f"unknown backend {backend!r} for a checkpoint; choose one of {sorted(TORCH_BACKENDS)}")
@@ -80,7 +80,7 @@ class Ranker:
     def _load_build(cls, build: Path, backend: str, *, providers: list[str] | None = None,
                     threads: int | None = None, **kw: Any) -> "Ranker":
         from onetrans_trt.export.api import read_manifest
-        from onetrans_trt.models.checkpoint import read_config
+        from onetrans_trt.models.config import read_config
         from onetrans_trt.runtime.ort_backend import OrtSplitBackend, OrtUnifiedBackend
 
         read_manifest(build)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from onetrans_trt.errors import BuildError, MissingCapabilityError
-from onetrans_trt.models.onetrans import UserKV
+from onetrans_trt.kv import UserKV
 
 
 class TrtSplitBackend:

@@ -1,0 +1,113 @@
+"""First divergence: where a graph starts to differ from the PyTorch model.
+
+The graph is re-run with intermediate tensors marked as outputs: the output of every
+leaf module (each Linear, per-token MixedLinear, RMSNorm, embedding; found through the
+module scopes the dynamo exporter recorded on ``serving.onnx``'s nodes, whose names the
+build's graphs keep) and each layer's K/V. PyTorch runs the same inputs with forward
+hooks on those modules. Walking the graph in topological order, the first tensor whose
+error exceeds the tolerance (or whose shape differs) names the layer, module and node.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onetrans_trt.validate.compare import ErrorStats
+from onetrans_trt.validate.policy import within
+
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def module_scopes(serving: str | Path) -> dict[str, str]:
+    """Node name -> innermost module path (``layers.0.ns_o``) from the exporter's metadata."""
+    out = {}
+    for n in onnx.load(str(serving)).graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        mods = [s for s in scopes if s.startswith("model.")]
+        if mods:
+            out[n.name] = mods[-1][len("model."):]
+    return out
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search(name + ".")
+    if m:
+        return int(m.group(1))
+    m = re.match(r"user_[kv]_(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def _leaf_modules(model) -> set[str]:
+    return {name for name, mod in model.named_modules() if name and not list(mod.children())}
+
+
+def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_model, torch_run, tol: dict,
+             serving: Path, *, simulate_qdq: bool = False) -> dict[str, Any] | None:
+    """``torch_run()`` runs the PyTorch side of ``role`` (hooks capture activations) and
+    returns the named graph outputs' reference values."""
+    import onnxruntime as ort
+    import torch
+
+    scopes = module_scopes(serving)
+    leaves = _leaf_modules(torch_model)
+    model = onnx.load(str(graph_path))
+    checkpoints: list[tuple[int, str, str, str]] = []  # (node index, tensor, module, node)
+    last: dict[str, tuple[int, str, str]] = {}
+    for i, n in enumerate(model.graph.node):
+        s = scopes.get(n.name)
+        if s in leaves and n.output:
+            last[s] = (i, n.output[0], n.name)
+    for s, (i, t, node) in last.items():
+        checkpoints.append((i, t, s, node))
+    produced = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    for o in model.graph.output:
+        if re.match(r"user_[kv]_\d+$", o.name) or o.name == "logits":
+            checkpoints.append((produced.get(o.name, len(model.graph.node)), o.name, o.name, o.name))
+    checkpoints.sort()
+    have = {o.name for o in model.graph.output}
+    for _, t, _, _ in checkpoints:
+        if t not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+            have.add(t)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if simulate_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    wanted = [t for _, t, _, _ in checkpoints]
+    got = dict(zip(wanted, sess.run(wanted, {n: feeds[n] for n in names})))
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for s in {c[2] for c in checkpoints if c[2] in leaves}:
+        def hook(mod, inp, out, s=s):
+            captured.setdefault(s, out.detach().float().numpy())
+        hooks.append(torch_model.get_submodule(s).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            ref_outputs = torch_run()
+    finally:
+        for h in hooks:
+            h.remove()
+    captured.update(ref_outputs)
+    for _, t, s, node in checkpoints:
+        if s not in captured:
+            continue
+        st = ErrorStats(s)
+        st.add(got[t], captured[s])
+        summ = st.summary()
+        if not within(summ, tol):
+            return {"layer": layer_of(s), "module": s, "node": node, "tensor": t, "role": role,
+                    "max_abs": summ["max_abs"], "cosine": summ["cosine"], "shape_mismatch": summ["shape_mismatch"],
+                    "nan": summ["nan"], "inf": summ["inf"]}
+    return None
