@@ -138,8 +138,16 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         e2e = ErrorStats("end_to_end_logits")
         first_fail: int | None = None
         ys, pv, pr, overlaps, taus = [], [], [], [], []
+        error = None
         for i, (req, ref) in enumerate(zip(reqs, refs)):
-            kv = backend.encode_user(ref["hist"])
+            try:
+                kv = backend.encode_user(ref["hist"])
+                if len(req.candidates):
+                    backend.score(kv, ref["ns"])
+            except Exception as e:  # noqa: BLE001 - a broken graph fails validation, it is not a crash
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                first_fail = i
+                break
             got = [np.asarray(_host(x)) for pair in zip(kv.keys, kv.values) for x in pair]
             for k, a, r in zip(kv_names, got, ref["kv_np"]):
                 stats[k].add(a, r)
@@ -177,10 +185,10 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
                                    "delta_auc": mv[tk]["auc"] - mr[tk]["auc"], "logloss": mv[tk]["logloss"],
                                    "delta_logloss": mv[tk]["logloss"] - mr[tk]["logloss"]} for tk in tasks}
             ok_auc = all(abs(m["delta_auc"]) <= tol["max_delta_auc"] for m in end["metrics"].values())
-        ok_graphs = all(v["pass"] for g in graphs.values() for v in g.values())
+        ok_graphs = all(v["pass"] for g in graphs.values() for v in g.values()) and error is None
         verdict = "pass" if ok_graphs and ok_auc and ok_rank and e2e_sum["pass"] else "fail"
         entry = {"precision": precision_of(name), "verdict": verdict, "tolerance": tol, "graphs": graphs,
-                 "end_to_end": end, "divergence": None, "note": getattr(backend, "note", "")}
+                 "end_to_end": end, "divergence": None, "note": getattr(backend, "note", ""), "error": error}
         if verdict == "fail":
             entry["divergence"] = _find_divergence(build, name, model, refs[first_fail or 0], tol, localize)
         report["backends"][name] = entry

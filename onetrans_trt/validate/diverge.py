@@ -47,6 +47,36 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def failing_node(message: str, scopes: dict[str, str], role: str, model: onnx.ModelProto | None = None
+                 ) -> dict[str, Any]:
+    """A finding for a graph that raises at run time, from ORT's ``Name:'<node>'``; a node
+    outside any module takes the scope of the nearest module upstream of it."""
+    m = re.search(r"Name:'([^']+)'", message)
+    node = m.group(1) if m else None
+    scope = scopes.get(node or "", "")
+    if not scope and node and model is not None:
+        producers = {o: n for n in model.graph.node for o in n.output}
+        frontier = [n for n in model.graph.node if n.name == node]
+        seen: set[str] = set()
+        while frontier and not scope:
+            nxt = []
+            for n in frontier:
+                for i in n.input:
+                    p = producers.get(i)
+                    if p is not None and p.name not in seen:
+                        seen.add(p.name)
+                        if scopes.get(p.name):
+                            scope = scopes[p.name]
+                            break
+                        nxt.append(p)
+                if scope:
+                    break
+            frontier = nxt
+    return {"layer": layer_of(scope) if scope else None, "module": scope or None, "node": node, "tensor": None,
+            "role": role, "max_abs": float("inf"), "cosine": 0.0, "shape_mismatch": None, "nan": 0, "inf": 0,
+            "error": message.split("Status Message:")[-1].strip()[:300]}
+
+
 def _leaf_modules(model) -> set[str]:
     return {name for name, mod in model.named_modules() if name and not list(mod.children())}
 
@@ -86,7 +116,10 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     wanted = [t for _, t, _, _ in checkpoints]
-    got = dict(zip(wanted, sess.run(wanted, {n: feeds[n] for n in names})))
+    try:
+        got = dict(zip(wanted, sess.run(wanted, {n: feeds[n] for n in names})))
+    except Exception as e:  # noqa: BLE001 - the graph itself fails: name the node that did
+        return failing_node(str(e), scopes, role, model)
     captured: dict[str, np.ndarray] = {}
     hooks = []
     for s in {c[2] for c in checkpoints if c[2] in leaves}:

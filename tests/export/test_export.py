@@ -46,7 +46,7 @@ def test_ort_equals_pytorch_unified_on_200_real_requests(variant, movielens, tmp
     ort_ranker = Ranker.load(build)  # backend "ort"
     torch_ranker = Ranker.load(ckpt, backend="torch-unified")
     worst = 0.0
-    for req, _ in movielens.requests(200, n_candidates=20, seed=11):
+    for req, _ in movielens.requests(200, n_candidates=8, seed=11):
         a, b = ort_ranker.rank(req).logits, torch_ranker.rank(req).logits
         worst = max(worst, float(np.abs(a - b).max()))
     assert worst <= 1e-4, worst
@@ -58,7 +58,11 @@ def test_build_layout_and_manifest(tiny_build):
               "samples/samples.npz", "samples/user_encoder_inputs.json", "samples/candidate_scorer_inputs.json"):
         assert (tiny_build / f).is_file(), f
     assert m["opset"] == 23 and m["samples"]["source"] == "ml-100k"
-    assert [r["pass"] for r in m["passes"]] == ["split-kv", "pyramid", "cleanup", "no-broadcast", "cleanup"]
+    assert [(r["pass"], r["graph"]) for r in m["passes"]] == [
+        ("split-kv", "serving"), ("pyramid", "user_encoder"), ("cleanup", "user_encoder"),
+        ("fuse-attention", "user_encoder"), ("no-broadcast", "candidate_scorer"), ("cleanup", "candidate_scorer"),
+        ("fuse-attention", "candidate_scorer")]
+    assert [r["fused"] for r in m["passes"] if r["pass"] == "fuse-attention"] == [1, 2]
     ue = m["graphs"]["user_encoder"]
     assert ue["outputs"][0] == {"name": "user_k_0", "dtype": "float32", "shape": ["users", 2, "kv_len_0", 8]}
     assert {"users", "history", "candidates", "kv_len_0", "kv_len_1"} <= set(m["dynamic_dims"])
