@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test demo clean
+.PHONY: venv data test demo clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ venv: $(STAMP)
 data: venv
 	$(BIN)/onetrans-trt fetch-data
 
-test: venv data
+# headless Chromium renders the HTML validation report in a test (skipped if unavailable)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: the report-rendering test will skip")
+
+test: venv data browser
 	$(BIN)/python -m pytest -q
 
 demo: venv data
@@ -35,6 +41,12 @@ demo: venv data
 	@echo
 	$(BIN)/onetrans-trt export $(RUNS)/onetrans-small --out $(RUNS)/build-small --unified --force
 	$(BIN)/onetrans-trt inspect $(RUNS)/build-small --candidates 128
+	$(BIN)/onetrans-trt convert $(RUNS)/build-small --precision fp16
+	$(BIN)/onetrans-trt calibrate $(RUNS)/build-small --data ml-100k --samples 128
+	-$(BIN)/onetrans-trt build $(RUNS)/build-small --precision int8
+	$(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
+	  --json $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
+	@echo "validation report: $(RUNS)/build-small/reports/validate.html"
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
