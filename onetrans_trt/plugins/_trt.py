@@ -63,3 +63,20 @@ def register_once(name: str, fn) -> None:
     if name not in _registered:
         fn()
         _registered.add(name)
+
+
+def aot_kernel(trt, trtp, plugin_id: str, kernel_module, q, scale: float, geometry):
+    """The ``aot_impl`` return value: compile ``kernel_module``'s Triton kernel for ``q``'s
+    dtype and (static) head size, and launch it on ``geometry = (grid_x, grid_y, extras)``."""
+    head_dim = q.shape_expr[3]
+    if not head_dim.is_constant:
+        raise ValueError(f"{plugin_id}: the head dimension must be static")
+    dtype = "float16" if q.dtype == trt.float16 else "float32"
+    kernel = kernel_module.compile(dtype, head_dim=head_dim.constant_value, scale=scale, arch=target_sm())
+    grid_x, grid_y, extras = geometry
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y = grid_x, grid_y
+    params.block_x = kernel.threads
+    params.shared_mem = kernel.shared
+    return (kernel.name.encode(), kernel.ptx.encode(), params,
+            trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extras]))

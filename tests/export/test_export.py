@@ -197,12 +197,11 @@ def test_scorer_memory_grows_with_c_t_l_not_c_l_d(tmp_path):
                       ns_tokens=T, pyramid="off")
     save_checkpoint(OneTrans(cfg), tmp_path / "ck")
     export_build(tmp_path / "ck", tmp_path / "b", n_samples=1)
-    script = Path(__file__).with_name("_scorer_memory.py")
-    growth = {}
-    for c in (128, 1024):
-        p = subprocess.run([sys.executable, str(script), str(tmp_path / "b"), str(c)], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-2000:]
-        growth[c] = int(p.stdout.strip())
+    from onetrans_trt.bench.memory import peak_growth
+
+    kv = {f"kv_len_{l}": L for l in range(layers)}
+    growth = {c: peak_growth(str(tmp_path / "b" / "candidate_scorer.onnx"), {"candidates": c, "history": L, **kv})
+              for c in (128, 1024)}
     per_candidate = 4 * (4 * H * T * (L + T) + 16 * T * d)  # bytes: a few score/prob rows + activations
     broadcast_per_candidate = 4 * layers * 2 * L * d  # bytes: K and V copied per candidate, per layer
     assert per_candidate < broadcast_per_candidate / 2

@@ -9,7 +9,7 @@ are unit-tested without TensorRT; :func:`register` binds them to ``tensorrt.plug
 from __future__ import annotations
 
 from onetrans_trt.plugins._onnx import PLUGIN_NAMESPACE
-from onetrans_trt.plugins._trt import cdiv, io_types, register_once, require_tensorrt, target_sm
+from onetrans_trt.plugins._trt import aot_kernel, cdiv, io_types, register_once, require_tensorrt
 from onetrans_trt.plugins.shared_prefix_attention import OP
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP}"
@@ -58,15 +58,4 @@ def _register() -> None:
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         from onetrans_trt.plugins.shared_prefix_attention import triton_kernel
 
-        head_dim = q.shape_expr[3]
-        if not head_dim.is_constant:
-            raise ValueError(f"{PLUGIN_ID}: the head dimension must be static")
-        dtype = "float16" if q.dtype == trt.float16 else "float32"
-        kernel = triton_kernel.compile(dtype, head_dim=head_dim.constant_value, scale=scale, arch=target_sm())
-        grid_x, grid_y, extras = launch_geometry(q.shape_expr, k_prefix.shape_expr)
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y = grid_x, grid_y
-        params.block_x = kernel.threads
-        params.shared_mem = kernel.shared
-        return (kernel.name.encode(), kernel.ptx.encode(), params,
-                trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extras]))
+        return aot_kernel(trt, trtp, PLUGIN_ID, triton_kernel, q, scale, launch_geometry(q.shape_expr, k_prefix.shape_expr))
