@@ -521,8 +521,9 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 
 
 @cli.command("bench")
-@click.option("--suite", type=click.Choice(["fused"]), default="fused", show_default=True,
-              help="fused: the fused vs unfused candidate scorer on ORT CPU (peak memory, latency).")
+@click.option("--suite", type=click.Choice(["fused", "int8"]), default="fused", show_default=True,
+              help="fused: the fused vs unfused candidate scorer on ORT CPU (peak memory, latency); "
+                   "int8: the INT8 vs FP32 scorer latency on ORT CPU.")
 @click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default="small",
               show_default=True, help="Model size (random weights, synthetic schema).")
 @click.option("--candidates", type=click.IntRange(1), default=1024, show_default=True)
@@ -532,9 +533,19 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 @JSON_OUT
 def bench_cmd(suite, preset, candidates, history, rounds, out, as_json) -> None:
     """Benchmarks, measured side by side in one run and reported as ratios."""
-    from onetrans_trt.bench.fused import bench_fused
+    from onetrans_trt.bench.fused import bench_fused, bench_int8
     from onetrans_trt.io import atomic_write_json
 
+    if suite == "int8":
+        res = bench_int8(preset=preset, candidates=candidates, history=history, rounds=rounds)
+        if out:
+            atomic_write_json(out, res)
+        lat = res["latency"]
+        _emit(res, as_json, "\n".join([
+            f"INT8 vs FP32 candidate scorer, ORT CPU, {preset}, C={candidates}, L={history}",
+            f"  latency p50  int8 {lat['int8']['p50_ms']:.1f} ms   fp32 {lat['fp32']['p50_ms']:.1f} ms"
+            f"   ratio {res['int8_over_fp32_latency']:.2f}"] + ([f"  note: {res['int8_note']}"] if res["int8_note"] else [])))
+        return
     res = bench_fused(preset=preset, candidates=candidates, history=history, rounds=rounds)
     if out:
         atomic_write_json(out, res)

@@ -30,7 +30,8 @@ def tiny_ckpt(movielens, tmp_path_factory):
     class Subset:
         schema = movielens.schema
         batch = staticmethod(movielens.batch)
-        train = Split(movielens.train.users[:4000], movielens.train.positions[:4000], movielens.train.labels[:4000])
+        train = Split(movielens.train.users[:20000], movielens.train.positions[:20000],
+                      movielens.train.labels[:20000])
         test = Split(movielens.test.users[:2000], movielens.test.positions[:2000], movielens.test.labels[:2000])
 
     cfg = ModelConfig.from_preset("tiny", movielens.schema, tasks=list(TASKS))

@@ -95,3 +95,14 @@ def test_export_graphs_inspect_rank_on_a_build(tmp_path, tiny_build, movielens):
     b = json.loads(run("rank", build, "--request", tmp_path / "req.json", "--backend", "ort-unified").output)
     assert max(abs(x - y) for x, y in zip(a["logits"]["like"], b["logits"]["like"])) <= 1e-4
     assert run("rank", build, "--request", tmp_path / "req.json", "--backend", "torch-split").exit_code == 2
+
+
+def test_plugins_lists_ops_and_backends():
+    r = run("plugins", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.output)
+    assert set(data) == {"SharedPrefixAttention", "TailCausalAttention"}
+    for op in data.values():
+        assert set(op["backends"]) == {"reference", "onnx_function", "triton", "tensorrt_plugin"}
+        assert op["backends"]["onnx_function"].startswith("available")
+    assert "tensorrt_plugin" in run("plugins").output

@@ -56,3 +56,32 @@ def bench_fused(*, preset: str = "small", candidates: int = 1024, history: int =
     result["fused_over_unfused_latency"] = lat["fused"]["p50_ms"] / lat["unfused"]["p50_ms"]
     result["fused_over_unfused_memory"] = result["fused_peak_mb"] / max(result["unfused_peak_mb"], 1e-9)
     return result
+
+
+def bench_int8(*, preset: str = "small", candidates: int = 256, history: int = 512, rounds: int = 10,
+               calibration: int = 16, work: Path | None = None) -> dict[str, Any]:
+    """ORT CPU latency of the INT8 vs the FP32 candidate scorer (random weights, synthetic
+    calibration requests), measured interleaved."""
+    import warnings
+
+    from onetrans_trt.bench.timing import interleaved
+    from onetrans_trt.calibrate.int8 import calibrate_build
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.export.inspect import request_dims
+    from onetrans_trt.graphs.flops import placeholder_feeds
+    from onetrans_trt.runtime.ort_backend import OrtSplitBackend
+
+    tmp = Path(work or tempfile.mkdtemp(prefix="onetrans-bench-"))
+    build = random_build(tmp / "b", preset=preset, history=history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrate_build(build, n_samples=calibration)
+    dims = request_dims(read_manifest(build), candidates, history)
+    fp32 = OrtSplitBackend(build)
+    int8 = OrtSplitBackend(build, name="ort-int8", user_graph="int8/user_encoder.onnx",
+                           scorer_graph="int8/candidate_scorer.onnx")
+    feeds = placeholder_feeds(onnx.load(str(build / "candidate_scorer.onnx")), dims)
+    lat = interleaved({"fp32": lambda: fp32.scorer.run(["logits"], feeds),
+                       "int8": lambda: int8.scorer.run(["logits"], feeds)}, rounds=rounds)
+    return {"preset": preset, "candidates": candidates, "history": history, "latency": lat,
+            "int8_over_fp32_latency": lat["int8"]["p50_ms"] / lat["fp32"]["p50_ms"], "int8_note": int8.note}

@@ -39,9 +39,20 @@ def test_correct_builds_pass_fp32_fp16_int8(small_build, tmp_path):
     assert "report:" in p.stdout
 
 
-def test_tiny_build_passes(tiny_build):
-    rep = validate_build(tiny_build, backends=["ort"], n_requests=10)
-    assert rep["verdict"] == "pass"
+def test_tiny_build_passes_fp32_fp16_int8(tiny_build, tmp_path):
+    import warnings
+
+    from onetrans_trt.calibrate.fp16 import convert_build
+    from onetrans_trt.calibrate.int8 import calibrate_build
+
+    b = _copy(tiny_build, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_build(b)
+        calibrate_build(b, n_samples=64)
+    p = _cli("validate", b, "--data", "ml-100k", "--count", "30")
+    assert p.returncode == 0, p.stdout + p.stderr[-1500:]
+    assert all(f"{n} " in p.stdout for n in ("ort", "ort-fp16", "ort-int8"))
 
 
 def test_kv_swapped_scorer_is_caught_at_its_layer(tiny_build, tmp_path):
