@@ -48,10 +48,14 @@ class RankResult:
 
 
 class Ranker:
-    def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512):
+    def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512,
+                 cache: Any = None):
+        """``cache``: a :class:`~onetrans_trt.runtime.cache.UserKVCache` shared across requests
+        (split backends only)."""
         if chunk_size < 1:
             raise InputError("chunk_size must be >= 1")
         self.schema, self.tasks, self.backend, self.chunk_size = schema, tasks, backend, chunk_size
+        self.cache = cache
 
     @property
     def backend_name(self) -> str:
@@ -119,7 +123,10 @@ class Ranker:
         c = len(req.candidates)
         chunks = [{k: v[i:i + self.chunk_size] for k, v in ns.items()} for i in range(0, c, self.chunk_size)]
         if self.backend.split:
-            kv = self.backend.encode_user(hist)
+            if self.cache is not None:
+                kv = self.cache.get_or_compute(req.user_key, hist, lambda: self.backend.encode_user(hist))
+            else:
+                kv = self.backend.encode_user(hist)
             parts = [self.backend.score(kv, ch) for ch in chunks]
         else:
             parts = [self.backend.score_unified(hist, ch) for ch in chunks]
