@@ -101,18 +101,21 @@ def _float32_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     float32 -> float16 -> float32 cast round trips (around kept-FP32 nodes) are dropped,
     so values computed in FP32 are never rounded to FP16 on their way out."""
     graph = gs.import_onnx(model)
-    outs = []
-    for out in graph.outputs:
-        if out.dtype == np.float16:
-            inner = gs.Variable(f"{out.name}__fp16", dtype=np.float16, shape=out.shape)
-            for node in list(out.inputs):
-                node.outputs = [inner if o is out else o for o in node.outputs]
-            out = gs.Variable(out.name, dtype=np.float32, shape=out.shape)
-            graph.nodes.append(gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[inner], outputs=[out]))
-        outs.append(out)
-    graph.outputs = outs
+    graph.outputs = [_recast_output(graph, o, np.float32) if o.dtype == np.float16 else o for o in graph.outputs]
     _drop_roundtrips(graph)
     return gs.export_onnx(graph.cleanup().toposort())
+
+
+def _recast_output(graph: gs.Graph, out: gs.Variable, dtype) -> gs.Variable:
+    """Make graph output ``out`` a Cast to ``dtype`` of what its producer computed."""
+    inner = gs.Variable(f"{out.name}__{np.dtype(out.dtype).name if out.dtype is not None else 'x'}",
+                        dtype=out.dtype, shape=out.shape)
+    for node in list(out.inputs):
+        node.outputs = [inner if o is out else o for o in node.outputs]
+    new = gs.Variable(out.name, dtype=dtype, shape=out.shape)
+    to = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
+    graph.nodes.append(gs.Node("Cast", attrs={"to": to}, inputs=[inner], outputs=[new]))
+    return new
 
 
 def _drop_roundtrips(graph: gs.Graph) -> None:
@@ -150,18 +153,7 @@ def _kv_to_fp16(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     kv = lambda t: t.name.startswith("user_k_") or t.name.startswith("user_v_")  # noqa: E731
     if role == "user_encoder":
-        new_outputs = []
-        for out in graph.outputs:
-            if kv(out):
-                inner = gs.Variable(f"{out.name}__fp32", dtype=out.dtype, shape=out.shape)
-                for node in list(out.inputs):
-                    node.outputs = [inner if o is out else o for o in node.outputs]
-                half = gs.Variable(out.name, dtype=np.float16, shape=out.shape)
-                graph.nodes.append(gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[inner], outputs=[half]))
-                new_outputs.append(half)
-            else:
-                new_outputs.append(out)
-        graph.outputs = new_outputs
+        graph.outputs = [_recast_output(graph, o, np.float16) if kv(o) else o for o in graph.outputs]
     else:
         for i, inp in enumerate(list(graph.inputs)):
             if kv(inp):
