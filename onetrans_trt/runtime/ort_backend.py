@@ -17,7 +17,7 @@ from onetrans_trt.kv import UserKV
 def _quiet_ort() -> None:
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # errors surface as exceptions; do not print them too
 
 
 def default_providers() -> list[str]:
