@@ -72,6 +72,7 @@ def cli() -> None:
       calibrate   INT8 Q/DQ variants from real calibration data (+ quality report)
       build       TensorRT engines (profiles, command lines; exit 3 without TensorRT)
       validate    every backend vs PyTorch: numbers, ranking, first divergence, reports
+      serve-repo  a Triton Inference Server model repository for a build
       plugins     our custom attention ops and which backends work here
       bench       side-by-side measurements (ratios from interleaved runs)
 
@@ -518,6 +519,28 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
     click.echo("\n".join(lines))
     if report["verdict"] != "pass":
         raise ValidationFailed("validation failed: see the report for the first divergence")
+
+
+@cli.command("serve-repo")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: the ONNX graphs; tensorrt: the engines from `onetrans-trt build`.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@JSON_OUT
+def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
+    """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
+    users), candidate_scorer, and the `onetrans` ensemble (history + candidates -> logits,
+    probs). Every config.pbtxt is parsed with Triton's ModelConfig protobuf first.
+
+    \b
+    Serve it:  tritonserver --model-repository REPO
+    """
+    from onetrans_trt.runtime.triton_repo import write_repository
+
+    res = write_repository(build, out, backend=backend, precision=precision, force=force)
+    _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
 
 
 @cli.command("bench")
