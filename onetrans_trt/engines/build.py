@@ -19,7 +19,6 @@ never pass its removed fp16/int8 flags and set TF32 explicitly).
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from pathlib import Path
@@ -175,6 +174,3 @@ def _build_one(trt, model: onnx.ModelProto, prof: dict, cache_path: Path, worksp
         raise BuildError("TensorRT could not build the engine; see the TensorRT log above")
     return bytes(engine)
 
-
-def dump_profiles(plan: dict) -> str:
-    return json.dumps({r: g["profile"] for r, g in plan["graphs"].items()}, indent=2)
