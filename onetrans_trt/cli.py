@@ -94,10 +94,12 @@ def fetch_data(data_dir: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--model", "family", type=click.Choice(["onetrans", "baseline"]), default="onetrans",
-              show_default=True, help="Model family.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default="small",
-              show_default=True, help="Architecture size.")
+@click.option("--model", "family", type=click.Choice(["onetrans", "hyformer", "baseline"]), default="onetrans",
+              show_default=True, help="Model family: OneTrans, HyFormer (each rating-bucket history its own "
+                                      "sequence with its own global queries) or the DIN-style baseline.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l", "hyformer-paper"]),
+              default="small", show_default=True,
+              help="Architecture size (onetrans-s/-l: OneTrans only; hyformer-paper: HyFormer only).")
 @click.option("--data", type=click.Choice(["ml-100k"]), default="ml-100k", show_default=True,
               help="Training data.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
@@ -114,14 +116,17 @@ def fetch_data(data_dir: Path | None) -> None:
               default="timestamp_aware", show_default=True, help="How behaviour sequences are merged.")
 @click.option("--ns-tokenizer", type=click.Choice(["auto_split", "group"]), default="auto_split",
               show_default=True)
-@click.option("--pyramid", type=click.Choice(["linear", "off"]), default="linear", show_default=True)
+@click.option("--pyramid", type=click.Choice(["linear", "off"]), default="linear", show_default=True,
+              help="OneTrans: S-token queries shrink layer by layer (linear) or not (off).")
+@click.option("--seq-encoder", type=click.Choice(["transformer", "longer", "swiglu"]), default="transformer",
+              show_default=True, help="HyFormer: the per-layer sequence encoder.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training samples (quick runs, tests).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
 def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_history, merge,
-          ns_tokenizer, pyramid, limit, force, data_dir, as_json) -> None:
+          ns_tokenizer, pyramid, seq_encoder, limit, force, data_dir, as_json) -> None:
     """Train a model on MovieLens-100K and write a checkpoint directory.
 
     \b
@@ -143,8 +148,9 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
     ml = MovieLens(data_dir, max_history=max_history, merge_mode=merge)
     if limit is not None:
         ml.train = Split(ml.train.users[:limit], ml.train.positions[:limit], ml.train.labels[:limit])
+    extra = {"seq_encoder": seq_encoder} if family == "hyformer" else {"pyramid": pyramid}
     cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
-                                  ns_tokenizer=ns_tokenizer, pyramid=pyramid)
+                                  ns_tokenizer=ns_tokenizer, **extra)
     runs, first = [], None
     with _progress() as prog:
         for s in range(seed, seed + seeds):
@@ -197,6 +203,12 @@ def info(ckpt: Path, as_json: bool) -> None:
              f"  d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers, "
              f"{cfg.num_ns_tokens} NS-tokens ({cfg.ns_tokenizer}), tasks {', '.join(cfg.tasks)}",
              f"  history: up to {s.max_history} events, {len(s.sequences)} sequences, {s.merge_mode}"]
+    if cfg.family == "hyformer":
+        d["hyformer"] = {"seq_encoder": cfg.seq_encoder, "queries_per_sequence": cfg.hy_queries,
+                         "longer_window": cfg.longer_window}
+        lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global queries, "
+                     f"{cfg.seq_encoder} sequence encoder, mixer tokens "
+                     f"{len(s.sequences) * cfg.hy_queries + cfg.num_ns_tokens}")
     if d["pyramid_schedule"] is not None:
         lines.append(f"  pyramid S-queries per layer: {d['pyramid_schedule']} (None = all)")
     m = d["metrics"]
@@ -544,22 +556,65 @@ def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
 
 
 @cli.command("bench")
-@click.option("--suite", type=click.Choice(["fused", "int8"]), default="fused", show_default=True,
-              help="fused: the fused vs unfused candidate scorer on ORT CPU (peak memory, latency); "
-                   "int8: the INT8 vs FP32 scorer latency on ORT CPU.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default="small",
-              show_default=True, help="Model size (random weights, synthetic schema).")
-@click.option("--candidates", type=click.IntRange(1), default=1024, show_default=True)
-@click.option("--history", type=click.IntRange(1), default=1024, show_default=True)
-@click.option("--rounds", type=click.IntRange(1), default=10, show_default=True)
+@click.argument("build", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--suite", type=click.Choice(["peers", "fused", "int8"]), default="peers", show_default=True,
+              help="peers: the split serving path against the naive peers (torch-unified, torch-split, "
+                   "ort-unified), scorer GFLOP/s against this machine's MatMul, K/V cache hit vs miss, "
+                   "pyramid on vs off. fused: fused vs unfused scorer (peak memory, latency). "
+                   "int8: INT8 vs FP32 scorer latency.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default=None,
+              help="Without BUILD: model size, random weights, synthetic schema "
+                   "[peers: onetrans-s (small with --quick); fused/int8: small].")
+@click.option("--quick", is_flag=True, help="peers: the one-minute version (smaller L, C and model, fewer rounds).")
+@click.option("--candidates", type=click.IntRange(1), default=None,
+              help="C per request [peers: 128 (64 quick); fused: 1024; int8: 256].")
+@click.option("--history", type=click.IntRange(1), default=None,
+              help="L history events [peers: 512 (256 quick); fused: 1024; int8: 512].")
+@click.option("--scorer-candidates", type=click.IntRange(1), default=None,
+              help="peers: C for the scorer-alone GFLOP/s [1024 (512 quick)].")
+@click.option("--cache-history", type=click.IntRange(1), default=None,
+              help="peers: L for cache hit vs miss [1024 (512 quick)].")
+@click.option("--cache-candidates", type=click.IntRange(1), default=None, help="peers: C for cache hit vs miss [64].")
+@click.option("--backends", default=None,
+              help="peers: comma-separated subset of torch-unified,torch-split,ort-unified,ort,ort-fp16,ort-int8.")
+@click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (4 quick); else 10].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
 @JSON_OUT
-def bench_cmd(suite, preset, candidates, history, rounds, out, as_json) -> None:
-    """Benchmarks, measured side by side in one run and reported as ratios."""
-    from onetrans_trt.bench.fused import bench_fused, bench_int8
+def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
+              backends, no_pyramid, threads, rounds, out, as_json) -> None:
+    """Benchmarks, measured side by side in one run and reported as ratios.
+
+    \b
+    The default suite, on a build or on a random-weight model:
+      onetrans-trt bench runs/build-small --quick
+      onetrans-trt bench --preset onetrans-s --history 512 --candidates 128 --json --out bench.json
+    BUILD needs `export --unified` for the ort-unified peer and its checkpoint for the
+    torch peers; missing peers are listed as skipped with the reason.
+    """
     from onetrans_trt.io import atomic_write_json
 
+    if suite == "peers":
+        from onetrans_trt.bench.peers import bench_peers, table
+
+        res = bench_peers(build, preset=preset, quick=quick, history=history, candidates=candidates,
+                          scorer_candidates=scorer_candidates, cache_history=cache_history,
+                          cache_candidates=cache_candidates, rounds=rounds, threads=threads,
+                          backends=[b.strip() for b in backends.split(",")] if backends else None,
+                          pyramid=not no_pyramid, say=lambda msg: _stderr_console().print(f"[dim]{msg}[/dim]"))
+        if out:
+            atomic_write_json(out, res)
+        _emit(res, as_json, table(res))
+        return
+    if build is not None:
+        raise InputError(f"--suite {suite} runs on random-weight models (--preset); it takes no BUILD")
+    from onetrans_trt.bench.fused import bench_fused, bench_int8
+
+    preset = preset or "small"
+    rounds = rounds or 10
     if suite == "int8":
+        candidates, history = candidates or 256, history or 512
         res = bench_int8(preset=preset, candidates=candidates, history=history, rounds=rounds)
         if out:
             atomic_write_json(out, res)
@@ -569,6 +624,7 @@ def bench_cmd(suite, preset, candidates, history, rounds, out, as_json) -> None:
             f"  latency p50  int8 {lat['int8']['p50_ms']:.1f} ms   fp32 {lat['fp32']['p50_ms']:.1f} ms"
             f"   ratio {res['int8_over_fp32_latency']:.2f}"] + ([f"  note: {res['int8_note']}"] if res["int8_note"] else [])))
         return
+    candidates, history = candidates or 1024, history or 1024
     res = bench_fused(preset=preset, candidates=candidates, history=history, rounds=rounds)
     if out:
         atomic_write_json(out, res)

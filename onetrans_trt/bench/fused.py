@@ -10,7 +10,8 @@ from typing import Any
 import onnx
 
 
-def random_build(out: Path, *, preset: str, history: int, n_layers: int | None = None, fuse: bool = True) -> Path:
+def random_build(out: Path, *, preset: str, history: int, n_layers: int | None = None, fuse: bool = True,
+                 unified: bool = False) -> Path:
     """A build of a randomly initialized model on the synthetic schema (benchmarks)."""
     from onetrans_trt.data.synthetic import synthetic_schema
     from onetrans_trt.export.api import export_build
@@ -22,7 +23,7 @@ def random_build(out: Path, *, preset: str, history: int, n_layers: int | None =
     cfg = ModelConfig.from_preset(preset, synthetic_schema(max_history=history), **over)
     ck = out.parent / f"{out.name}-ckpt"
     save_checkpoint(OneTrans(cfg), ck, force=True)
-    export_build(ck, out, fuse_attention=fuse, n_samples=1, force=True)
+    export_build(ck, out, fuse_attention=fuse, n_samples=1, force=True, unified=unified)
     return out
 
 

@@ -129,7 +129,13 @@ def _dynamic_dims(model) -> dict[str, dict[str, int]]:
     dims = {k: dict(zip(("min", "typical", "max"), v)) for k, v in DEFAULT_RANGES.items()}
     dims["history"] = {"min": 1, "typical": lmax, "max": lmax}
     n_min, n_typ = 1, lmax
-    for l, q in enumerate(model.cfg.query_schedule()):
+    cfg = model.cfg
+    if cfg.family == "hyformer":
+        n = min(cfg.longer_window, lmax) if cfg.seq_encoder == "longer" else lmax
+        for i in range(cfg.n_layers * schema.num_sequences):
+            dims[f"kv_len_{i}"] = {"min": 1, "typical": n, "max": n}
+        return dims
+    for l, q in enumerate(cfg.query_schedule()):
         dims[f"kv_len_{l}"] = {"min": n_min, "typical": n_typ, "max": n_typ}
         if q is not None:
             n_min, n_typ = min(q, n_min), min(q, n_typ)
@@ -181,17 +187,16 @@ def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
     import torch
     from polygraphy.json import save_json
 
-    from onetrans_trt.export.serving import kv_output_names
+    from onetrans_trt.kv import state_arrays
 
     out.mkdir(parents=True, exist_ok=True)
-    kv_names = kv_output_names(model.cfg.n_layers)
     user_feeds, scorer_feeds, arrays = [], [], {}
     with torch.no_grad():
         for i, req in enumerate(reqs):
             hist, ns = encode_request(model.cfg.schema, req)
             kv = model.encode_user({k: torch.from_numpy(v) for k, v in hist.items()})
             logits = model.score_candidates(kv, {k: torch.from_numpy(v) for k, v in ns.items()})
-            kvs = dict(zip(kv_names, [t.numpy() for p in zip(kv.keys, kv.values) for t in p]))
+            kvs = {k: v.numpy() for k, v in state_arrays(kv).items()}
             unified = model({k: torch.from_numpy(v) for k, v in
                              {**{k: np.repeat(v, len(req.candidates), 0) for k, v in hist.items()}, **ns}.items()})
             user_feeds.append({k: np.ascontiguousarray(v) for k, v in hist.items()})
@@ -209,13 +214,13 @@ def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
                                           "candidate_scorer_inputs.json"]}
 
 
-def load_onetrans(ckpt: str | Path):
+def load_splittable(ckpt: str | Path):
+    """A checkpoint's model, if it has a user/candidate split (OneTrans, HyFormer)."""
     from onetrans_trt.models.checkpoint import load_checkpoint
-    from onetrans_trt.models.onetrans import OneTrans
 
     model = load_checkpoint(ckpt)
-    if not isinstance(model, OneTrans):
-        raise CheckpointError(f"{ckpt}: export needs a OneTrans checkpoint (this one is "
+    if not hasattr(model, "encode_user"):
+        raise CheckpointError(f"{ckpt}: export needs a OneTrans or HyFormer checkpoint (this one is "
                               f"'{model.cfg.family}', which has no user/candidate split)")
     return model
 
@@ -244,7 +249,7 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
         probe.close()
     except OSError as e:
         raise BuildError(f"cannot write to {out.parent} ({e.strerror or e})") from None
-    model = load_onetrans(ckpt)
+    model = load_splittable(ckpt)
     hist, ns = _example(model)
     records: list[dict] = []
     with atomic_directory(out, force=force) as tmp:
@@ -290,8 +295,12 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
                       "head_dim": cfg.head_dim, "n_layers": cfg.n_layers, "ns_tokens": cfg.num_ns_tokens,
                       "tasks": list(cfg.tasks), "max_history": cfg.schema.max_history,
                       "s_max_len": cfg.schema.s_max_len},
-            "pyramid": {"schedule": cfg.query_schedule(), "mode": cfg.pyramid if isinstance(cfg.pyramid, str)
-                        else "explicit"},
+            "pyramid": ({"schedule": cfg.query_schedule(), "mode": cfg.pyramid if isinstance(cfg.pyramid, str)
+                         else "explicit"} if cfg.family == "onetrans" else {"schedule": None, "mode": "none"}),
+            **({"hyformer": {"sequences": cfg.schema.num_sequences, "queries_per_sequence": cfg.hy_queries,
+                             "seq_encoder": cfg.seq_encoder, "longer_window": cfg.longer_window,
+                             "state_slots": cfg.n_layers * cfg.schema.num_sequences}}
+               if cfg.family == "hyformer" else {}),
             "graphs": graphs,
             "dynamic_dims": _dynamic_dims(model),
             "passes": records,

@@ -22,9 +22,18 @@ def kv_lengths(schedule: list[int | None], history: int) -> list[int]:
     return out
 
 
+def state_lengths(manifest: dict, history: int) -> list[int]:
+    """K/V tokens per state slot for a history of ``history`` S-tokens (either family)."""
+    hy = manifest.get("hyformer")
+    if hy:  # every sequence is laid out at the stream's length; LONGER keeps its window
+        n = min(hy["longer_window"], history) if hy["seq_encoder"] == "longer" else history
+        return [n] * hy["state_slots"]
+    return kv_lengths(manifest["pyramid"]["schedule"], history)
+
+
 def request_dims(manifest: dict, candidates: int, history: int) -> dict[str, int]:
     dims = {"users": 1, "candidates": candidates, "history": history}
-    for l, n in enumerate(kv_lengths(manifest["pyramid"]["schedule"], history)):
+    for l, n in enumerate(state_lengths(manifest, history)):
         dims[f"kv_len_{l}"] = n
     return dims
 
@@ -72,7 +81,10 @@ def describe(info: dict[str, Any]) -> str:
         f"d_model {mod['d_model']}, {mod['n_heads']} heads, {mod['ns_tokens']} NS-tokens, tasks {', '.join(mod['tasks'])}",
         f"  from {m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]}), opset {m['opset']}, "
         f"torch {m['versions']['torch']}, onnx {m['versions']['onnx']}",
-        f"  pyramid S-queries per layer: {m['pyramid']['schedule']} ({m['pyramid']['mode']})",
+        (f"  HyFormer: {m['hyformer']['sequences']} sequences x {m['hyformer']['queries_per_sequence']} global "
+         f"queries, {m['hyformer']['seq_encoder']} sequence encoder, {m['hyformer']['state_slots']} K/V slots"
+         if m.get("hyformer") else
+         f"  pyramid S-queries per layer: {m['pyramid']['schedule']} ({m['pyramid']['mode']})"),
         "  passes: " + (", ".join(f"{r['pass']}[{r['graph']}] {r['nodes_before']}->{r['nodes_after']}"
                                   for r in m["passes"]) or "none"),
         "  dynamic dims: " + ", ".join(f"{k} {v['min']}..{v['max']} (typ {v['typical']})"

@@ -14,19 +14,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from onetrans_trt.models.onetrans import OneTrans, UserKV
+from onetrans_trt.kv import UserKV, kv_names, state_arrays
 
 
-def history_input_names(model: OneTrans) -> list[str]:
+def history_input_names(model: nn.Module) -> list[str]:
     return ["s_type", *[f"s_{f}" for f in model.cfg.schema.seq_fields], "s_length"]
 
 
-def ns_input_names(model: OneTrans) -> list[str]:
+def ns_input_names(model: nn.Module) -> list[str]:
     return [f"ns_{f.name}" for f in model.cfg.schema.features]
 
 
 def kv_output_names(n_layers: int) -> list[str]:
-    return [name for l in range(n_layers) for name in (f"user_k_{l}", f"user_v_{l}")]
+    return kv_names(n_layers)
+
+
+def state_output_names(cfg) -> list[str]:
+    """Everything the user encoder hands the candidate scorer, by graph name."""
+    if cfg.family == "hyformer":
+        from onetrans_trt.models.hyformer import SEQ_LENGTH, SEQ_POOL
+
+        return kv_names(cfg.n_layers * cfg.schema.num_sequences) + [f"user_{SEQ_LENGTH}", f"user_{SEQ_POOL}"]
+    return kv_names(cfg.n_layers)
 
 
 def _named_forward(module: nn.Module, names: list[str]) -> None:
@@ -42,7 +51,7 @@ def _named_forward(module: nn.Module, names: list[str]) -> None:
 
 
 class ServingGraph(nn.Module):
-    def __init__(self, model: OneTrans):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
         self.hist_names = history_input_names(model)
@@ -55,7 +64,7 @@ class ServingGraph(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits", "probs", *kv_output_names(self.model.cfg.n_layers)]
+        return ["logits", "probs", *state_output_names(self.model.cfg)]
 
     def _forward(self, tensors: tuple[Tensor, ...]):
         n_hist = len(self.hist_names)
@@ -64,16 +73,17 @@ class ServingGraph(nn.Module):
         kv = self.model.encode_user(hist)
         # The scorer reads the raw s_length (a length >= the K/V's is "all real"), so it
         # depends on no shape of the history inputs and the cut leaves no S side in it.
-        first = UserKV([k[0:1] for k in kv.keys], [v[0:1] for v in kv.values], hist["s_length"][0:1])
+        first = UserKV([k[0:1] for k in kv.keys], [v[0:1] for v in kv.values], hist["s_length"][0:1],
+                       {k: v[0:1] for k, v in kv.extras.items()})
         logits = self.model.score_candidates(first, ns)
-        kvs = [t for pair in zip(kv.keys, kv.values) for t in pair]
-        return (logits, torch.sigmoid(logits), *kvs)
+        state = state_arrays(kv)
+        return (logits, torch.sigmoid(logits), *[state[n] for n in state_output_names(self.model.cfg)])
 
 
 class UnifiedGraph(nn.Module):
     """The naive model as a user would export it: the whole sequence per candidate."""
 
-    def __init__(self, model: OneTrans):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval()
         self.names = history_input_names(model) + ns_input_names(model)

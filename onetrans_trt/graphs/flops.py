@@ -18,7 +18,7 @@ MATMUL_OPS = ("MatMul", "Gemm")
 
 def placeholder_feeds(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str, np.ndarray]:
     """Inputs of the requested sizes: zeros for ids (padding), ones for floats, and
-    ``s_length`` set to the full history so every token is real."""
+    ``s_length`` (HyFormer: ``user_seq_length``) set to the full history so every token is real."""
     feeds = {}
     for v in model.graph.input:
         tt = v.type.tensor_type
@@ -31,7 +31,7 @@ def placeholder_feeds(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str,
             else:
                 shape.append(int(d.dim_value))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if v.name == "s_length":
+        if v.name in ("s_length", "user_seq_length"):
             feeds[v.name] = np.full(shape, dims.get("history", 1), dtype=dtype)
         elif np.issubdtype(dtype, np.floating):
             feeds[v.name] = np.full(shape, 0.01, dtype=dtype)

@@ -46,19 +46,24 @@ def _source_input(t: gs.Tensor, graph_inputs: set[str]) -> str | None:
         t = p.inputs[0]
 
 
-def _ancestors_include(t: gs.Tensor, name: str, limit: int = 400) -> bool:
-    stack, seen = [t], set()
-    while stack and len(seen) < limit:
+def _value_inputs(t: gs.Tensor, graph: gs.Graph, limit: int = 2000) -> set[str] | None:
+    """Graph inputs whose *values* ``t`` depends on (a ``Shape`` reads only a shape, so
+    the walk stops there); ``None`` when the walk is cut short."""
+    names = {i.name for i in graph.inputs}
+    stack, seen, found = [t], set(), set()
+    while stack:
+        if len(seen) > limit:
+            return None
         x = stack.pop()
-        if x.name == name:
-            return True
         if id(x) in seen:
             continue
         seen.add(id(x))
+        if x.name in names:
+            found.add(x.name)
         p = _producer(x)
-        if p is not None:
+        if p is not None and p.op not in ("Shape", "Size"):
             stack.extend(p.inputs)
-    return False
+    return found
 
 
 def _const_scalar(t: gs.Tensor) -> float | None:
@@ -157,7 +162,9 @@ def fuse_tail_causal(graph: gs.Graph) -> int:
         k = _transposed_last_two(kt, graph)
         pv = [n for n in sm.outputs[0].outputs if n.op == "MatMul" and n.inputs[0] is sm.outputs[0]]
         cond = _producer(sm.inputs[0]).inputs[0]
-        if k is None or len(pv) != 1 or not _ancestors_include(cond, "s_length"):
+        # the mask must be a function of s_length (and shapes) alone: a mask built from other
+        # values (HyFormer's per-sequence counts from s_type) is not this op's mask
+        if k is None or len(pv) != 1 or _value_inputs(cond, graph) != {"s_length"}:
             continue
         v = pv[0].inputs[1]
         count += 1

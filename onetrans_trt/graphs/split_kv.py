@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onetrans_trt.errors import BuildError
 
 KV_NAME = re.compile(r"^user_([kv])_(\d+)$")
+STATE_NAME = re.compile(r"^user_\w+$")  # K/V and any further user state (HyFormer: user_seq_*)
 SCORER_OUTPUTS = ("logits", "probs")
 
 
@@ -30,16 +31,20 @@ def kv_layer(name: str) -> int | None:
 
 
 def _kv_outputs(graph: gs.Graph) -> list[gs.Variable]:
-    kv = [t for t in graph.outputs if KV_NAME.match(t.name)]
-    if not kv:
+    """The user state the graph is cut at: K/V first, then any other ``user_*`` outputs."""
+    if not any(KV_NAME.match(t.name) for t in graph.outputs):
         raise BuildError("split at K/V: the graph has no user_k_<l>/user_v_<l> outputs to cut at; "
                          "export it with onetrans-trt export")
-    return kv
+    return [t for t in graph.outputs if STATE_NAME.match(t.name)]
 
 
 def _rename_kv_dims(t: gs.Variable, lead) -> None:
-    if t.shape is not None and len(t.shape) == 4:
+    if t.shape is None:
+        return
+    if KV_NAME.match(t.name) and len(t.shape) == 4:
         t.shape = [lead, t.shape[1], f"kv_len_{kv_layer(t.name)}", t.shape[3]]
+    elif len(t.shape) >= 1:
+        t.shape = [lead, *t.shape[1:]]
 
 
 def user_encoder(graph: gs.Graph) -> gs.Graph:

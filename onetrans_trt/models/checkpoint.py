@@ -33,6 +33,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from onetrans_trt.models.onetrans import OneTrans
 
         return OneTrans(cfg)
+    if cfg.family == "hyformer":
+        from onetrans_trt.models.hyformer import HyFormer
+
+        return HyFormer(cfg)
     if cfg.family == "baseline":
         from onetrans_trt.models.baseline import Baseline
 

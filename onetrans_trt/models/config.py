@@ -9,7 +9,8 @@ from typing import Any
 from onetrans_trt.data.schema import FeatureSchema
 from onetrans_trt.errors import ConfigError
 
-FAMILIES = ("onetrans", "baseline")
+FAMILIES = ("onetrans", "hyformer", "baseline")
+SEQ_ENCODERS = ("transformer", "longer", "swiglu")
 NS_TOKENIZERS = ("auto_split", "group")
 
 # Architecture presets. The schema comes from the data source; these set the sizes.
@@ -21,6 +22,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paper sizes (arXiv 2510.26104), for benchmarks with random weights
     "onetrans-s": dict(d_model=256, n_heads=4, n_layers=6, ffn_mult=4, ns_tokens=16, final_queries=12),
     "onetrans-l": dict(d_model=384, n_heads=6, n_layers=8, ffn_mult=4, ns_tokens=16, final_queries=16),
+}
+
+# HyFormer sizes. ``mixer_tokens`` (T) is the token count of query boosting: the J*N global
+# queries (J sequences, N queries each) plus T - J*N auto-split NS-tokens; T divides d_model.
+HYFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=16, n_heads=2, n_layers=2, ffn_mult=2, mixer_tokens=8, longer_window=8),
+    "small": dict(d_model=64, n_heads=4, n_layers=3, ffn_mult=2, mixer_tokens=8, longer_window=16),
+    # the paper's multi-sequence setting: 16 mixer tokens = 13 NS + 3 global (one per sequence)
+    "hyformer-paper": dict(d_model=256, n_heads=4, n_layers=4, ffn_mult=4, mixer_tokens=16, longer_window=64),
 }
 
 
@@ -45,6 +55,10 @@ class ModelConfig:
     tokenizer_hidden: int = 0  # 0: 2 * d_model
     head_hidden: int = 0  # 0: d_model
     preset: str | None = None
+    # HyFormer only
+    hy_queries: int = 1  # global query tokens per sequence (N)
+    seq_encoder: str = "transformer"  # per-layer sequence encoder: transformer | longer | swiglu
+    longer_window: int = 16  # LONGER-style: the newest S-tokens used as queries
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,6 +143,17 @@ class ModelConfig:
             raise bad(f"pyramid_impl must be 'slice_first' or 'compute_then_slice', got {self.pyramid_impl!r}")
         if not isinstance(self.final_queries, int) or self.final_queries < 1:
             raise bad("final_queries must be a positive integer")
+        if self.family == "hyformer":
+            if not isinstance(self.hy_queries, int) or self.hy_queries < 1:
+                raise bad(f"hy_queries must be a positive integer, got {self.hy_queries!r}")
+            if self.seq_encoder not in SEQ_ENCODERS:
+                raise bad(f"seq_encoder must be one of {SEQ_ENCODERS}, got {self.seq_encoder!r}")
+            if not isinstance(self.longer_window, int) or self.longer_window < 1:
+                raise bad(f"longer_window must be a positive integer, got {self.longer_window!r}")
+            t = self.schema.num_sequences * self.hy_queries + self.num_ns_tokens
+            if self.d_model % t:
+                raise bad(f"HyFormer query boosting splits each token into T = sequences x hy_queries + "
+                          f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise bad(f"tasks must be a non-empty list of unique names, got {self.tasks}")
 
@@ -156,9 +181,18 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, preset: str, schema: FeatureSchema, **overrides: Any) -> "ModelConfig":
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        kw = dict(PRESETS[preset])
+        table = HYFORMER_PRESETS if overrides.get("family") == "hyformer" else PRESETS
+        if preset not in table:
+            raise ConfigError(f"unknown preset {preset!r} for {overrides.get('family', 'onetrans')}; "
+                              f"choose one of {sorted(table)}")
+        kw = dict(table[preset])
+        if "mixer_tokens" in kw:  # HyFormer: NS-tokens fill the mixer up to T
+            t = kw.pop("mixer_tokens")
+            n_q = schema.num_sequences * overrides.get("hy_queries", 1)
+            if t - n_q < 1:
+                raise ConfigError(f"preset {preset!r}: {t} mixer tokens leave no NS-token for "
+                                  f"{n_q} global queries")
+            kw["ns_tokens"] = t - n_q
         kw.update(overrides)
         return cls(schema=schema, preset=preset, **kw)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from onetrans_trt.data.requests import repeat_history
 from onetrans_trt.errors import InputError
-from onetrans_trt.models.onetrans import UserKV
+from onetrans_trt.kv import UserKV
 
 
 def _torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -52,12 +52,14 @@ class TorchSplitBackend:
     @torch.no_grad()
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
         kv = self.model.encode_user(_torch(hist))
-        return UserKV([k.numpy() for k in kv.keys], [v.numpy() for v in kv.values], kv.lengths.numpy())
+        return UserKV([k.numpy() for k in kv.keys], [v.numpy() for v in kv.values], kv.lengths.numpy(),
+                      {k: v.numpy() for k, v in kv.extras.items()})
 
     @torch.no_grad()
     def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
         tkv = UserKV([torch.from_numpy(k) for k in kv.keys], [torch.from_numpy(v) for v in kv.values],
-                     torch.from_numpy(np.asarray(kv.lengths)))
+                     torch.from_numpy(np.asarray(kv.lengths)), {k: torch.from_numpy(np.asarray(v))
+                                                                for k, v in kv.extras.items()})
         return self.model.score_candidates(tkv, _torch(ns)).numpy()
 
 

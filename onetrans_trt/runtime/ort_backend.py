@@ -7,11 +7,12 @@ is visible (``providers=`` to choose explicitly).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from onetrans_trt.errors import BuildError, InputError
-from onetrans_trt.kv import UserKV
+from onetrans_trt.kv import UserKV, from_state, state_arrays
 
 
 def _quiet_ort() -> None:
@@ -27,13 +28,18 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
-def ort_session(path: Path, providers: list[str] | None = None, threads: int | None = None,
+def ort_session(path: Any, providers: list[str] | None = None, threads: int | None = None,
                 simulate_qdq: bool = False):
-    """An ORT session; ``simulate_qdq`` runs Q/DQ graphs as float math (no integer kernels)."""
+    """An ORT session on a graph file (or an in-memory ``onnx.ModelProto``); ``simulate_qdq`` runs Q/DQ
+    graphs as float math (no integer kernels)."""
     import onnxruntime as ort
 
-    if not path.is_file():
+    if not isinstance(path, Path):
+        path, source = Path("<in-memory model>"), path.SerializeToString()
+    elif not path.is_file():
         raise BuildError(f"{path}: missing; re-run `onetrans-trt export`")
+    else:
+        source = str(path)
     _quiet_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
@@ -42,7 +48,7 @@ def ort_session(path: Path, providers: list[str] | None = None, threads: int | N
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or default_providers())
+        return ort.InferenceSession(source, sess_options=opts, providers=providers or default_providers())
     except Exception as e:  # noqa: BLE001 - ORT raises its own untyped errors
         raise BuildError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
@@ -94,18 +100,20 @@ class OrtSplitBackend:
         if missing:
             raise InputError(f"user encoder inputs missing: {missing}")
         outs = self.user.run(self.kv_names, {n: hist[n] for n in self.user_inputs})
-        return UserKV(outs[0::2], outs[1::2], np.asarray(hist["s_length"]))
+        return from_state(dict(zip(self.kv_names, outs)), np.asarray(hist["s_length"]))
 
     def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
+        state = state_arrays(kv)
         feeds = {}
         for name in self.scorer_inputs:
             if name == "s_length":
                 feeds[name] = np.asarray(kv.lengths, dtype=np.int64).reshape(-1)[:1]
-            elif name.startswith("user_k_") or name.startswith("user_v_"):
-                src = kv.keys if name.startswith("user_k_") else kv.values
-                x = np.asarray(src[int(name.rsplit("_", 1)[1])])
-                want = np.float16 if self.kv_dtype[name] == "tensor(float16)" else np.float32
-                feeds[name] = x if x.dtype == want else x.astype(want)
+            elif name in state:
+                x = np.asarray(state[name])
+                if self.kv_dtype[name] in ("tensor(float16)", "tensor(float)"):
+                    want = np.float16 if self.kv_dtype[name] == "tensor(float16)" else np.float32
+                    x = x if x.dtype == want else x.astype(want)
+                feeds[name] = x
             else:
                 feeds[name] = ns[name]
         return self.scorer.run(["logits"], feeds)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from onetrans_trt.errors import BuildError, MissingCapabilityError
-from onetrans_trt.kv import UserKV
+from onetrans_trt.kv import UserKV, from_state, state_arrays
 
 
 class TrtSplitBackend:
@@ -75,14 +75,13 @@ class TrtSplitBackend:
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
         out = self._run("user_encoder", hist)
-        names = [n for n in self._io("user_encoder")[1]]
-        keys = [out[n] for n in names if n.startswith("user_k_")]
-        values = [out[n] for n in names if n.startswith("user_v_")]
-        return UserKV(keys, values, np.asarray(hist["s_length"]))
+        return from_state(out, np.asarray(hist["s_length"]))  # by name: K/V slots in order, then extras
 
     def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
         feeds = dict(ns)
         feeds["s_length"] = np.asarray(kv.lengths, dtype=np.int64).reshape(-1)[:1]
-        for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
-            feeds[f"user_k_{i}"], feeds[f"user_v_{i}"] = k[:1], v[:1]  # device tensors, no copy
+        for name, t in state_arrays(kv).items():
+            feeds[name] = t[:1]  # device tensors, no copy
+        wanted = set(self._io("candidate_scorer")[0])
+        feeds = {k: v for k, v in feeds.items() if k in wanted}
         return self._run("candidate_scorer", feeds)["logits"].float().cpu().numpy()

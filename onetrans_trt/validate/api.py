@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onetrans_trt.errors import BuildError, InputError
+from onetrans_trt.kv import from_state, state_arrays
 from onetrans_trt.validate.compare import ErrorStats
 from onetrans_trt.validate.policy import precision_of, within
 
@@ -83,6 +84,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
     from onetrans_trt.calibrate.quality import ranking_agreement
     from onetrans_trt.data.requests import encode_request, repeat_history
     from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.export.serving import state_output_names
     from onetrans_trt.models.checkpoint import load_checkpoint
     from onetrans_trt.models.training import binary_metrics
     from onetrans_trt.validate.diverge import localize
@@ -112,15 +114,15 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         for i, req in enumerate(reqs):
             hist, ns = encode_request(model.cfg.schema, req)
             kv = model.encode_user(t(hist))
-            kv_np = [x.numpy() for pair in zip(kv.keys, kv.values) for x in pair]
+            state = {k: v.numpy() for k, v in state_arrays(kv).items()}
             scored = model.score_candidates(kv, t(ns)).numpy()
             c = len(req.candidates)
             unified = model(t({**repeat_history(hist, c), **ns})).numpy() if c else scored
-            refs.append({"hist": hist, "ns": ns, "kv": kv, "kv_np": kv_np, "logits": scored, "unified": unified})
+            refs.append({"hist": hist, "ns": ns, "kv": kv, "state": state, "logits": scored, "unified": unified})
             say("reference", i + 1, len(reqs))
     if save_goldens:
-        write_goldens(save_goldens, manifest, refs, model.cfg.n_layers)
-    kv_names = [f"user_{kv}_{l}" for l in range(model.cfg.n_layers) for kv in "kv"]
+        write_goldens(save_goldens, manifest, refs)
+    kv_names = state_output_names(model.cfg)
     report: dict[str, Any] = {
         "format": FORMAT, "build": str(build),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -148,13 +150,10 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 first_fail = i
                 break
-            got = [np.asarray(_host(x)) for pair in zip(kv.keys, kv.values) for x in pair]
-            for k, a, r in zip(kv_names, got, ref["kv_np"]):
-                stats[k].add(a, r)
-            from onetrans_trt.kv import UserKV
-
-            ref_kv = UserKV([ref["kv_np"][2 * l] for l in range(len(kv_names) // 2)],
-                            [ref["kv_np"][2 * l + 1] for l in range(len(kv_names) // 2)], ref["hist"]["s_length"])
+            got = state_arrays(kv)
+            for k in kv_names:
+                stats[k].add(np.asarray(_host(got[k])), ref["state"][k])
+            ref_kv = from_state(ref["state"], ref["hist"]["s_length"])
             if not len(req.candidates):
                 continue
             logit_stats.add(backend.score(ref_kv, ref["ns"]), ref["logits"], keep_pairs=True)
@@ -208,6 +207,8 @@ def _host(x):
 def _find_divergence(build: Path, name: str, model, ref: dict, tol: dict, localize) -> dict | None:
     import torch
 
+    from onetrans_trt.export.serving import state_output_names
+
     paths = _graph_paths(build, name)
     if paths is None:
         return {"note": f"divergence search needs ONNX graphs; {name} has none"}
@@ -216,17 +217,18 @@ def _find_divergence(build: Path, name: str, model, ref: dict, tol: dict, locali
         return {"note": "serving.onnx is missing: module scopes unknown"}
     t = lambda d: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}  # noqa: E731
     sim = name.endswith("int8")
-    kv_names = [f"user_{kv}_{l}" for l in range(model.cfg.n_layers) for kv in "kv"]
+    kv_names = state_output_names(model.cfg)
     user_feeds = ref["hist"]
     found = localize(paths["user_encoder"], "user_encoder", user_feeds, model,
-                     lambda: dict(zip(kv_names, [x.numpy() for p in zip(*(lambda kv: (kv.keys, kv.values))(
-                         model.encode_user(t(user_feeds)))) for x in p])), tol, serving, simulate_qdq=sim)
+                     lambda: {k: v.numpy() for k, v in state_arrays(model.encode_user(t(user_feeds))).items()},
+                     tol, serving, simulate_qdq=sim)
     if found:
         return found
-    scorer_feeds = {**ref["ns"], "s_length": ref["hist"]["s_length"], **dict(zip(kv_names, ref["kv_np"]))}
     import onnx
 
     dtypes = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(paths["candidate_scorer"])).graph.input}
+    scorer_feeds = {k: v for k, v in {**ref["ns"], "s_length": ref["hist"]["s_length"], **ref["state"]}.items()
+                    if k in dtypes}
     for k in kv_names:
         if dtypes.get(k) == onnx.TensorProto.FLOAT16:
             scorer_feeds[k] = scorer_feeds[k].astype(np.float16)
@@ -236,19 +238,19 @@ def _find_divergence(build: Path, name: str, model, ref: dict, tol: dict, locali
 
 
 # ---- goldens ---------------------------------------------------------------------------
-def write_goldens(out: str | Path, manifest: dict, refs: list[dict], n_layers: int) -> Path:
+def write_goldens(out: str | Path, manifest: dict, refs: list[dict]) -> Path:
     """Inputs and reference outputs in polygraphy's JSON format (no torch needed to use)."""
     from polygraphy.json import save_json
 
     from onetrans_trt.io import atomic_directory
 
-    kv_names = [f"user_{kv}_{l}" for l in range(n_layers) for kv in "kv"]
+    scorer_inputs = {i["name"] for i in manifest["graphs"]["candidate_scorer"]["inputs"]}
     out = Path(out)
     with atomic_directory(out, force=True) as tmp:
         save_json([r["hist"] for r in refs], str(tmp / "user_encoder_inputs.json"))
-        save_json([dict(zip(kv_names, r["kv_np"])) for r in refs], str(tmp / "user_encoder_outputs.json"))
-        save_json([{**r["ns"], "s_length": r["hist"]["s_length"], **dict(zip(kv_names, r["kv_np"]))} for r in refs],
-                  str(tmp / "candidate_scorer_inputs.json"))
+        save_json([r["state"] for r in refs], str(tmp / "user_encoder_outputs.json"))
+        save_json([{k: v for k, v in {**r["ns"], "s_length": r["hist"]["s_length"], **r["state"]}.items()
+                    if k in scorer_inputs} for r in refs], str(tmp / "candidate_scorer_inputs.json"))
         save_json([{"logits": r["logits"]} for r in refs], str(tmp / "candidate_scorer_outputs.json"))
         import json
 
@@ -267,7 +269,6 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
 
     from onetrans_trt.calibrate.quality import ranking_agreement
     from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.kv import UserKV
     from onetrans_trt.runtime.ranker import Ranker
     from onetrans_trt.validate.policy import DEFAULT_POLICY
 
@@ -296,13 +297,9 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
         overlaps = []
         for hist, kv_ref, feeds, out in zip(ue_in, ue_out, cs_in, cs_out):
             kv = backend.encode_user(hist)
-            for l in range(len(kv.keys)):
-                for tag, a in (("k", kv.keys[l]), ("v", kv.values[l])):
-                    key = f"user_{tag}_{l}"
-                    kv_stats.setdefault(key, ErrorStats(key)).add(a, kv_ref[key])
-            n = len(kv.keys)
-            ref_kv = UserKV([feeds[f"user_k_{l}"] for l in range(n)], [feeds[f"user_v_{l}"] for l in range(n)],
-                            feeds["s_length"])
+            for key, a in state_arrays(kv).items():
+                kv_stats.setdefault(key, ErrorStats(key)).add(a, kv_ref[key])
+            ref_kv = from_state(feeds, feeds.get("s_length", hist["s_length"]))
             ns = {k: v for k, v in feeds.items() if k.startswith("ns_")}
             got = backend.score(ref_kv, ns)
             logit_stats.add(got, out["logits"])

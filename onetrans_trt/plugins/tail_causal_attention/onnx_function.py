@@ -20,6 +20,7 @@ def function(opset: int = 18) -> onnx.FunctionProto:
     q, k, v, valid = INPUTS
     scale = b.op("CastLike", b.attr_const("scale"), q)
     ninf = b.op("CastLike", b.const(-np.inf, np.float32), q)
+    zero = b.op("CastLike", b.const(0.0, np.float32), q)
     lq, lk = b.dim(q, 2), b.dim(k, 2)
     j = b.op("Unsqueeze", b.arange(lk), b.const([0]))  # [1, Lk]
     pos = b.op("Unsqueeze", b.op("Add", b.arange(lq), b.op("Sub", lk, lq)), b.const([1]))  # [Lq, 1]
@@ -30,6 +31,6 @@ def function(opset: int = 18) -> onnx.FunctionProto:
                 b.op("Unsqueeze", itself, b.const([0])))  # [B, Lq, Lk]
     mask = b.op("Unsqueeze", mask, b.const([1]))  # [B, 1, Lq, Lk]
     s = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
-    p = b.op("Softmax", b.op("Where", mask, s, ninf), axis=-1)
+    p = b.op("Softmax", b.op("Add", s, b.op("Where", mask, zero, ninf)), axis=-1)
     b.nodes.append(onnx.helper.make_node("MatMul", [p, v], OUTPUTS))
     return make_function(OP, INPUTS, OUTPUTS, b, ATTRIBUTES, opset)

@@ -1,0 +1,293 @@
+"""The serving path against the naive peers, next to the hardware limit.
+
+One run measures, each group interleaved (every contender once per round, in turn):
+
+- **peers**: per-request latency (p50/p99) and candidates/s of ``torch-unified``,
+  ``torch-split``, ``ort-unified`` and ``ort`` (plus ``ort-fp16``/``ort-int8`` when the build
+  has them) on one request of L history events and C candidates, as ratios against
+  ``ort-unified``; each with its theoretical FLOPs and achieved GFLOP/s;
+- **machine**: ONNX Runtime's own MatMul GFLOP/s on this machine, same threads, same run;
+- **scorer**: the candidate scorer alone at a large C, its GFLOP/s against the machine's;
+- **cache**: a request whose user K/V is cached (the encoder skipped, counted) against one
+  that misses;
+- **pyramid**: the ORT split path of the build against its pyramid-off twin (same
+  weights, every S-token kept as a query until the top layer).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from onetrans_trt.errors import InputError
+
+QUICK = dict(history=256, candidates=64, scorer_candidates=512, cache_history=512, cache_candidates=64,
+             rounds=4, budget_s=6.0)
+FULL = dict(history=512, candidates=128, scorer_candidates=1024, cache_history=1024, cache_candidates=64,
+            rounds=8, budget_s=60.0)
+
+
+def matmul_gflops(threads: int | None = None, *, n: int = 1024, rows: int = 2048, repeats: int = 8) -> float:
+    """ONNX Runtime MatMul ``[rows, n] x [n, n]`` GFLOP/s, fp32, best of ``repeats`` (the
+    machine's attainable dense-matmul rate with the sessions' thread count)."""
+    from onnx import TensorProto, helper
+
+    from onetrans_trt.runtime.ort_backend import ort_session
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, n]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [rows, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort_session(model, threads=threads)
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.random((rows, n), np.float32), "b": rng.random((n, n), np.float32)}
+    for _ in range(2):
+        sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * rows * n * n / best / 1e9
+
+
+def _request(schema, history: int, candidates: int, seed: int = 0, user_key: str = "bench-user"):
+    from onetrans_trt.data.synthetic import synthetic_request
+
+    return synthetic_request(schema, np.random.default_rng(seed), n_history=history, n_candidates=candidates,
+                             user_key=user_key)
+
+
+def pyramid_off_twin(build: Path, out: Path, *, say: Callable[[str], None] = lambda s: None) -> Path:
+    """Export the build's checkpoint again with the pyramid off (same weights)."""
+    from onetrans_trt.export.api import export_build, read_manifest
+
+    m = read_manifest(build)
+    ck = Path(m["checkpoint"]["path"])
+    if not (ck / "model.safetensors").is_file():
+        raise InputError(f"{build}: its checkpoint {ck} is gone; the pyramid comparison re-exports it")
+    twin_ck = out.parent / f"{out.name}-ckpt"
+    shutil.rmtree(twin_ck, ignore_errors=True)
+    twin_ck.mkdir(parents=True)
+    shutil.copy2(ck / "model.safetensors", twin_ck / "model.safetensors")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["pyramid"] = "off"
+    (twin_ck / "config.json").write_text(json.dumps(cfg))
+    say("export the pyramid-off twin")
+    export_build(twin_ck, out, n_samples=1, force=True)
+    return out
+
+
+def _stats(lat: dict[str, float], candidates: int, flops: float | None) -> dict[str, Any]:
+    out = dict(lat)
+    out["candidates_per_s"] = candidates / (lat["p50_ms"] / 1e3)
+    if flops is not None:
+        out["flops"] = flops
+        out["gflops_per_s"] = flops / (lat["p50_ms"] / 1e3) / 1e9
+    return out
+
+
+def bench_peers(build: str | Path | None = None, *, preset: str | None = None, quick: bool = False,
+                history: int | None = None, candidates: int | None = None, scorer_candidates: int | None = None,
+                cache_history: int | None = None, cache_candidates: int | None = None, rounds: int | None = None,
+                threads: int | None = None, backends: list[str] | None = None, pyramid: bool = True,
+                work: Path | None = None, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every section of the module docstring; returns a JSON-able dict."""
+    import torch
+
+    from onetrans_trt.bench.fused import random_build
+    from onetrans_trt.bench.timing import interleaved
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.export.inspect import inspect_build
+    from onetrans_trt.models.config import read_config
+    from onetrans_trt.runtime.cache import UserKVCache
+    from onetrans_trt.runtime.ranker import Ranker
+
+    p = dict(QUICK if quick else FULL)
+    for k, v in dict(history=history, candidates=candidates, scorer_candidates=scorer_candidates,
+                     cache_history=cache_history, cache_candidates=cache_candidates, rounds=rounds).items():
+        if v is not None:
+            p[k] = v
+    tmp = Path(work or tempfile.mkdtemp(prefix="onetrans-bench-"))
+    if build is None:
+        preset = preset or ("small" if quick else "onetrans-s")
+        say(f"export a random {preset} model (synthetic schema, history up to {max(p['history'], p['cache_history'])})")
+        build = random_build(tmp / "build", preset=preset, history=max(p["history"], p["cache_history"]),
+                             unified=True)
+        source = f"random {preset} weights, synthetic requests"
+    else:
+        build = Path(build)
+        source = f"build {build}"
+    m = read_manifest(build)
+    cfg = read_config(build)
+    s_max = m["model"]["s_max_len"]
+    for key in ("history", "cache_history"):
+        if p[key] > s_max:
+            say(f"{key} {p[key]} > the model's {s_max} S-tokens: using {s_max}")
+            p[key] = s_max
+    if threads:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"source": source, "build": str(build), "preset": m["model"].get("preset"),
+                              "settings": {**p, "threads": threads or torch.get_num_threads()}}
+
+    say("measure this machine's MatMul GFLOP/s")
+    machine = matmul_gflops(threads)
+    result["machine"] = {"matmul_gflops_per_s": machine, "threads": threads or torch.get_num_threads()}
+
+    # -- peers -------------------------------------------------------------------------
+    L, C = p["history"], p["candidates"]
+    info = inspect_build(build, candidates=C, history=L)
+    f = info["flops"]
+    ck = Path(m["checkpoint"]["path"])
+    wanted = backends or ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]
+    rankers: dict[str, Ranker] = {}
+    skipped: dict[str, str] = {}
+    for name in wanted:
+        try:
+            if name.startswith("torch"):
+                if not (ck / "model.safetensors").is_file():
+                    raise InputError(f"checkpoint {ck} not found")
+                rankers[name] = Ranker.load(ck, backend=name, chunk_size=1 << 30)
+            else:
+                rankers[name] = Ranker.load(build, backend=name, threads=threads, chunk_size=1 << 30)
+        except InputError as e:
+            skipped[name] = str(e)
+    req = _request(cfg.schema, L, C)
+    say(f"peers at L={L}, C={C}: {', '.join(rankers)}")
+    lat = interleaved({k: (lambda r=r: r.rank(req)) for k, r in rankers.items()}, rounds=p["rounds"],
+                      warmup=1, budget_s=p["budget_s"])
+    peers = {}
+    for name, st in lat.items():
+        split = rankers[name].backend.split
+        peers[name] = _stats(st, C, f["split_total"] if split else f["unified"])
+        peers[name]["path"] = "split" if split else "unified"
+    base = "ort-unified" if "ort-unified" in peers else None
+    if base:
+        for st in peers.values():
+            st["speedup_vs_ort_unified"] = peers[base]["p50_ms"] / st["p50_ms"]
+    theory = f["ratio"]
+    result["peers"] = {"history": L, "candidates": C, "backends": peers, "skipped": skipped,
+                       "flops": {k: f[k] for k in ("user_encoder_once", "candidate_scorer", "split_total",
+                                                   "unified")},
+                       "theoretical_flop_ratio": theory}
+    if base and "ort" in peers:
+        sp = peers["ort"]["speedup_vs_ort_unified"]
+        result["peers"]["ort_split_speedup"] = sp
+        result["peers"]["fraction_of_theoretical"] = sp / theory if theory else None
+    if "ort" in peers and "torch-split" in peers:
+        result["peers"]["ort_over_torch_split"] = peers["torch-split"]["p50_ms"] / peers["ort"]["p50_ms"]
+    rankers.clear()
+
+    # -- scorer alone at a large C --------------------------------------------------------
+    import onnx
+
+    from onetrans_trt.export.inspect import request_dims
+    from onetrans_trt.graphs.flops import graph_flops, placeholder_feeds
+    from onetrans_trt.runtime.ort_backend import OrtSplitBackend
+
+    SC = p["scorer_candidates"]
+    say(f"candidate scorer alone at C={SC}")
+    ort_split = OrtSplitBackend(build, threads=threads)
+    dims = request_dims(m, SC, L)
+    scorer_model = onnx.load(str(build / "candidate_scorer.onnx"))
+    sflops = graph_flops(scorer_model, dims)["flops"]
+    feeds = placeholder_feeds(scorer_model, dims)
+    del scorer_model
+    slat = interleaved({"scorer": lambda: ort_split.scorer.run(["logits"], feeds)}, rounds=p["rounds"],
+                       warmup=1, budget_s=p["budget_s"])["scorer"]
+    sres = _stats(slat, SC, sflops)
+    sres["fraction_of_machine_matmul"] = sres["gflops_per_s"] / machine
+    result["scorer"] = {"candidates": SC, "history": L, **sres}
+
+    # -- cache hit vs miss ------------------------------------------------------------------
+    CL, CC = p["cache_history"], p["cache_candidates"]
+    say(f"K/V cache hit vs miss at L={CL}, C={CC}")
+    calls = {"encoder": 0}
+    encode = ort_split.encode_user
+
+    def counted(hist):
+        calls["encoder"] += 1
+        return encode(hist)
+
+    ort_split.encode_user = counted  # type: ignore[method-assign]
+    hit_cache, miss_cache = UserKVCache(), UserKVCache(max_bytes=0)  # 0 bytes: nothing is kept
+    hit = Ranker(cfg.schema, list(cfg.tasks), ort_split, cache=hit_cache, chunk_size=1 << 30)
+    miss = Ranker(cfg.schema, list(cfg.tasks), ort_split, cache=miss_cache, chunk_size=1 << 30)
+    creq = _request(cfg.schema, CL, CC, seed=1)
+    same = np.array_equal(hit.rank(creq).logits, miss.rank(creq).logits)
+    before = calls["encoder"]
+    clat = interleaved({"hit": lambda: hit.rank(creq), "miss": lambda: miss.rank(creq)}, rounds=p["rounds"] * 2,
+                       warmup=1, budget_s=p["budget_s"])
+    runs = clat["hit"]["runs"] + clat["miss"]["runs"] + 2  # + the warm-up round
+    cdims = request_dims(m, CC, CL)
+    f_user = graph_flops(build / "user_encoder.onnx", cdims)["flops"]
+    f_scorer = graph_flops(build / "candidate_scorer.onnx", cdims)["flops"]
+    result["cache"] = {"history": CL, "candidates": CC, "hit": clat["hit"], "miss": clat["miss"],
+                       "hit_speedup": clat["miss"]["p50_ms"] / clat["hit"]["p50_ms"],
+                       # a hit still scores every candidate: the speed-up is bounded by this ratio
+                       "flops": {"user_encoder": f_user, "candidate_scorer": f_scorer},
+                       "theoretical_hit_speedup": (f_user + f_scorer) / f_scorer,
+                       "encoder_calls": calls["encoder"] - before, "requests": runs,
+                       "hit_counters": hit_cache.stats(), "identical_scores": bool(same)}
+
+    # -- pyramid on vs off ------------------------------------------------------------------
+    if pyramid and m["pyramid"]["mode"] != "off":
+        twin = pyramid_off_twin(build, tmp / "pyramid-off", say=say)
+        on = OrtSplitBackend(build, threads=threads)
+        off = OrtSplitBackend(twin, threads=threads)
+        r_on = Ranker(cfg.schema, list(cfg.tasks), on, chunk_size=1 << 30)
+        r_off = Ranker(cfg.schema, list(cfg.tasks), off, chunk_size=1 << 30)
+        say(f"pyramid on vs off at L={L}, C={C}")
+        plat = interleaved({"on": lambda: r_on.rank(req), "off": lambda: r_off.rank(req)}, rounds=p["rounds"],
+                           warmup=1, budget_s=p["budget_s"])
+        f_off = inspect_build(twin, candidates=C, history=L)["flops"]["split_total"]
+        result["pyramid"] = {"history": L, "candidates": C, "schedule": m["pyramid"]["schedule"],
+                             "on": _stats(plat["on"], C, f["split_total"]), "off": _stats(plat["off"], C, f_off),
+                             "speedup": plat["off"]["p50_ms"] / plat["on"]["p50_ms"],
+                             "flop_ratio": f_off / f["split_total"]}
+    else:
+        result["pyramid"] = None
+    return result
+
+
+def table(res: dict[str, Any]) -> str:
+    """The result as plain-text tables (what `bench` prints without --json)."""
+    out = [f"onetrans-trt bench: {res['source']}; {res['settings']['threads']} threads; "
+           f"machine MatMul {res['machine']['matmul_gflops_per_s']:.0f} GFLOP/s (ORT, fp32, this run)"]
+    pe = res["peers"]
+    out.append(f"\nper request, L={pe['history']} history events, C={pe['candidates']} candidates "
+               f"(theoretical unified/split FLOPs {pe['theoretical_flop_ratio']:.1f}x)")
+    out.append(f"  {'backend':<14}{'p50 ms':>10}{'p99 ms':>10}{'cand/s':>11}{'GFLOP/s':>9}{'vs ort-unified':>16}")
+    for name, st in pe["backends"].items():
+        sp = st.get("speedup_vs_ort_unified")
+        out.append(f"  {name:<14}{st['p50_ms']:>10.1f}{st['p99_ms']:>10.1f}{st['candidates_per_s']:>11.0f}"
+                   f"{st.get('gflops_per_s', float('nan')):>9.1f}{(f'{sp:.2f}x' if sp else '-'):>16}")
+    for name, why in pe["skipped"].items():
+        out.append(f"  {name:<14}skipped: {why}")
+    if pe.get("fraction_of_theoretical") is not None:
+        out.append(f"  ort split {pe['ort_split_speedup']:.1f}x faster than ort-unified = "
+                   f"{100 * pe['fraction_of_theoretical']:.0f}% of the FLOP ratio")
+    if pe.get("ort_over_torch_split") is not None:
+        out.append(f"  ort split {pe['ort_over_torch_split']:.2f}x faster than torch-split")
+    sc = res["scorer"]
+    out.append(f"\ncandidate scorer alone, C={sc['candidates']}: {sc['p50_ms']:.1f} ms p50, "
+               f"{sc['gflops_per_s']:.1f} GFLOP/s = {100 * sc['fraction_of_machine_matmul']:.0f}% of machine MatMul")
+    ca = res["cache"]
+    out.append(f"\nuser K/V cache, L={ca['history']}, C={ca['candidates']}: hit {ca['hit']['p50_ms']:.1f} ms, "
+               f"miss {ca['miss']['p50_ms']:.1f} ms p50 -> hits {ca['hit_speedup']:.1f}x faster "
+               f"(FLOP bound {ca['theoretical_hit_speedup']:.1f}x: a hit still scores every candidate); "
+               f"encoder ran {ca['encoder_calls']} times for {ca['requests']} requests "
+               f"({ca['hit_counters']['hits']} hits); scores identical: {ca['identical_scores']}")
+    py = res.get("pyramid")
+    if py:
+        out.append(f"\npyramid on vs off, L={py['history']}, C={py['candidates']}: on {py['on']['p50_ms']:.1f} ms, "
+                   f"off {py['off']['p50_ms']:.1f} ms -> {py['speedup']:.2f}x (FLOP ratio {py['flop_ratio']:.2f}x)")
+    return "\n".join(out)

@@ -1,0 +1,242 @@
+"""HyFormer (arXiv 2601.12681): global queries decode per-layer sequence K/V, then boost.
+
+Per behaviour sequence ``j`` (kept apart, never merged: HyFormer's multi-sequence
+setting), ``N`` global query tokens come from FFNs over ``concat(NS tokens,
+mean-pool(sequence j))``. Each layer ``l``:
+
+1. **sequence encoding**: sequence j's tokens pass one encoder layer (``transformer``:
+   causal self-attention + FFN; ``longer``: the newest ``longer_window`` tokens attend the
+   whole sequence, LONGER-style, and only they go on; ``swiglu``: a SwiGLU FFN, no
+   attention), then are projected to that layer's K/V;
+2. **query decoding**: sequence j's queries cross-attend its K/V (multi-head, with one
+   learned sink key/value per head so an empty sequence is well defined);
+3. **query boosting**: ``[queries of every sequence ; NS tokens]`` (T tokens) are mixed
+   RankMixer-style (each token cut into T chunks, chunk h of every token regrouped into
+   token h), a per-token FFN refines them, and a residual adds the input back.
+
+Task heads read the final queries. The sequence side never sees a candidate, so the split
+is exact: ``encode_user`` returns each (layer, sequence) K/V plus each sequence's real
+length and mean-pooled tokens (:class:`~onetrans_trt.kv.UserKV` ``extras``), and
+``score_candidates`` runs query generation, decoding and boosting for C candidates
+against that one cached state.
+
+Inputs are the same merged S-token stream as OneTrans (``s_type`` says which sequence
+each event belongs to); the model lays each sequence out on its own, left-padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from onetrans_trt.kv import UserKV
+from onetrans_trt.models.attention import (
+    _real_prefix_keys,
+    merge_heads,
+    prefix_key_mask,
+    split_heads,
+    tail_causal_attention,
+)
+from onetrans_trt.models.blocks import FFN, MLP, RMSNorm
+from onetrans_trt.models.config import ModelConfig
+from onetrans_trt.models.tokenizers import AutoSplitNSTokenizer, Embeddings, GroupNSTokenizer, STokenizer, newest_tokens
+
+SEQ_LENGTH = "seq_length"  # extras: [U, J] real tokens per sequence
+SEQ_POOL = "seq_pool"  # extras: [U, J, d] mean of each sequence's real tokens
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class SequenceEncoderLayer(nn.Module):
+    """One layer of one sequence's encoder, and its projection to that layer's K/V."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.d_model * cfg.ffn_mult
+        self.kind, self.window, self.n_heads = cfg.seq_encoder, cfg.longer_window, cfg.n_heads
+        self.norm1 = RMSNorm(d)
+        if self.kind == "swiglu":
+            self.ffn: nn.Module = SwiGLU(d, f)
+        else:
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+            self.norm2 = RMSNorm(d)
+            self.ffn = FFN(d, f)
+        self.kv_norm = RMSNorm(d)
+        self.to_k = nn.Linear(d, d, bias=False)
+        self.to_v = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` ``[U, n, d]`` left-padded with ``valid`` real tokens; returns the layer's
+        output tokens (the newest ``window`` for LONGER) and their K/V ``[U, H, n', dh]``."""
+        h = self.n_heads
+        if self.kind == "swiglu":
+            out = x + self.ffn(self.norm1(x))
+        else:
+            hx = self.norm1(x)
+            tail = x if self.kind == "transformer" else x[:, -self.window:]
+            q = split_heads(self.q(hx if self.kind == "transformer" else hx[:, -self.window:]), h)
+            k, v = split_heads(self.k(hx), h), split_heads(self.v(hx), h)
+            z = tail + self.o(merge_heads(tail_causal_attention(q, k, v, valid.clamp(max=x.shape[1]))))
+            out = z + self.ffn(self.norm2(z))
+        hk = self.kv_norm(out)
+        return out, split_heads(self.to_k(hk), h), split_heads(self.to_v(hk), h)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Tensor, sink_v: Tensor,
+                     shared: bool) -> Tensor:
+    """Cross-attention of queries over one sequence's K/V plus a learned sink.
+
+    q ``[B, H, N, dh]``; k/v ``[B, H, n, dh]`` left-padded with ``valid`` ``[B]`` (a count
+    >= n means all real); sink_k/sink_v ``[H, dh]``. ``shared``: one K/V ``[1, ...]`` for all
+    B rows (the candidate scorer): the queries of every row are folded into one batch, so
+    the K/V are read once and never copied per candidate.
+    """
+    b, h, nq, dh = q.shape
+    scale = 1.0 / math.sqrt(dh)
+    qq = q.transpose(0, 1).reshape(1, h, b * nq, dh) if shared else q
+    s = torch.matmul(qq, k.transpose(-1, -2)) * scale  # [1|B, H, rows, n]
+    if shared:
+        real = _real_prefix_keys(k, valid)  # [1, 1, 1, n]
+    else:
+        real = prefix_key_mask(k.shape[2], valid.clamp(max=k.shape[2])).reshape(k.shape[0], 1, 1, -1)
+    s = s.masked_fill(~real, float("-inf"))
+    s0 = (qq * sink_k.reshape(1, h, 1, dh)).sum(-1, keepdim=True) * scale  # the sink's score
+    p = torch.softmax(torch.cat([s, s0], dim=-1), dim=-1)
+    o = torch.matmul(p[..., :-1], v) + p[..., -1:] * sink_v.reshape(1, h, 1, dh)
+    return o.reshape(h, b, nq, dh).transpose(0, 1) if shared else o
+
+
+class QueryDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_heads
+        self.n_heads = h
+        self.norm = RMSNorm(d)
+        self.q, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.sink_k = nn.Parameter(torch.randn(h, d // h) * 0.02)
+        self.sink_v = nn.Parameter(torch.zeros(h, d // h))
+
+    def forward(self, queries: Tensor, k: Tensor, v: Tensor, valid: Tensor, shared: bool) -> Tensor:
+        q = split_heads(self.q(self.norm(queries)), self.n_heads)
+        return queries + self.o(merge_heads(decode_attention(q, k, v, valid, self.sink_k, self.sink_v, shared)))
+
+
+class QueryBoost(nn.Module):
+    """RankMixer-style token mixing of T tokens, per-token FFN, residual."""
+
+    def __init__(self, cfg: ModelConfig, tokens: int):
+        super().__init__()
+        self.t = tokens
+        self.norm = RMSNorm(cfg.d_model, tokens=tokens)
+        self.ffn = FFN(cfg.d_model, cfg.d_model * cfg.ffn_mult, tokens=tokens)
+
+    def forward(self, z: Tensor) -> Tensor:
+        b, t, d = z.shape
+        mixed = self.norm(z).reshape(b, t, t, d // t).transpose(1, 2).reshape(b, t, d)
+        return z + self.ffn(mixed)
+
+
+class HyFormer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.family != "hyformer":
+            raise ValueError(f"HyFormer needs family 'hyformer', got {cfg.family!r}")
+        self.cfg = cfg
+        d = cfg.d_model
+        hidden = cfg.tokenizer_hidden or 2 * d
+        self.n_seq, self.n_q = cfg.schema.num_sequences, cfg.hy_queries
+        self.embeddings = Embeddings(cfg.schema)
+        if cfg.ns_tokenizer == "auto_split":
+            self.ns_tokenizer: nn.Module = AutoSplitNSTokenizer(self.embeddings, d, cfg.ns_tokens, hidden)
+        else:
+            self.ns_tokenizer = GroupNSTokenizer(self.embeddings, d, cfg.resolved_ns_groups(), hidden)
+        self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
+        m = cfg.num_ns_tokens
+        self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, self.n_q * d) for _ in range(self.n_seq)])
+        self.encoders = nn.ModuleList([
+            nn.ModuleList([SequenceEncoderLayer(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
+        self.decoders = nn.ModuleList([
+            nn.ModuleList([QueryDecoder(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
+        self.boosts = nn.ModuleList([QueryBoost(cfg, self.n_seq * self.n_q + m) for _ in range(cfg.n_layers)])
+        nq = self.n_seq * self.n_q
+        self.final_norm = RMSNorm(d, tokens=nq)
+        self.heads = nn.ModuleList([MLP(nq * d, cfg.head_hidden or d, 1) for _ in cfg.tasks])
+
+    # -- user side -----------------------------------------------------------------------
+    def sequences(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Each sequence on its own: ``([U, L, d]`` tokens left-padded, ``[U]`` real count)."""
+        b = newest_tokens(batch, self.cfg.schema.s_max_len)
+        x = self.s_tokenizer(b)
+        types = b["s_type"]
+        n = x.shape[1]
+        real = prefix_key_mask(n, batch["s_length"].clamp(min=0, max=n))
+        pos = torch.arange(n, device=x.device)
+        out = []
+        for j in range(self.n_seq):
+            mine = (types == j + 1) & real
+            count = mine.sum(dim=1)
+            # sequence j's events go, in order, to the last `count` slots; every other event to
+            # a discard slot past the end (all targets distinct, so the scatter is exact)
+            rank = torch.cumsum(mine.to(torch.int64), dim=1) - 1
+            dest = torch.where(mine, (n - count).unsqueeze(1) + rank, pos + n)
+            buf = x.new_zeros(x.shape[0], 2 * n, x.shape[2])
+            xj = buf.scatter(1, dest.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)[:, :n]
+            out.append((xj, count))  # padding slots hold zeros, not the other sequences' events
+        return out
+
+    def encode_user(self, batch: dict[str, Tensor]) -> UserKV:
+        """Every (layer, sequence) K/V, flattened as ``keys[l * J + j]``; extras: each
+        sequence's real length and mean-pooled tokens (the query generator's summary)."""
+        seqs = self.sequences(batch)
+        pools, lengths = [], []
+        for x, n_real in seqs:
+            w = prefix_key_mask(x.shape[1], n_real).to(x.dtype).unsqueeze(-1)
+            pools.append((x * w).sum(dim=1) / n_real.clamp(min=1).to(x.dtype).unsqueeze(-1))
+            lengths.append(n_real)
+        keys, values = [], []
+        xs = [x for x, _ in seqs]
+        for layer in self.encoders:
+            for j, enc in enumerate(layer):
+                xs[j], k, v = enc(xs[j], lengths[j])
+                keys.append(k)
+                values.append(v)
+        return UserKV(keys, values, batch["s_length"],
+                      {SEQ_LENGTH: torch.stack(lengths, dim=1), SEQ_POOL: torch.stack(pools, dim=1)})
+
+    # -- candidate side -------------------------------------------------------------------
+    def score_candidates(self, user_kv: UserKV, batch: dict[str, Tensor]) -> Tensor:
+        """Logits ``[C, tasks]`` for C candidates of one user (``user_kv`` with U=1)."""
+        if user_kv.keys[0].shape[0] != 1:
+            raise ValueError("score_candidates takes the state of exactly one user (U=1)")
+        return self._candidates(user_kv, batch, shared=True)
+
+    def _candidates(self, kv: UserKV, batch: dict[str, Tensor], shared: bool) -> Tensor:
+        x_ns = self.ns_tokenizer(batch)  # [C, M, d]
+        c, d = x_ns.shape[0], self.cfg.d_model
+        flat = x_ns.flatten(1)
+        pool, lengths = kv.extras[SEQ_POOL], kv.extras[SEQ_LENGTH]  # [1|C, J, d], [1|C, J]
+        queries = [gen(torch.cat([flat, pool[:, j].expand(c, d)], dim=-1)).reshape(c, self.n_q, d)
+                   for j, gen in enumerate(self.query_gen)]
+        for l, (decs, boost) in enumerate(zip(self.decoders, self.boosts)):
+            for j, dec in enumerate(decs):
+                queries[j] = dec(queries[j], kv.keys[l * self.n_seq + j], kv.values[l * self.n_seq + j],
+                                 lengths[:, j], shared)
+            z = boost(torch.cat([*queries, x_ns], dim=1))
+            queries = list(z[:, : self.n_seq * self.n_q].split(self.n_q, dim=1))
+            x_ns = z[:, self.n_seq * self.n_q:]
+        zq = self.final_norm(torch.cat(queries, dim=1)).flatten(1)
+        return torch.cat([h(zq) for h in self.heads], dim=-1)
+
+    # -- unified ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits ``[B, tasks]`` for B (history, candidate) pairs, each with its own state."""
+        return self._candidates(self.encode_user(batch), batch, shared=False)

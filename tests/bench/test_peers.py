@@ -1,0 +1,58 @@
+"""`bench` (peers suite) on the trained tiny build: every section measured and consistent.
+
+Speed is never asserted here (machines are noisy; figures live in README from `bench`);
+what is asserted is what could be wrong in the harness: which peers ran, the FLOP
+bookkeeping, the cache counters and that cached scores equal recomputed ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from onetrans_trt.cli import cli
+
+
+def test_bench_peers_on_a_build(tiny_build, tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench", str(tiny_build), "--quick", "--history", "30", "--candidates", "8",
+                                 "--scorer-candidates", "32", "--cache-history", "30", "--rounds", "2",
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert json.loads(r.stdout[r.stdout.index("{"):]) == res
+    peers = res["peers"]["backends"]
+    assert set(peers) == {"torch-unified", "torch-split", "ort-unified", "ort"}
+    assert set(res["peers"]["skipped"]) == {"ort-fp16", "ort-int8"}  # not converted/calibrated
+    assert peers["ort-unified"]["speedup_vs_ort_unified"] == 1.0
+    f = res["peers"]["flops"]
+    assert f["split_total"] == f["user_encoder_once"] + f["candidate_scorer"]
+    assert res["peers"]["theoretical_flop_ratio"] == f["unified"] / f["split_total"] > 1
+    for name, st in peers.items():
+        assert st["runs"] >= 2 and 0 < st["p50_ms"] <= st["p99_ms"]
+        want = f["unified"] if name.endswith("unified") else f["split_total"]
+        assert st["flops"] == want and st["gflops_per_s"] > 0
+    assert res["machine"]["matmul_gflops_per_s"] > 0
+    assert 0 < res["scorer"]["fraction_of_machine_matmul"] < 1.5
+    cache = res["cache"]
+    assert cache["identical_scores"]
+    assert cache["theoretical_hit_speedup"] == pytest.approx(
+        (cache["flops"]["user_encoder"] + cache["flops"]["candidate_scorer"]) / cache["flops"]["candidate_scorer"])
+    misses = cache["miss"]["runs"] + 1  # + the warm-up round
+    assert cache["encoder_calls"] == misses  # hits never ran the encoder
+    assert cache["hit_counters"]["hits"] == cache["hit"]["runs"] + 1  # + the warm-up round
+    py = res["pyramid"]
+    assert py["flop_ratio"] > 1 and py["on"]["flops"] < py["off"]["flops"]
+    human = CliRunner().invoke(cli, ["bench", str(tiny_build), "--quick", "--history", "10", "--candidates", "4",
+                                     "--scorer-candidates", "8", "--cache-history", "10", "--rounds", "1",
+                                     "--no-pyramid", "--backends", "ort,ort-unified"])
+    assert human.exit_code == 0, human.output
+    assert "vs ort-unified" in human.output and "% of machine MatMul" in human.output
+    assert "pyramid on vs off" not in human.output
+
+
+def test_bench_rejects_a_build_for_the_random_suites(tiny_build):
+    r = CliRunner().invoke(cli, ["bench", str(tiny_build), "--suite", "fused"])
+    assert r.exit_code == 2 and "takes no BUILD" in r.output
