@@ -34,6 +34,7 @@ def build_calibration_set(build: str | Path, n: int, *, data_dir=None, progress=
     schema = cfg.schema
     user = ort_session(build / "user_encoder.onnx")
     kv_names = [o.name for o in user.get_outputs()]
+    scorer_inputs = {i.name for i in ort_session(build / "candidate_scorer.onnx").get_inputs()}
     arrays: dict[str, np.ndarray] = {"source": np.array(source)}
     for i, req in enumerate(reqs):
         stream = merge_stream(schema, encode_events(schema, req.history))
@@ -43,7 +44,8 @@ def build_calibration_set(build: str | Path, n: int, *, data_dir=None, progress=
         for k, v in hist.items():
             arrays[f"user/{i}/{k}"] = v
         for k, v in {**ns, "s_length": hist["s_length"], **dict(zip(kv_names, kv))}.items():
-            arrays[f"scorer/{i}/{k}"] = v
+            if k in scorer_inputs:
+                arrays[f"scorer/{i}/{k}"] = v
         if progress:
             progress(i + 1, len(reqs))
     arrays["count"] = np.array(len(reqs))

@@ -30,6 +30,8 @@ DEFAULT_FP32_OPS = [
     "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Exp", "Log",
     "ReduceMax", "ReduceSum", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Sigmoid",
     "SharedPrefixAttention", "TailCausalAttention", "Range", "CumSum",
+    # onnxconverter-common retypes its value attribute but not its output: keep it FP32 (cast after)
+    "ConstantOfShape",
 ]
 
 

@@ -22,7 +22,7 @@ def test_bench_peers_on_a_build(tiny_build, tmp_path):
                                  "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert json.loads(r.stdout[r.stdout.index("{"):]) == res
+    assert json.loads(r.stdout) == res
     peers = res["peers"]["backends"]
     assert set(peers) == {"torch-unified", "torch-split", "ort-unified", "ort"}
     assert set(res["peers"]["skipped"]) == {"ort-fp16", "ort-int8"}  # not converted/calibrated
