@@ -34,10 +34,11 @@ test: venv data browser
 
 demo: venv data
 	$(BIN)/onetrans-trt train --model onetrans --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/onetrans-small --force
+	$(BIN)/onetrans-trt train --model hyformer --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/hyformer-small --force
 	$(BIN)/onetrans-trt train --model baseline --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/baseline-small --force
 	@echo
 	@echo "== test AUC on MovieLens-100K (mean of $(SEEDS) seeds) =="
-	@$(BIN)/python -c "import json,sys; [print(f\"{n:10s} \" + '  '.join(f\"{t} AUC {v['auc']:.4f}\" for t,v in json.load(open(f'$(RUNS)/{n}-small/metrics.json'))['test_mean'].items())) for n in ('onetrans','baseline')]"
+	@$(BIN)/python -c "import json,sys; [print(f\"{n:10s} \" + '  '.join(f\"{t} AUC {v['auc']:.4f}\" for t,v in json.load(open(f'$(RUNS)/{n}-small/metrics.json'))['test_mean'].items())) for n in ('onetrans','hyformer','baseline')]"
 	@echo
 	$(BIN)/onetrans-trt export $(RUNS)/onetrans-small --out $(RUNS)/build-small --unified --force
 	$(BIN)/onetrans-trt inspect $(RUNS)/build-small --candidates 128
@@ -47,6 +48,12 @@ demo: venv data
 	$(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
 	  --json $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
 	@echo "validation report: $(RUNS)/build-small/reports/validate.html"
+	$(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --unified --force
+	$(BIN)/onetrans-trt validate $(RUNS)/build-hyformer-small --data ml-100k --count 100 --backends torch-split,ort \
+	  --json $(RUNS)/build-hyformer-small/reports/validate.json
+	@echo
+	@echo "== bench --quick: the serving path against the naive peers, on the demo build =="
+	$(BIN)/onetrans-trt bench $(RUNS)/build-small --quick --out $(RUNS)/build-small/reports/bench.json
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -227,7 +227,10 @@ def info(ckpt: Path, as_json: bool) -> None:
               default=None, help="For a checkpoint: torch-split (default; encodes the user once) or "
                                  "torch-unified (the full model per candidate, the naive path). For a "
                                  "build: ort (default) or ort-unified (needs export --unified).")
-def rank(ckpt: Path, request_path: Path, backend: str | None) -> None:
+@click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file of request limits (max_history, max_candidates, max_request_bytes, "
+                   "over_limit refuse|truncate); defaults apply without it.")
+def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path | None) -> None:
     """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
 
     CKPT is a checkpoint directory or a build directory (from `export`).
@@ -236,12 +239,15 @@ def rank(ckpt: Path, request_path: Path, backend: str | None) -> None:
     Request format (see README):
       {"user": {...}, "context": {...}, "history": [{"sequence": ..., "timestamp": ...,
        <fields>}], "candidates": [{<item features>}]}
+    Limits (--limits FILE, defaults shown): {"max_history": 10000, "max_candidates": 10000,
+      "max_request_bytes": 16777216, "over_limit": "refuse" | "truncate"}
     """
-    from onetrans_trt.data.requests import load_requests
+    from onetrans_trt.data.requests import RequestLimits, load_requests
     from onetrans_trt.runtime.ranker import Ranker
 
-    ranker = Ranker.load(ckpt, backend=backend)
-    reqs = load_requests(request_path)
+    limits = RequestLimits.load(limits_path) if limits_path else RequestLimits()
+    ranker = Ranker.load(ckpt, backend=backend, limits=limits)
+    reqs = load_requests(request_path, limits)
     results = [ranker.rank(r).to_json() for r in reqs]
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
 

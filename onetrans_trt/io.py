@@ -91,3 +91,56 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(build: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """An exclusive lock on a build directory (``.<name>.lock`` beside it), held while a
+    command writes into it: two ``export``/``convert``/``calibrate``/``build`` runs on one
+    build never interleave. The OS drops the lock when its process dies (even SIGKILL), so
+    no stale lock survives a crash; a second writer is refused at once, naming the holder.
+    """
+    import fcntl
+
+    from onetrans_trt.errors import BuildError
+
+    build = Path(build)
+    build.parent.mkdir(parents=True, exist_ok=True)
+    lock = build.parent / f".{build.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise BuildError(f"{build}: another onetrans-trt command is writing it ({holder}); "
+                             f"wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}{': ' + what if what else ''}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def locks_build(what: str, arg: str = "build"):
+    """Decorator: hold :func:`build_lock` on the function's ``arg`` (first positional or
+    keyword) while it runs."""
+    import functools
+    import inspect
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            target = sig.bind(*args, **kwargs).arguments[arg]
+            with build_lock(target, what):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

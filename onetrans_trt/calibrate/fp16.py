@@ -24,7 +24,7 @@ from onetrans_trt.export.api import (
     read_manifest,
     sha256_file,
 )
-from onetrans_trt.io import atomic_path, atomic_write_json
+from onetrans_trt.io import atomic_path, atomic_write_json, locks_build
 
 DEFAULT_FP32_OPS = [
     "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Exp", "Log",
@@ -168,6 +168,7 @@ def _kv_to_fp16(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
     return gs.export_onnx(graph.cleanup().toposort())  # gs carries the local functions along
 
 
+@locks_build("convert")
 def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False) -> dict[str, Any]:
     """Write ``BUILD/fp16/`` (both graphs) and record it in the manifest."""
     build = Path(build)

@@ -23,6 +23,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onetrans_trt.errors import MissingCapabilityError
+from onetrans_trt.io import locks_build
 
 FLOAT_OPS = ["Softmax", "RMSNormalization", "LayerNormalization", "ReduceMax", "ReduceSum", "ReduceMean", "Exp",
              "Sigmoid", "Gelu", "Div", "Where", "Pow", "Sqrt"]
@@ -88,6 +89,7 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
             "DequantizeLinear": sum(1 for n in g.nodes if n.op == "DequantizeLinear"), "ops_fed_by_dq": fed}
 
 
+@locks_build("calibrate")
 def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, keep_float: list[str] | None = None,
                     fuse: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Write ``BUILD/int8/`` (both graphs + ``calibration.npz``) and record it in the manifest."""

@@ -38,6 +38,84 @@ import numpy as np
 from onetrans_trt.data.schema import PAD, FeatureSchema
 from onetrans_trt.errors import RequestError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class RequestLimits:
+    """What one request may hold. Over a limit the request is refused with the field named,
+    never silently cut; with ``over_limit="truncate"`` the newest ``max_history`` events and
+    the first ``max_candidates`` candidates are kept and the response records it."""
+
+    max_history: int = 10_000  # behaviour events per request
+    max_candidates: int = 10_000
+    max_request_bytes: int = 16 << 20  # of a request file / body
+    over_limit: str = "refuse"  # or "truncate"
+
+    def __post_init__(self) -> None:
+        for name in ("max_history", "max_candidates", "max_request_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RequestError(f"limits.{name}: expected a positive integer, got {v!r}")
+        if self.over_limit not in ("refuse", "truncate"):
+            raise RequestError(f"limits.over_limit: expected 'refuse' or 'truncate', got {self.over_limit!r}")
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "RequestLimits":
+        if not isinstance(obj, dict):
+            raise RequestError("limits: expected a JSON object")
+        unknown = sorted(set(obj) - {"max_history", "max_candidates", "max_request_bytes", "over_limit"})
+        if unknown:
+            raise RequestError(f"limits: unknown keys {unknown}")
+        return cls(**obj)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RequestLimits":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"{path}: not a readable limits JSON file ({str(e)[:120]})") from None
+
+    def apply(self, req: "Request") -> tuple["Request", dict[str, Any]]:
+        """The request within the limits (or an error), and what was cut (empty if nothing)."""
+        cut: dict[str, Any] = {}
+        over = [(k, n, m) for k, n, m in (("history", len(req.history), self.max_history),
+                                          ("candidates", len(req.candidates), self.max_candidates)) if n > m]
+        if not over:
+            return req, cut
+        if self.over_limit == "refuse":
+            k, n, m = over[0]
+            raise RequestError(f"request.{k}: {n} entries is over the limit of {m} (limits.max_{k}; "
+                               f"set limits.over_limit to 'truncate' to keep the newest/first ones)")
+        history, cands = req.history, req.candidates
+        if len(history) > self.max_history:
+            order = sorted(range(len(history)), key=lambda i: (_timestamp(history[i], i), i))
+            keep = sorted(order[-self.max_history:])
+            cut["history"] = {"given": len(history), "kept": len(keep)}
+            history = [history[i] for i in keep]
+        if len(cands) > self.max_candidates:
+            cut["candidates"] = {"given": len(cands), "kept": self.max_candidates}
+            cands = cands[: self.max_candidates]
+        return Request(req.user, req.context, history, cands, req.user_key, req.extra), cut
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None (not a number, NaN/Inf, or an int too big for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _timestamp(ev: Any, i: int) -> float:
+    t = _finite(ev.get("timestamp") if isinstance(ev, dict) else None)
+    if t is None:
+        raise RequestError(f"request.history[{i}].timestamp: expected a finite number")
+    return t
+
 
 @dataclass
 class Events:
@@ -97,10 +175,17 @@ class Request:
         return d
 
 
-def load_requests(path: str | Path) -> list[Request]:
-    """Read one request (a JSON object) or many (a JSON list, or JSON lines)."""
+def load_requests(path: str | Path, limits: RequestLimits | None = None) -> list[Request]:
+    """Read one request (a JSON object) or many (a JSON list, or JSON lines); a file over
+    ``limits.max_request_bytes`` times the number of requests it could hold is refused
+    before it is read."""
     path = Path(path)
+    limits = limits or RequestLimits()
     try:
+        size = path.stat().st_size
+        if size > limits.max_request_bytes * 1024:
+            raise RequestError(f"{path}: {size} bytes is over the limit of 1024 requests of "
+                               f"{limits.max_request_bytes} bytes (limits.max_request_bytes)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RequestError(f"{path}: no such request file") from None
@@ -108,12 +193,24 @@ def load_requests(path: str | Path) -> list[Request]:
         raise RequestError(f"{path}: cannot read ({e})") from None
     try:
         obj = json.loads(text)
+        lines = [text]
     except json.JSONDecodeError:
         try:
-            obj = [json.loads(line) for line in text.splitlines() if line.strip()]
+            lines = [line for line in text.splitlines() if line.strip()]
+            obj = [json.loads(line) for line in lines]
         except json.JSONDecodeError as e:
             raise RequestError(f"{path}: not JSON or JSON lines ({e})") from None
+        except RecursionError:
+            raise RequestError(f"{path}: JSON nested too deeply") from None
+    except RecursionError:
+        raise RequestError(f"{path}: JSON nested too deeply") from None
     items = obj if isinstance(obj, list) else [obj]
+    if len(lines) == 1 and len(text.encode("utf-8")) > limits.max_request_bytes * max(1, len(items)):
+        raise RequestError(f"{path}: over {limits.max_request_bytes} bytes per request (limits.max_request_bytes)")
+    for i, line in enumerate(lines if len(lines) > 1 else []):
+        if len(line.encode("utf-8")) > limits.max_request_bytes:
+            raise RequestError(f"{path}: line {i + 1} is over {limits.max_request_bytes} bytes "
+                               f"(limits.max_request_bytes)")
     return [Request.from_json(o) for o in items]
 
 
@@ -144,9 +241,11 @@ def _dense(value: Any, dim: int, where: str) -> np.ndarray:
     out = np.empty(dim, dtype=np.float32)
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RequestError(f"{where}: expected a number, got {v!r}")
-        if not math.isfinite(v):
-            raise RequestError(f"{where}: NaN/Inf is not allowed")
+            raise RequestError(f"{where}: expected a number, got {str(v)[:40]!r}")
+        if _finite(v) is None:
+            raise RequestError(f"{where}: NaN/Inf (or a number too big for a float) is not allowed")
+        if abs(v) > FLOAT32_MAX:
+            raise RequestError(f"{where}: {v!r} overflows float32")
         out[i] = v
     return out
 
@@ -212,9 +311,9 @@ def encode_events(schema: FeatureSchema, history: Sequence[Mapping[str, Any]], *
             raise RequestError(f"{loc}.sequence: {name!r} is not one of {known}") from None
         types[i] = k + 1
         t = ev.get("timestamp")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise RequestError(f"{loc}.timestamp: expected a finite number, got {t!r}")
-        ts[i] = t
+        if _finite(t) is None:
+            raise RequestError(f"{loc}.timestamp: expected a finite number, got {str(t)[:40]!r}")
+        ts[i] = float(t)
         for fname, table in schema.sequences[k].fields.items():
             if fname not in ev:
                 raise RequestError(f"{loc}.{fname}: missing")

@@ -30,6 +30,9 @@ KINDS = ("categorical", "multihot", "dense")
 MERGE_MODES = ("timestamp_aware", "timestamp_agnostic")
 
 
+MAX_SIZE = 1 << 30  # rows of one table; bigger would not fit a float32 checkpoint anyway
+
+
 @dataclass
 class Table:
     """An embedding vocabulary."""
@@ -150,8 +153,28 @@ class FeatureSchema:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"feature schema: {msg}")
 
-        if not isinstance(self.max_history, int) or self.max_history < 1:
-            raise bad(f"max_history must be a positive integer, got {self.max_history!r}")
+        def posint(v: Any, what: str, most: int = MAX_SIZE) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise bad(f"{what} must be an integer in 1..{most}, got {str(v)[:40]!r}")
+
+        posint(self.max_history, "max_history", 1 << 20)
+        if not isinstance(self.tables, dict) or not isinstance(self.features, list) or \
+                not isinstance(self.sequences, list):
+            raise bad("tables must be an object, features and sequences lists")
+        for name, t in self.tables.items():
+            posint(t.size, f"table {name!r} size")
+            posint(t.dim, f"table {name!r} dim", 1 << 16)
+            if t.tokens is not None and not (isinstance(t.tokens, list) and all(isinstance(x, str) for x in t.tokens)):
+                raise bad(f"table {name!r} tokens must be a list of strings")
+        for f in self.features:
+            if f.kind == "multihot":
+                posint(f.max_len, f"feature {f.name!r} max_len", 1 << 16)
+            if f.kind == "dense":
+                posint(f.dim, f"feature {f.name!r} dim", 1 << 16)
+        for q in self.sequences:
+            if not isinstance(q.fields, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in q.fields.items()):
+                raise bad(f"sequence {q.name!r} fields must map names to table names")
         if self.merge_mode not in MERGE_MODES:
             raise bad(f"merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
         for name, t in self.tables.items():

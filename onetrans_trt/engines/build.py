@@ -28,7 +28,7 @@ import onnx
 
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.export.api import CANDIDATE_SCORER, USER_ENCODER, read_manifest
-from onetrans_trt.io import atomic_path, atomic_write_json, atomic_write_text
+from onetrans_trt.io import atomic_path, atomic_write_json, atomic_write_text, locks_build
 
 GRAPHS = {"user_encoder": USER_ENCODER, "candidate_scorer": CANDIDATE_SCORER}
 SUBDIR = {"fp32": "", "fp16": "fp16", "int8": "int8"}
@@ -98,6 +98,7 @@ def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_
     return lines
 
 
+@locks_build("build")
 def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict | None = None,
                   workspace_mb: int = 2048, tf32: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -29,13 +29,14 @@ import numpy as np
 from onetrans_trt import __version__
 from onetrans_trt.data.requests import Request, encode_events, encode_request, merge_stream, pad_streams
 from onetrans_trt.errors import BuildError, CheckpointError, InputError
-from onetrans_trt.io import atomic_directory, atomic_write_json
+from onetrans_trt.io import atomic_directory, atomic_write_json, locks_build
 
 MANIFEST = "manifest.json"
 USER_ENCODER = "user_encoder.onnx"
 CANDIDATE_SCORER = "candidate_scorer.onnx"
 SERVING = "serving.onnx"
 UNIFIED = "unified.onnx"
+MAX_MANIFEST_BYTES = 16 << 20
 DEFAULT_OPSET = 23
 USER_PASSES = ["pyramid", "cleanup", "fuse-attention"]
 SCORER_PASSES = ["no-broadcast", "cleanup", "fuse-attention"]
@@ -225,6 +226,7 @@ def load_splittable(ckpt: str | Path):
     return model
 
 
+@locks_build("export", arg="out")
 def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET, passes: bool = True,
                  fuse_attention: bool = True, force: bool = False, unified: bool = False, n_samples: int = 4,
                  data_dir: str | Path | None = None,
@@ -319,15 +321,18 @@ def read_manifest(build: str | Path) -> dict[str, Any]:
         raise BuildError(f"{build}: not a build directory (it does not exist)")
     if not path.is_file():
         raise BuildError(f"{build}: missing {MANIFEST}; run `onetrans-trt export CKPT --out {build}`")
+    from onetrans_trt.trust import check_manifest
+
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BuildError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; not a manifest this toolkit wrote")
     try:
         m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BuildError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != "onetrans-trt/build/1":
-        raise BuildError(f"{path}: not an onetrans-trt build manifest")
-    return m
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BuildError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    return check_manifest(m, path)
 
 
+@locks_build("graphs")
 def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes: list[str] | None) -> dict:
     """Re-split ``serving.onnx`` and apply passes (``None``: the defaults; ``[]``: none).
 

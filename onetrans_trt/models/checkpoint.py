@@ -83,10 +83,15 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         try:
+            if not isinstance(info, dict) or not isinstance(info["dtype"], str) or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in [*info["data_offsets"], *info["shape"]]):
+                raise TypeError
             start, stop = (int(x) for x in info["data_offsets"])
             dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            if any(x < 0 for x in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}") from None
+            raise CheckpointError(f"{path}: corrupt entry for tensor {str(name)[:60]!r}") from None
         if dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only float32 is allowed")
         numel = 1
@@ -111,11 +116,17 @@ def load_checkpoint(ckpt_dir: str | Path) -> nn.Module:
     if not wpath.is_file():
         raise CheckpointError(f"{ckpt_dir}: missing {WEIGHTS}")
     header = read_safetensors_header(wpath)
+    # shapes first, on the meta device (no memory): a config implying more parameters than
+    # the weights file holds is refused before anything is allocated
     try:
-        model = build_model(cfg)
+        with torch.device("meta"):
+            shell = build_model(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{ckpt_dir}: config.json does not describe a buildable model "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+    expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
@@ -133,6 +144,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> nn.Module:
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{wpath}: tensor {bad[0]!r} has NaN/Inf values")
+    model = build_model(cfg)  # the shapes matched the weights above, so its size is bounded
     model.load_state_dict(state)
     return model.eval()
 

@@ -109,10 +109,20 @@ class ModelConfig:
 
         if self.family not in FAMILIES:
             raise bad(f"family must be one of {FAMILIES}, got {self.family!r}")
-        for name in ("d_model", "n_heads", "n_layers", "ffn_mult"):
+        for name, most in (("d_model", 1 << 16), ("n_heads", 1024), ("n_layers", 1024), ("ffn_mult", 64),
+                           ("final_queries", 1 << 20), ("hy_queries", 1024), ("longer_window", 1 << 20)):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise bad(f"{name} must be a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                raise bad(f"{name} must be an integer in 1..{most}, got {str(v)[:40]!r}")
+        for name in ("tokenizer_hidden", "head_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 20:
+                raise bad(f"{name} must be an integer in 0..{1 << 20} (0: default), got {str(v)[:40]!r}")
+        if self.ns_tokenizer == "auto_split" and (isinstance(self.ns_tokens, bool) or
+                                                  not isinstance(self.ns_tokens, int) or not 1 <= self.ns_tokens <= 4096):
+            raise bad(f"ns_tokens must be an integer in 1..4096, got {str(self.ns_tokens)[:40]!r}")
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
+            raise bad("tasks must be a list of names")
         if self.d_model % self.n_heads:
             raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.ns_tokenizer not in NS_TOKENIZERS:

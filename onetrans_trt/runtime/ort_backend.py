@@ -36,9 +36,10 @@ def ort_session(path: Any, providers: list[str] | None = None, threads: int | No
 
     if not isinstance(path, Path):
         path, source = Path("<in-memory model>"), path.SerializeToString()
-    elif not path.is_file():
-        raise BuildError(f"{path}: missing; re-run `onetrans-trt export`")
     else:
+        from onetrans_trt.trust import check_onnx
+
+        check_onnx(path)  # a regular file, external data confined to its directory, ops we know
         source = str(path)
     _quiet_ort()
     opts = ort.SessionOptions()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from onetrans_trt.data.requests import Request, encode_request
+from onetrans_trt.data.requests import Request, RequestLimits, encode_request
 from onetrans_trt.data.schema import FeatureSchema
 from onetrans_trt.errors import InputError
 
@@ -25,6 +25,7 @@ class RankResult:
     tasks: list[str]
     logits: np.ndarray  # [C, tasks]
     user_key: str | None = None
+    truncated: dict[str, Any] | None = None  # what RequestLimits(over_limit="truncate") cut
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -44,18 +45,21 @@ class RankResult:
             "scores": self.scores,
             "logits": {t: self.logits[:, i].astype(float).tolist() for i, t in enumerate(self.tasks)},
             "order": order,
+            **({"truncated": self.truncated} if self.truncated else {}),
         }
 
 
 class Ranker:
     def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512,
-                 cache: Any = None):
+                 cache: Any = None, limits: RequestLimits | None = None):
         """``cache``: a :class:`~onetrans_trt.runtime.cache.UserKVCache` shared across requests
-        (split backends only)."""
+        (split backends only); ``limits``: what a request may hold (defaults: see
+        :class:`~onetrans_trt.data.requests.RequestLimits`)."""
         if chunk_size < 1:
             raise InputError("chunk_size must be >= 1")
         self.schema, self.tasks, self.backend, self.chunk_size = schema, tasks, backend, chunk_size
         self.cache = cache
+        self.limits = limits or RequestLimits()
 
     @property
     def backend_name(self) -> str:
@@ -119,6 +123,7 @@ class Ranker:
 
     def rank(self, request: Request | dict) -> RankResult:
         req = request if isinstance(request, Request) else Request.from_json(request)
+        req, cut = self.limits.apply(req)
         hist, ns = encode_request(self.schema, req)
         c = len(req.candidates)
         chunks = [{k: v[i:i + self.chunk_size] for k, v in ns.items()} for i in range(0, c, self.chunk_size)]
@@ -131,4 +136,4 @@ class Ranker:
         else:
             parts = [self.backend.score_unified(hist, ch) for ch in chunks]
         logits = np.concatenate(parts) if parts else np.zeros((0, len(self.tasks)), np.float32)
-        return RankResult(self.tasks, logits, req.user_key)
+        return RankResult(self.tasks, logits, req.user_key, cut or None)
