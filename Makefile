@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test demo clean browser
+.PHONY: venv data test demo clean browser fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ browser:
 
 test: venv data browser
 	$(BIN)/python -m pytest -q
+
+# the hardening suite at full strength: 10x the fuzz inputs (21,000), 20 SIGKILL trials per command
+fuzz: venv data
+	FUZZ_SCALE=10 KILL_TRIALS=20 $(BIN)/python -m pytest -q tests/hardening
 
 demo: venv data
 	$(BIN)/onetrans-trt train --model onetrans --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/onetrans-small --force

@@ -24,7 +24,7 @@ from onetrans_trt.export.api import (
     read_manifest,
     sha256_file,
 )
-from onetrans_trt.io import atomic_path, atomic_write_json, locks_build
+from onetrans_trt.io import atomic_directory, atomic_write_json, locks_build
 
 DEFAULT_FP32_OPS = [
     "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Exp", "Log",
@@ -174,18 +174,19 @@ def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_f
     build = Path(build)
     manifest = read_manifest(build)
     out = build / "fp16"
-    out.mkdir(exist_ok=True)
     info: dict[str, Any] = {"kv_dtype": "float16" if kv_fp16 else "float32",
                             "fp32_ops": DEFAULT_FP32_OPS + list(keep_fp32 or []), "graphs": {}}
-    for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
-        src = build / fname
-        if not src.is_file():
-            raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
-        model = to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
-        onnx.checker.check_model(model)
-        with atomic_path(out / fname) as tmp:
-            onnx.save(model, str(tmp))
-        info["graphs"][role] = {"file": f"fp16/{fname}", "sha256": sha256_file(out / fname), **_io_spec(out / fname)}
+    # the whole fp16/ directory is built aside and swapped in: never half old, half new
+    with atomic_directory(out, force=True) as tmp_dir:
+        for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
+            src = build / fname
+            if not src.is_file():
+                raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
+            model = to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
+            onnx.checker.check_model(model)
+            onnx.save(model, str(tmp_dir / fname))
+            info["graphs"][role] = {"file": f"fp16/{fname}", "sha256": sha256_file(tmp_dir / fname),
+                                    **_io_spec(tmp_dir / fname)}
     manifest.setdefault("precisions", {})["fp16"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info

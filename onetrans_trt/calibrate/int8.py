@@ -105,37 +105,36 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
         split_with_passes,
     )
     from onetrans_trt.graphs.fuse_attention import count_fused, fuse_attention
-    from onetrans_trt.io import atomic_path, atomic_write_json
+    from onetrans_trt.io import atomic_directory, atomic_write_json
     from onetrans_trt.plugins import attach_op_functions
 
     say = progress or (lambda stage, i, n: None)
     build = Path(build)
     manifest = read_manifest(build)
     out = build / "int8"
-    out.mkdir(exist_ok=True)
     arrays = build_calibration_set(build, n_samples, data_dir=data_dir,
                                    progress=lambda i, n: say("calibration data", i, n))
-    with atomic_path(out / "calibration.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
     ue, cs, _ = split_with_passes(build, *default_passes(fuse_attention=False))
     info: dict[str, Any] = {"calibration": {"file": "int8/calibration.npz", "requests": int(arrays["count"]),
                                             "source": str(arrays["source"]), "method": "max"},
                             "float_ops": FLOAT_OPS + list(keep_float or []), "graphs": {}}
-    for i, (role, fname, graph, key) in enumerate((("user_encoder", USER_ENCODER, ue, "user"),
-                                                  ("candidate_scorer", CANDIDATE_SCORER, cs, "scorer"))):
-        say(f"quantize {role}", i, 2)
-        q = quantize_graph(gs.export_onnx(graph), feeds(arrays, key), keep_float=keep_float)
-        summary = qdq_summary(q)
-        g = gs.import_onnx(q)
-        if fuse:
-            g = fuse_attention(g)
-        model = attach_op_functions(gs.export_onnx(g))
-        onnx.checker.check_model(model)
-        with atomic_path(out / fname) as tmp:
-            onnx.save(model, str(tmp))
-        info["graphs"][role] = {"file": f"int8/{fname}", "sha256": sha256_file(out / fname), "qdq": summary,
-                                "fused": count_fused(g), **_io_spec(out / fname)}
+    # the whole int8/ directory is built aside and swapped in: never half old, half new
+    with atomic_directory(out, force=True) as tmp_dir:
+        with open(tmp_dir / "calibration.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+        for i, (role, fname, graph, key) in enumerate((("user_encoder", USER_ENCODER, ue, "user"),
+                                                      ("candidate_scorer", CANDIDATE_SCORER, cs, "scorer"))):
+            say(f"quantize {role}", i, 2)
+            q = quantize_graph(gs.export_onnx(graph), feeds(arrays, key), keep_float=keep_float)
+            summary = qdq_summary(q)
+            g = gs.import_onnx(q)
+            if fuse:
+                g = fuse_attention(g)
+            model = attach_op_functions(gs.export_onnx(g))
+            onnx.checker.check_model(model)
+            onnx.save(model, str(tmp_dir / fname))
+            info["graphs"][role] = {"file": f"int8/{fname}", "sha256": sha256_file(tmp_dir / fname),
+                                    "qdq": summary, "fused": count_fused(g), **_io_spec(tmp_dir / fname)}
     say("done", 2, 2)
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)

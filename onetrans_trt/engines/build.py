@@ -29,6 +29,7 @@ import onnx
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.export.api import CANDIDATE_SCORER, USER_ENCODER, read_manifest
 from onetrans_trt.io import atomic_path, atomic_write_json, atomic_write_text, locks_build
+from onetrans_trt.trust import check_onnx
 
 GRAPHS = {"user_encoder": USER_ENCODER, "candidate_scorer": CANDIDATE_SCORER}
 SUBDIR = {"fp32": "", "fp16": "fp16", "int8": "int8"}
@@ -114,7 +115,7 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     models = {}
     for role in GRAPHS:
         path = graph_path(build, precision, role)
-        model = onnx.load(str(path))
+        model = check_onnx(path)  # confined, known ops, checker-clean (our trust boundary)
         models[role] = (path, model)
         prof = profiles(manifest, model, overrides or {})
         has_plugins = any(n.domain == "onetrans" for n in model.graph.node)
