@@ -38,8 +38,10 @@ def load_policy(path: str | Path | None) -> dict[str, dict[str, float]]:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: no such policy file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected an object of precisions")
     for prec, vals in raw.items():
@@ -51,8 +53,8 @@ def load_policy(path: str | Path | None) -> dict[str, dict[str, float]]:
         if unknown:
             raise InputError(f"{path}: unknown keys {sorted(unknown)} in {prec}; known: {sorted(KEYS)}")
         for k, v in vals.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise InputError(f"{path}: {prec}.{k} must be a non-negative number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise InputError(f"{path}: {prec}.{k} must be a finite non-negative number")
             policy[prec][k] = float(v)
     return policy
 

@@ -74,9 +74,11 @@ def test_pyramid_off_by_one_is_caught_at_its_layer(tiny_build, tmp_path):
     changed = 0
     for n in m.graph.node:
         if n.op_type == "Slice" and n.input[1] in consts and numpy_helper.to_array(consts[n.input[1]]).tolist() == [-q]:
-            new = numpy_helper.from_array(np.array([-(q + 1)], np.int64), name=n.input[1] + "_off")
-            m.graph.initializer.append(new)
-            n.input[1] = new.name
+            name = n.input[1] + "_off"
+            if name not in consts:  # one planted constant per original (the graph must stay valid ONNX)
+                consts[name] = numpy_helper.from_array(np.array([-(q + 1)], np.int64), name=name)
+                m.graph.initializer.append(consts[name])
+            n.input[1] = name
             changed += 1
     assert changed
     del m.graph.value_info[:]  # the recorded intermediate shapes no longer hold
