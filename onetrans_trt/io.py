@@ -99,19 +99,26 @@ def build_lock(build: str | os.PathLike, what: str = "") -> Iterator[None]:
     command writes into it: two ``export``/``convert``/``calibrate``/``build`` runs on one
     build never interleave. The OS drops the lock when its process dies (even SIGKILL), so
     no stale lock survives a crash; a second writer is refused at once, naming the holder.
+    The lock file is removed on release (the holder re-checks, after locking, that the file
+    it locked is still the one at the path, so removal never lets two writers in).
     """
     import fcntl
 
     from onetrans_trt.errors import BuildError
 
     build = Path(build)
-    build.parent.mkdir(parents=True, exist_ok=True)
     lock = build.parent / f".{build.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        build.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise BuildError(f"cannot write to {build.parent} ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # removed by its previous holder
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             raise BuildError(f"{build}: another onetrans-trt command is writing it ({holder}); "
                              f"wait for it to finish") from None
@@ -120,7 +127,8 @@ def build_lock(build: str | os.PathLike, what: str = "") -> Iterator[None]:
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # still holding it: a newcomer sees a new file, or none
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
