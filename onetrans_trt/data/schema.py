@@ -258,5 +258,5 @@ class FeatureSchema:
             )
         except ConfigError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ConfigError(f"feature schema: malformed ({type(e).__name__}: {e})") from None
