@@ -41,7 +41,7 @@ from onetrans_trt.models.attention import (
 )
 from onetrans_trt.models.blocks import FFN, MLP, RMSNorm
 from onetrans_trt.models.config import ModelConfig
-from onetrans_trt.models.tokenizers import AutoSplitNSTokenizer, Embeddings, GroupNSTokenizer, STokenizer, newest_tokens
+from onetrans_trt.models.tokenizers import Embeddings, STokenizer, newest_tokens, ns_tokenizer_for
 
 SEQ_LENGTH = "seq_length"  # extras: [U, J] real tokens per sequence
 SEQ_POOL = "seq_pool"  # extras: [U, J, d] mean of each sequence's real tokens
@@ -155,10 +155,7 @@ class HyFormer(nn.Module):
         hidden = cfg.tokenizer_hidden or 2 * d
         self.n_seq, self.n_q = cfg.schema.num_sequences, cfg.hy_queries
         self.embeddings = Embeddings(cfg.schema)
-        if cfg.ns_tokenizer == "auto_split":
-            self.ns_tokenizer: nn.Module = AutoSplitNSTokenizer(self.embeddings, d, cfg.ns_tokens, hidden)
-        else:
-            self.ns_tokenizer = GroupNSTokenizer(self.embeddings, d, cfg.resolved_ns_groups(), hidden)
+        self.ns_tokenizer = ns_tokenizer_for(cfg, self.embeddings, hidden)
         self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
         m = cfg.num_ns_tokens
         self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, self.n_q * d) for _ in range(self.n_seq)])

@@ -30,13 +30,7 @@ from onetrans_trt.models.attention import (
 )
 from onetrans_trt.models.blocks import FFN, MLP, MixedLinear, RMSNorm
 from onetrans_trt.models.config import ModelConfig
-from onetrans_trt.models.tokenizers import (
-    newest_tokens,
-    AutoSplitNSTokenizer,
-    Embeddings,
-    GroupNSTokenizer,
-    STokenizer,
-)
+from onetrans_trt.models.tokenizers import Embeddings, STokenizer, newest_tokens, ns_tokenizer_for
 
 
 class OneTransLayer(nn.Module):
@@ -137,10 +131,7 @@ class OneTrans(nn.Module):
         d = cfg.d_model
         hidden = cfg.tokenizer_hidden or 2 * d
         self.embeddings = Embeddings(cfg.schema)
-        if cfg.ns_tokenizer == "auto_split":
-            self.ns_tokenizer: nn.Module = AutoSplitNSTokenizer(self.embeddings, d, cfg.ns_tokens, hidden)
-        else:
-            self.ns_tokenizer = GroupNSTokenizer(self.embeddings, d, cfg.resolved_ns_groups(), hidden)
+        self.ns_tokenizer = ns_tokenizer_for(cfg, self.embeddings, hidden)
         self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
         self.schedule = cfg.query_schedule()
         self.layers = nn.ModuleList([

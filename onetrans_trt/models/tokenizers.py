@@ -117,3 +117,10 @@ class STokenizer(_UsesEmbeddings):
             x = torch.cat([fields[f] for f in seq.fields], dim=-1)
             out = out + (types == k + 1).to(out.dtype).unsqueeze(-1) * mlp(x)
         return out
+
+
+def ns_tokenizer_for(cfg, emb: Embeddings, hidden: int) -> nn.Module:
+    """The NS tokenizer a model config asks for (auto-split or group-wise)."""
+    if cfg.ns_tokenizer == "auto_split":
+        return AutoSplitNSTokenizer(emb, cfg.d_model, cfg.ns_tokens, hidden)
+    return GroupNSTokenizer(emb, cfg.d_model, cfg.resolved_ns_groups(), hidden)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from onetrans_trt.data.requests import encode_request, pad_streams, repeat_history
+from onetrans_trt.data.requests import encode_request
 from onetrans_trt.data.synthetic import synthetic_request, synthetic_schema
 from onetrans_trt.errors import ConfigError
 from onetrans_trt.models.config import ModelConfig
 from onetrans_trt.models.hyformer import SEQ_LENGTH, SEQ_POOL, HyFormer
-from tests.models.test_split_exactness import _randomize, _t
+from tests.models.test_split_exactness import _randomize, _t, assert_split_equals_unified
 
 N_CONFIGS = 105
 
@@ -51,18 +51,7 @@ def test_hyformer_split_equals_unified(seed):
     cfg, req, extra_pad = random_case(seed)
     model = HyFormer(cfg).eval()
     _randomize(model, torch.Generator().manual_seed(seed))
-    hist, ns = encode_request(cfg.schema, req)
-    c = len(req.candidates)
-    width = hist["s_type"].shape[1] + extra_pad
-    stream = {k: v[0, v.shape[1] - int(hist["s_length"][0]):] for k, v in hist.items() if k != "s_length"}
-    padded = pad_streams(cfg.schema, [stream], length=width)
-    with torch.no_grad():
-        unified = model(_t({**repeat_history(padded, c), **ns}))
-        kv = model.encode_user(_t(hist))
-        split = model.score_candidates(kv, _t(ns))
-    assert torch.isfinite(unified).all() and torch.isfinite(split).all()
-    assert unified.shape == split.shape == (c, len(cfg.tasks))
-    assert (unified - split).abs().max().item() <= 1e-5
+    _, kv = assert_split_equals_unified(model, cfg, req, extra_pad)
     j = cfg.schema.num_sequences
     assert len(kv.keys) == cfg.n_layers * j
     # each sequence's real length is what the request holds (newest s_max_len events kept)

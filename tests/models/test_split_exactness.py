@@ -31,6 +31,24 @@ def _randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.25) 
             p.copy_(base + std * torch.randn(p.shape, generator=gen))
 
 
+def assert_split_equals_unified(model, cfg, req, extra_pad: int):
+    """Split (encoder once, scorer over C) vs unified (history with ``extra_pad`` more left
+    padding, repeated per candidate) <= 1e-5; returns the history tensors and the K/V."""
+    hist, ns = encode_request(cfg.schema, req)
+    c = len(req.candidates)
+    width = hist["s_type"].shape[1] + extra_pad
+    stream = {k: v[0, v.shape[1] - int(hist["s_length"][0]):] for k, v in hist.items() if k != "s_length"}
+    padded = pad_streams(cfg.schema, [stream], length=width)
+    with torch.no_grad():
+        unified = model(_t({**repeat_history(padded, c), **ns}))
+        kv = model.encode_user(_t(hist))
+        split = model.score_candidates(kv, _t(ns))
+    assert torch.isfinite(unified).all() and torch.isfinite(split).all()
+    assert unified.shape == split.shape == (c, len(cfg.tasks))
+    assert (unified - split).abs().max().item() <= 1e-5
+    return hist, kv
+
+
 def random_case(seed: int):
     rng = np.random.default_rng(seed)
     max_history = int(rng.integers(1, 24))
@@ -63,19 +81,7 @@ def test_split_equals_unified(seed):
     gen = torch.Generator().manual_seed(seed)
     model = OneTrans(cfg).eval()
     _randomize(model, gen)
-    hist, ns = encode_request(cfg.schema, req)
-    c = len(req.candidates)
-    # unified side: the same history with extra left padding, repeated per candidate
-    width = hist["s_type"].shape[1] + extra_pad
-    stream = {k: v[0, v.shape[1] - int(hist["s_length"][0]):] for k, v in hist.items() if k != "s_length"}
-    padded = pad_streams(cfg.schema, [stream], length=width)
-    with torch.no_grad():
-        unified = model(_t({**repeat_history(padded, c), **ns}))
-        kv = model.encode_user(_t(hist))
-        split = model.score_candidates(kv, _t(ns))
-    assert torch.isfinite(unified).all() and torch.isfinite(split).all()
-    assert unified.shape == split.shape == (c, len(cfg.tasks))
-    assert (unified - split).abs().max().item() <= 1e-5
+    hist, kv = assert_split_equals_unified(model, cfg, req, extra_pad)
     # the K/V follow the pyramid: layer l holds what layer l-1 kept
     n = hist["s_type"].shape[1]
     sizes = [n]
