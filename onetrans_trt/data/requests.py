@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from onetrans_trt.data.schema import PAD, FeatureSchema
+from onetrans_trt.data.schema import OOV, PAD, FeatureSchema
 from onetrans_trt.errors import RequestError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -296,6 +296,67 @@ def encode_ns(schema: FeatureSchema, user: Mapping[str, Any] | Sequence[Mapping[
 
 def encode_events(schema: FeatureSchema, history: Sequence[Mapping[str, Any]], *,
                   where: str = "request.history") -> Events:
+    """Encode behaviour events. Well-formed histories take a column-wise path (a request's
+    history is its largest part: ~4x faster at 1,024 events); anything unusual goes through
+    the checked event-by-event path, which names the first bad field."""
+    fast = _encode_events_fast(schema, history)
+    return fast if fast is not None else _encode_events_checked(schema, history, where=where)
+
+
+def _table_rows(table: Any, values: list[Any]) -> np.ndarray | None:
+    """Rows of ``values`` in ``table`` exactly as :meth:`Table.index` maps them, or None
+    when a value needs the checked path (its type is unusual or it may be an error)."""
+    if table.tokens is not None:
+        lookup = table.token_rows()
+        if all(type(v) is str for v in values):
+            return np.fromiter((lookup.get(v, OOV) for v in values), dtype=np.int64, count=len(values))
+        return None
+    if all(type(v) is int for v in values):
+        try:
+            raw = np.array(values, dtype=np.int64)
+        except OverflowError:
+            return None
+        return np.where((raw >= 0) & (raw < table.size), raw + 2, OOV)
+    return None
+
+
+def _encode_events_fast(schema: FeatureSchema, history: Sequence[Mapping[str, Any]]) -> Events | None:
+    n = len(history)
+    index: dict[str, int] = {}
+    for k, seq in enumerate(schema.sequences):
+        index.setdefault(seq.name, k)
+    try:
+        types = np.fromiter((index[ev["sequence"]] + 1 for ev in history), dtype=np.int64, count=n)
+        stamps = [ev["timestamp"] for ev in history]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if not all(type(t) is float or type(t) is int for t in stamps):
+        return None
+    try:
+        ts = np.array(stamps, dtype=np.float64).reshape(n)
+    except OverflowError:
+        return None
+    if not np.isfinite(ts).all():
+        return None
+    fields = {f: np.zeros(n, dtype=np.int64) for f in schema.seq_fields}
+    for k, seq in enumerate(schema.sequences):
+        at = np.flatnonzero(types == k + 1)
+        if not len(at):
+            continue
+        events = [history[i] for i in at.tolist()]
+        for fname, table in seq.fields.items():
+            try:
+                rows = _table_rows(schema.tables[table], [ev[fname] for ev in events])
+            except KeyError:
+                return None
+            if rows is None:
+                return None
+            fields[fname][at] = rows
+    return Events(types, ts, fields)
+
+
+def _encode_events_checked(schema: FeatureSchema, history: Sequence[Mapping[str, Any]], *,
+                           where: str = "request.history") -> Events:
     n = len(history)
     seq_fields = schema.seq_fields
     types = np.zeros(n, dtype=np.int64)

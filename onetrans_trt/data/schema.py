@@ -47,14 +47,18 @@ class Table:
     def rows(self) -> int:
         return self.size + 2
 
+    def token_rows(self) -> dict[str, int]:
+        """Token -> row (tables with tokens)."""
+        if self._lookup is None:
+            self._lookup = {t: i + 2 for i, t in enumerate(self.tokens or [])}
+        return self._lookup
+
     def index(self, raw: Any) -> int:
         """Map a raw value to its row; unknown values map to OOV."""
         if raw is None:
             return PAD
         if self.tokens is not None:
-            if self._lookup is None:
-                self._lookup = {t: i + 2 for i, t in enumerate(self.tokens)}
-            return self._lookup.get(str(raw), OOV)
+            return self.token_rows().get(str(raw), OOV)
         if isinstance(raw, bool):
             return OOV
         if isinstance(raw, float) and raw.is_integer():

@@ -109,3 +109,59 @@ def test_encode_ns_handles_zero_candidates():
     s = synthetic_schema()
     ns = encode_ns(s, {"user_id": 1, "user_tags": []}, {"device": 0}, [])
     assert ns["ns_item_stats"].shape == (0, 3) and ns["ns_user_tags"].shape == (0, 4)
+
+
+def _token_schema():
+    """The synthetic schema with every table keyed by string tokens (as MovieLens is)."""
+    from onetrans_trt.data.schema import FeatureSchema, Table
+
+    s = synthetic_schema(max_history=64)
+    tables = {n: Table(n, t.size, t.dim, tokens=[f"{n}-{i}" for i in range(t.size)]) for n, t in s.tables.items()}
+    return FeatureSchema(tables, s.features, s.sequences, s.max_history, s.merge_mode)
+
+
+def _same_events(a, b):
+    assert a.types.dtype == b.types.dtype and a.timestamps.dtype == b.timestamps.dtype
+    np.testing.assert_array_equal(a.types, b.types)
+    np.testing.assert_array_equal(a.timestamps, b.timestamps)
+    assert a.fields.keys() == b.fields.keys()
+    for k in a.fields:
+        assert a.fields[k].dtype == b.fields[k].dtype
+        np.testing.assert_array_equal(a.fields[k], b.fields[k])
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_column_wise_event_encoding_equals_the_checked_path(tokens):
+    from onetrans_trt.data.requests import _encode_events_checked, _encode_events_fast
+
+    s = _token_schema() if tokens else synthetic_schema(max_history=64)
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 300):
+        hist = synthetic_request(s, rng, n_history=n, n_candidates=1).history
+        fast = _encode_events_fast(s, hist)
+        assert fast is not None, "well-formed histories must take the column-wise path"
+        _same_events(fast, _encode_events_checked(s, hist))
+    # odd but valid values (None, numeric strings, floats, bools, huge ints, int timestamps) give
+    # the checked path's rows, whichever path takes them
+    hist = synthetic_request(s, rng, n_history=12, n_candidates=1).history
+    for i, v in enumerate([None, "3", 4.0, True, 2**70, -5, "x", 10**6]):
+        hist[i]["item_id"] = v
+    hist[9]["timestamp"] = 1_600_000_000
+    hist[10]["timestamp"] = 2**80
+    _same_events(encode_events(s, hist), _encode_events_checked(s, hist))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"timestamp": float("inf")}, r"history\[4\]\.timestamp"),
+    ({"timestamp": 10**400}, r"history\[4\]\.timestamp"),
+    ({"timestamp": True}, r"history\[4\]\.timestamp"),
+    ({"sequence": ["seq0"]}, r"history\[4\]\.sequence"),
+    ({"item_id": [1, 2]}, r"history\[4\]\.item_id: expected a single value"),
+])
+def test_event_errors_name_the_first_bad_event(bad, match):
+    s = synthetic_schema(max_history=64)
+    hist = synthetic_request(s, np.random.default_rng(4), n_history=10, n_candidates=1).history
+    hist[4].update(bad)
+    hist[7].update(timestamp="later")  # a second error further on is not the one reported
+    with pytest.raises(RequestError, match=match):
+        encode_events(s, hist)
