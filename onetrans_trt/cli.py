@@ -585,7 +585,7 @@ def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
               help="peers: comma-separated subset of torch-unified,torch-split,ort-unified,ort,ort-fp16,ort-int8.")
 @click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
-@click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (4 quick); else 10].")
+@click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (12 quick, within a 6 s budget per section); else 10].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
 @JSON_OUT
 def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,

@@ -28,7 +28,7 @@ import numpy as np
 from onetrans_trt.errors import InputError
 
 QUICK = dict(history=256, candidates=64, scorer_candidates=512, cache_history=512, cache_candidates=64,
-             rounds=4, budget_s=6.0)
+             rounds=12, budget_s=6.0)
 FULL = dict(history=512, candidates=128, scorer_candidates=1024, cache_history=1024, cache_candidates=64,
             rounds=8, budget_s=60.0)
 
