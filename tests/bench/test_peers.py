@@ -43,6 +43,10 @@ def test_bench_peers_on_a_build(tiny_build, tmp_path):
     misses = cache["miss"]["runs"] + 1  # + the warm-up round
     assert cache["encoder_calls"] == misses  # hits never ran the encoder
     assert cache["hit_counters"]["hits"] == cache["hit"]["runs"] + 1  # + the warm-up round
+    # the scorer alone on the same K/V and candidates: the floor of a hit, measured alongside
+    assert cache["scorer_alone"]["runs"] == cache["hit"]["runs"]
+    assert cache["hit_over_scorer_alone"] == pytest.approx(cache["hit"]["p50_ms"] / cache["scorer_alone"]["p50_ms"])
+    assert cache["measured_hit_bound"] == pytest.approx(cache["miss"]["p50_ms"] / cache["scorer_alone"]["p50_ms"])
     py = res["pyramid"]
     assert py["flop_ratio"] > 1 and py["on"]["flops"] < py["off"]["flops"]
     human = CliRunner().invoke(cli, ["bench", str(tiny_build), "--quick", "--history", "10", "--candidates", "4",
