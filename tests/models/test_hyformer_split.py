@@ -15,7 +15,7 @@ from onetrans_trt.data.synthetic import synthetic_request, synthetic_schema
 from onetrans_trt.errors import ConfigError
 from onetrans_trt.models.config import ModelConfig
 from onetrans_trt.models.hyformer import SEQ_LENGTH, SEQ_POOL, HyFormer
-from tests.models.test_split_exactness import _randomize, _t, assert_split_equals_unified
+from tests.models.test_split_exactness import _randomize, _t, assert_split_equals_unified, edge_request
 
 N_CONFIGS = 105
 
@@ -41,9 +41,7 @@ def random_case(seed: int):
                       n_layers=int(rng.integers(1, 4)), ffn_mult=int(rng.integers(1, 3)), ns_tokenizer=tok,
                       ns_tokens=m, hy_queries=n_q, seq_encoder=str(rng.choice(["transformer", "longer", "swiglu"])),
                       longer_window=int(rng.integers(1, 8)), tasks=["a", "b"][: int(rng.integers(1, 3))])
-    n_hist = int(rng.choice([0, 1, int(rng.integers(0, max_history + 1)), max_history, max_history + 7]))
-    req = synthetic_request(schema, rng, n_history=n_hist, n_candidates=int(rng.integers(1, 7)))
-    return cfg, req, int(rng.integers(0, 6))
+    return (cfg, *edge_request(schema, rng, max_history))
 
 
 @pytest.mark.parametrize("seed", range(N_CONFIGS))

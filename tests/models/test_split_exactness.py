@@ -49,6 +49,14 @@ def assert_split_equals_unified(model, cfg, req, extra_pad: int):
     return hist, kv
 
 
+def edge_request(schema, rng: np.random.Generator, max_history: int):
+    """A request whose history is empty, one event, partial, full or over-long, with 1-6
+    candidates, and 0-5 extra padding slots: the edges every split sweep covers."""
+    n_hist = int(rng.choice([0, 1, int(rng.integers(0, max_history + 1)), max_history, max_history + 7]))
+    req = synthetic_request(schema, rng, n_history=n_hist, n_candidates=int(rng.integers(1, 7)))
+    return req, int(rng.integers(0, 6))
+
+
 def random_case(seed: int):
     rng = np.random.default_rng(seed)
     max_history = int(rng.integers(1, 24))
@@ -70,9 +78,7 @@ def random_case(seed: int):
                       ffn_mult=int(rng.integers(1, 3)), ns_tokenizer=tok, ns_tokens=int(rng.integers(1, 5)),
                       pyramid=pyramid, final_queries=int(rng.integers(1, 8)),
                       tasks=["a", "b"][: int(rng.integers(1, 3))])
-    n_hist = int(rng.choice([0, 1, int(rng.integers(0, max_history + 1)), max_history, max_history + 7]))
-    req = synthetic_request(schema, rng, n_history=n_hist, n_candidates=int(rng.integers(1, 7)))
-    return cfg, req, int(rng.integers(0, 6))
+    return (cfg, *edge_request(schema, rng, max_history))
 
 
 @pytest.mark.parametrize("seed", range(N_CONFIGS))
