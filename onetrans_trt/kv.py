@@ -30,8 +30,16 @@ class UserKV:
         return len(self.keys)
 
     def nbytes(self) -> int:
-        return int(sum(k.nbytes if hasattr(k, "nbytes") else k.numel() * k.element_size()
-                       for k in [*self.keys, *self.values, *self.extras.values()]))
+        return int(sum(_nbytes(k) for k in [*self.keys, *self.values, *self.extras.values()]))
+
+
+def _nbytes(t: Any) -> int:
+    """Bytes of a numpy array, a torch tensor or an ONNX Runtime ``OrtValue`` (device state)."""
+    if hasattr(t, "nbytes"):
+        return int(t.nbytes)
+    if hasattr(t, "tensor_size_in_bytes"):
+        return int(t.tensor_size_in_bytes())
+    return int(t.numel() * t.element_size())
 
 
 def kv_names(n_slots: int) -> list[str]:

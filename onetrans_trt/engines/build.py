@@ -80,7 +80,13 @@ def _shape_arg(prof: dict, which: str) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in p[which])}" for name, p in prof.items())
 
 
-def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_plugins: bool) -> list[str]:
+def _poly_shapes(prof: dict, which: str) -> list[str]:
+    """Polygraphy's ``NAME:[d0,d1,...]`` per input, shell-quoted (``[`` globs, spaces split)."""
+    return [shlex.quote(f"{name}:[{','.join(str(d) for d in p[which])}]") for name, p in prof.items()]
+
+
+def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_plugins: bool,
+                  tf32: bool = False) -> list[str]:
     engine = engine_dir / f"{role}.engine"
     lines = [f"# {role}"]
     if has_plugins:
@@ -88,20 +94,22 @@ def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_
         lines.append(f"onetrans-trt build {shlex.quote(str(engine_dir.parent.parent))} --precision {engine_dir.name}")
     else:
         lines.append(" ".join(["trtexec", f"--onnx={shlex.quote(str(onnx_path))}", f"--saveEngine={shlex.quote(str(engine))}",
-                               f"--minShapes={_shape_arg(prof, 'min')}", f"--optShapes={_shape_arg(prof, 'opt')}",
-                               f"--maxShapes={_shape_arg(prof, 'max')}"]))
+                               shlex.quote(f"--minShapes={_shape_arg(prof, 'min')}"),
+                               shlex.quote(f"--optShapes={_shape_arg(prof, 'opt')}"),
+                               shlex.quote(f"--maxShapes={_shape_arg(prof, 'max')}"), *([] if tf32 else ["--noTF32"])]))
         lines.append(" ".join(["polygraphy", "convert", shlex.quote(str(onnx_path)), "--convert-to", "trt", "-o",
-                               shlex.quote(str(engine)), "--trt-min-shapes", *[f"{n}:{p['min']}" for n, p in prof.items()],
-                               "--trt-opt-shapes", *[f"{n}:{p['opt']}" for n, p in prof.items()],
-                               "--trt-max-shapes", *[f"{n}:{p['max']}" for n, p in prof.items()]]))
+                               shlex.quote(str(engine)), *(["--tf32"] if tf32 else []),
+                               "--trt-min-shapes", *_poly_shapes(prof, "min"),
+                               "--trt-opt-shapes", *_poly_shapes(prof, "opt"),
+                               "--trt-max-shapes", *_poly_shapes(prof, "max")]))
     lines.append("# benchmark the built engine (AOT plugins need no Python at run time):")
-    lines.append(f"trtexec --loadEngine={shlex.quote(str(engine))} --shapes={_shape_arg(prof, 'opt')}")
+    lines.append(f"trtexec --loadEngine={shlex.quote(str(engine))} {shlex.quote('--shapes=' + _shape_arg(prof, 'opt'))}")
     return lines
 
 
 @locks_build("build")
 def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict | None = None,
-                  workspace_mb: int = 2048, tf32: bool = True,
+                  workspace_mb: int = 2048, tf32: bool = False,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     say = progress or (lambda msg: None)
     build = Path(build)
@@ -121,7 +129,7 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
         has_plugins = any(n.domain == "onetrans" for n in model.graph.node)
         plan["graphs"][role] = {"onnx": str(path.relative_to(build)), "profile": prof, "plugins": has_plugins,
                                 "engine": f"engines/{precision}/{role}.engine"}
-        lines += command_lines(engine_dir, role, path, prof, has_plugins)
+        lines += command_lines(engine_dir, role, path, prof, has_plugins, tf32)
     atomic_write_json(engine_dir / "profiles.json", plan)
     atomic_write_text(engine_dir / "commands.sh", "\n".join(lines) + "\n")
     log = [f"{time.strftime('%Y-%m-%dT%H:%M:%S')} build {precision}: profiles and command lines written"]
@@ -129,6 +137,7 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
         from onetrans_trt.plugins._trt import require_tensorrt
 
         trt, _ = require_tensorrt()
+        require_aot_plugins(trt)
         _require_gpu()
     except MissingCapabilityError as e:
         log.append(f"not built: {e}")
@@ -151,6 +160,22 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     return plan
 
 
+MIN_TENSORRT = (10, 9)  # ahead-of-time Quick Deployable Plugins (trt.QuickPluginCreationRequest) appeared in 10.9
+
+
+def trt_version(trt) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", str(getattr(trt, "__version__", "0")))[:3])
+
+
+def require_aot_plugins(trt) -> None:
+    """Our plugins are ahead-of-time QDPs: TensorRT >= 10.9."""
+    if trt_version(trt)[:2] < MIN_TENSORRT:
+        raise MissingCapabilityError(f"TensorRT {trt.__version__} cannot build our ahead-of-time plugins: "
+                                     "they need TensorRT >= 10.9 (pip install 'tensorrt>=11')")
+
+
 def _require_gpu() -> None:
     try:
         import torch
@@ -164,15 +189,20 @@ def _require_gpu() -> None:
 
 def _build_one(trt, model: onnx.ModelProto, prof: dict, cache_path: Path, workspace_mb: int, tf32: bool) -> bytes:
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, Profile
+    from polygraphy.exception import PolygraphyException
 
     p = Profile()
     for name, s in prof.items():
         p.add(name, min=s["min"], opt=s["opt"], max=s["max"])
     config = CreateConfig(profiles=[p], tf32=tf32, load_timing_cache=str(cache_path) if cache_path.exists() else None,
                           memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20})
-    network = NetworkFromOnnxBytes(model.SerializeToString())
-    engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_path))()
-    if engine is None:
-        raise BuildError("TensorRT could not build the engine; see the TensorRT log above")
+    # TensorRT 11 networks are always strongly typed (the flag is gone); on 10.x Polygraphy builds
+    # weakly typed networks unless asked, which would let TensorRT pick precisions the graph did not.
+    typed = {"strongly_typed": True} if trt_version(trt)[0] < 11 else {}
+    network = NetworkFromOnnxBytes(model.SerializeToString(), **typed)
+    try:
+        engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_path))()
+    except PolygraphyException as e:  # Polygraphy raises on parse/build failure; it never returns None
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise BuildError(f"TensorRT could not build the engine: {first[:300]} (the TensorRT log above has details)") from None
     return bytes(engine)
-

@@ -10,11 +10,24 @@ Written against the TensorRT 11 Python API documentation:
 The aot_impl returns ``(kernel_name, ptx, KernelLaunchParams, SymIntExprs)``; the kernel's
 parameters are the input pointers, then the int32 extras, then the output pointers.
 ``tensorrt`` is imported lazily: nothing here is needed to export or run graphs on ORT.
+
+Facts from TensorRT's own Python sources (``python/packaging/frontend_sources/plugin/``)
+that the plugin modules must respect (each broke the first GPU run once):
+- the ``trt_plugin.py`` modules define QDP functions, so they must NOT use
+  ``from __future__ import annotations``: ``@trtp.register`` checks
+  ``issubclass(param.annotation, TensorDesc)`` on live annotations (``_validate.py``);
+- ``ShapeExpr.is_constant`` is a property, ``ShapeExpr.constant_value()`` a method (``_tensor.py``);
+- a float ONNX attribute reaches the plugin as a 1-element FLOAT32 ``PluginField``; an attribute
+  annotated ``float`` is read with ``float(f.data)``, which numpy >= 2.4 refuses for a 1-D array,
+  so ours are declared ``numpy.typing.NDArray[numpy.float32]`` and read with :func:`attr_float`;
+- every attribute is passed to ``autotune``/``aot_impl`` positionally, in registration order.
 """
 
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 from onetrans_trt.errors import MissingCapabilityError
 
@@ -45,6 +58,14 @@ def target_sm() -> int:
     return 90
 
 
+def attr_float(value) -> float:
+    """A float attribute as TensorRT delivers it (a 1-element array; a plain number also works)."""
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"expected one float attribute value, got {arr.size}")
+    return float(arr[0])
+
+
 def cdiv(a, b):
     """Ceiling division on ints or on TensorRT symbolic expressions (no bool branching)."""
     return (a + b - 1) // b
@@ -69,10 +90,11 @@ def aot_kernel(trt, trtp, plugin_id: str, kernel_module, q, scale: float, geomet
     """The ``aot_impl`` return value: compile ``kernel_module``'s Triton kernel for ``q``'s
     dtype and (static) head size, and launch it on ``geometry = (grid_x, grid_y, extras)``."""
     head_dim = q.shape_expr[3]
-    if not head_dim.is_constant:
+    if not head_dim.is_constant:  # a property
         raise ValueError(f"{plugin_id}: the head dimension must be static")
     dtype = "float16" if q.dtype == trt.float16 else "float32"
-    kernel = kernel_module.compile(dtype, head_dim=head_dim.constant_value, scale=scale, arch=target_sm())
+    kernel = kernel_module.compile(dtype, head_dim=int(head_dim.constant_value()), scale=attr_float(scale),
+                                   arch=target_sm())
     grid_x, grid_y, extras = geometry
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y = grid_x, grid_y

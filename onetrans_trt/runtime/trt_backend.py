@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onetrans_trt.errors import BuildError, MissingCapabilityError
+from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.kv import UserKV, from_state, state_arrays
 
 
@@ -44,6 +44,7 @@ class TrtSplitBackend:
             self.engines[role] = engine
             self.contexts[role] = engine.create_execution_context()
         self.stream = torch.cuda.Stream()
+        self.device = "cuda"
 
     def _io(self, role: str):
         e = self.engines[role]
@@ -59,18 +60,21 @@ class TrtSplitBackend:
         for name in inputs:
             x = feeds[name]
             t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-            t = t.to("cuda", dtype=getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)).contiguous()
+            t = t.to(self.device, dtype=getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)).contiguous()
             keep.append(t)
-            ctx.set_input_shape(name, tuple(t.shape))
+            if not ctx.set_input_shape(name, tuple(t.shape)):  # False: outside the engine's profile
+                raise InputError(f"{role}: input {name} has shape {tuple(t.shape)}, outside the engine's optimization "
+                                 f"profile {_profile(engine, name)}; rebuild with `onetrans-trt build --profile ...`")
             ctx.set_tensor_address(name, t.data_ptr())
         out = {}
         for name in outputs:
             dtype = getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
-            out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=self.device)
             ctx.set_tensor_address(name, out[name].data_ptr())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+        if not ctx.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0):
             raise BuildError(f"TensorRT failed to run the {role} engine")
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
         return out
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
@@ -85,3 +89,12 @@ class TrtSplitBackend:
         wanted = set(self._io("candidate_scorer")[0])
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         return self._run("candidate_scorer", feeds)["logits"].float().cpu().numpy()
+
+
+def _profile(engine, name: str) -> str:
+    """``min..max`` of an input in profile 0 (``get_tensor_profile_shape``), for error messages."""
+    try:
+        lo, _, hi = engine.get_tensor_profile_shape(name, 0)
+        return f"{tuple(lo)}..{tuple(hi)}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "(unknown)"

@@ -6,7 +6,9 @@ types, launch geometry) are plain Python over whatever size type TensorRT hands 
 are unit-tested without TensorRT; :func:`register` binds them to ``tensorrt.plugin``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: TensorRT inspects the live annotations.
+import numpy as np
+import numpy.typing as npt
 
 from onetrans_trt.plugins._onnx import PLUGIN_NAMESPACE
 from onetrans_trt.plugins._trt import aot_kernel, cdiv, io_types, register_once, require_tensorrt
@@ -42,18 +44,19 @@ def _register() -> None:
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
               prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc,
-              scale: float) -> trtp.TensorDesc:
+              scale: npt.NDArray[np.float32]) -> trtp.TensorDesc:
         return output_desc(q)
 
     @trtp.autotune(PLUGIN_ID)
     def _tune(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
               prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc,
+              scale: npt.NDArray[np.float32],
               outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k_prefix: trtp.TensorDesc, v_prefix: trtp.TensorDesc,
-             prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc, scale: float,
+             prefix_valid: trtp.TensorDesc, k_own: trtp.TensorDesc, v_own: trtp.TensorDesc, scale: npt.NDArray[np.float32],
              outputs: Tuple[trtp.TensorDesc], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         from onetrans_trt.plugins.shared_prefix_attention import triton_kernel

@@ -4,7 +4,9 @@ The ONNX node ``TailCausalAttention`` with ``plugin_namespace="onetrans"`` (and 
 resolves to this plugin. Pure functions are unit-tested without TensorRT.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: TensorRT inspects the live annotations.
+import numpy as np
+import numpy.typing as npt
 
 from onetrans_trt.plugins._onnx import PLUGIN_NAMESPACE
 from onetrans_trt.plugins._trt import aot_kernel, cdiv, io_types, register_once, require_tensorrt
@@ -36,16 +38,17 @@ def _register() -> None:
 
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc,
-              scale: float) -> trtp.TensorDesc:
+              scale: npt.NDArray[np.float32]) -> trtp.TensorDesc:
         return output_desc(q)
 
     @trtp.autotune(PLUGIN_ID)
     def _tune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc,
+              scale: npt.NDArray[np.float32],
               outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc, scale: float,
+    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, valid: trtp.TensorDesc, scale: npt.NDArray[np.float32],
              outputs: Tuple[trtp.TensorDesc], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         from onetrans_trt.plugins.tail_causal_attention import triton_kernel
