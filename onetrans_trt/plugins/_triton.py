@@ -258,6 +258,12 @@ def _compile_in_subprocess(fn, signature, constexprs, arch, num_warps, ptx_versi
     return CompiledKernel(**d)
 
 
+def head_pad(head_dim: int) -> int:
+    """The head-dimension lanes a kernel computes on: a power of two, at least 16 (``tl.arange``
+    needs a power of two and ``tl.dot`` an inner size >= 16; the tiny preset's heads are 8 wide)."""
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
 def dtype_code(dtype) -> str:
     """Triton's pointer type code for a torch/numpy dtype name."""
     name = str(dtype).replace("torch.", "")

@@ -24,7 +24,7 @@ N_CASES = 40
 def spa_case(seed: int):
     rng = np.random.default_rng(seed)
     c, t, h = int(rng.integers(1, 6)), int(rng.integers(1, 7)), int(rng.choice([1, 2, 4]))
-    dh = int([16, 32, 64, 128][seed % 4])
+    dh = int([8, 16, 32, 48, 64, 128][seed % 6])  # 8: the tiny preset; 48: not a power of two
     n = int(rng.choice([0, 1, 7, 33]))
     valid = int(rng.choice([0, n // 2, n, n + 5]))
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def spa_case(seed: int):
 def tca_case(seed: int):
     rng = np.random.default_rng(seed)
     b, h = int(rng.integers(1, 4)), int(rng.choice([1, 2, 4]))
-    dh = int([16, 32, 64, 128][seed % 4])
+    dh = int([8, 16, 32, 48, 64, 128][seed % 6])  # 8: the tiny preset; 48: not a power of two
     lk = int(rng.integers(1, 40))
     lq = int(rng.integers(1, lk + 1))
     valid = torch.tensor([int(rng.choice([0, rng.integers(0, lk + 1), lk, lk + 3])) for _ in range(b)])

@@ -13,13 +13,13 @@ import math
 
 import triton.language as tl  # this module needs the 'kernels' extra; import it only then
 
-from onetrans_trt.plugins._triton import compile_aot, dtype_code, interpreted, require_interpreter
+from onetrans_trt.plugins._triton import compile_aot, dtype_code, head_pad, interpreted, require_interpreter
 
 BLOCK_M = 16
 BLOCK_N = 16
 
 
-def shared_prefix_attention_kernel(Q, KP, VP, VALID, KO, VO, C, H, T, L, OUT, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def shared_prefix_attention_kernel(Q, KP, VP, VALID, KO, VO, C, H, T, L, OUT, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, SCALE: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -27,20 +27,21 @@ def shared_prefix_attention_kernel(Q, KP, VP, VALID, KO, VO, C, H, T, L, OUT, HE
     row_ok = rows < C * T
     cand = rows // T
     i = rows % T
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)  # a power of two >= 16 (tl.dot needs K >= 16); lanes >= HEAD_DIM are 0
+    d_ok = d < HEAD_DIM
     q_off = ((cand * H + h) * T + i) * HEAD_DIM
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qf = q.to(tl.float32)
     valid = tl.load(VALID).to(tl.int32)
     start = tl.maximum(L - valid, 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     for n0 in range(start, L, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < L
         kv_off = (h * L + cols) * HEAD_DIM
-        k = tl.load(KP + kv_off[:, None] + d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(KP + kv_off[:, None] + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -48,12 +49,12 @@ def shared_prefix_attention_kernel(Q, KP, VP, VALID, KO, VO, C, H, T, L, OUT, HE
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VP + kv_off[:, None] + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(VP + kv_off[:, None] + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     for tp in range(0, T):
         o_off = ((cand * H + h) * T + tp) * HEAD_DIM
-        k = tl.load(KO + o_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(KO + o_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.sum(qf * k, 1) * SCALE
         s = tl.where(tp <= i, s, float("-inf"))
         m_new = tl.maximum(m_i, s)
@@ -61,11 +62,11 @@ def shared_prefix_attention_kernel(Q, KP, VP, VALID, KO, VO, C, H, T, L, OUT, HE
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
         l_i = l_i * alpha + p
-        v = tl.load(VO + o_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(VO + o_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + p[:, None] * v
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(OUT + q_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(OUT + q_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def grid(c: int, h: int, t: int, block_m: int = BLOCK_M):
@@ -82,7 +83,7 @@ def run_interpreted(q, k_prefix, v_prefix, prefix_valid, k_own, v_own, scale: fl
     args = [x.contiguous() for x in (q, k_prefix, v_prefix)] + [prefix_valid.to(torch.int64).contiguous()] + \
         [x.contiguous() for x in (k_own, v_own)]
     require_interpreter()
-    interpreted(shared_prefix_attention_kernel)[grid(c, h, t)](*args, c, h, t, k_prefix.shape[2], out, HEAD_DIM=dh, BLOCK_M=BLOCK_M,
+    interpreted(shared_prefix_attention_kernel)[grid(c, h, t)](*args, c, h, t, k_prefix.shape[2], out, HEAD_DIM=dh, HEAD_PAD=head_pad(dh), BLOCK_M=BLOCK_M,
                                          BLOCK_N=BLOCK_N, SCALE=scale if scale is not None else 1.0 / math.sqrt(dh))
     return out
 
@@ -91,11 +92,11 @@ def signature(dtype: str) -> dict[str, str]:
     t = dtype_code(dtype)
     return {"Q": f"*{t}", "KP": f"*{t}", "VP": f"*{t}", "VALID": "*i64", "KO": f"*{t}", "VO": f"*{t}",
             "C": "i32", "H": "i32", "T": "i32", "L": "i32", "OUT": f"*{t}",
-            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SCALE": "constexpr"}
+            "HEAD_DIM": "constexpr", "HEAD_PAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SCALE": "constexpr"}
 
 
 def compile(dtype: str = "float32", head_dim: int = 64, scale: float | None = None, arch: int = 90):
     """PTX/cubin for ``sm_<arch>``; the scale is baked in (a constexpr)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    return compile_aot(shared_prefix_attention_kernel, signature(dtype), {"HEAD_DIM": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
+    return compile_aot(shared_prefix_attention_kernel, signature(dtype), {"HEAD_DIM": head_dim, "HEAD_PAD": head_pad(head_dim), "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                                                    "SCALE": float(scale)}, arch=arch)
