@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
-import torch
+
+
+def stable_seed(*parts, modulo: int = 2**31 - 1) -> int:
+    """A seed from the parameters that is the same in every process and on every run.
+
+    Python's ``hash()`` of a string is salted per process (PYTHONHASHSEED), so a seed taken
+    from it cannot be replayed; CRC-32 of the parameters' ``repr`` can. Put the seed in the
+    failure message so a failing case can be rerun.
+    """
+    return zlib.crc32(repr(parts).encode("utf-8")) % modulo
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torch.nn.Module:
     """Random weights far from init (norm gains around 1), so masks and merges matter."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
