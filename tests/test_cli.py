@@ -106,3 +106,48 @@ def test_plugins_lists_ops_and_backends():
         assert set(op["backends"]) == {"reference", "onnx_function", "triton", "tensorrt_plugin"}
         assert op["backends"]["onnx_function"].startswith("available")
     assert "tensorrt_plugin" in run("plugins").output
+
+
+def _one_line_exit_2(*args, cwd=None):
+    """Run the CLI in a fresh process; assert exit 2, one stderr line, no traceback."""
+    p = subprocess.run([sys.executable, "-m", "onetrans_trt.cli", *[str(a) for a in args]],
+                       capture_output=True, text=True, cwd=cwd)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-2000:]
+    return lines[0]
+
+
+def test_serve_repo_without_the_precision_variant_is_one_line(tiny_build, tmp_path):
+    for precision, how in (("int8", "calibrate"), ("fp16", "convert")):
+        out = tmp_path / f"repo-{precision}"
+        line = _one_line_exit_2("serve-repo", tiny_build, "--out", out, "--precision", precision)
+        assert precision in line and how in line
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_fetch_data_into_an_unusable_directory_is_one_line(tmp_path):
+    line = _one_line_exit_2("fetch-data", "--data-dir", "/proc/nope")
+    assert "/proc/nope" in line
+    (tmp_path / "file").write_text("x")
+    line = _one_line_exit_2("fetch-data", "--data-dir", tmp_path / "file" / "sub")
+    assert "file" in line
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("cmd,opt", [("convert", "--keep-fp32"), ("calibrate", "--keep-float")])
+def test_unknown_keep_names_are_refused_naming_what_is_valid(tiny_build, tmp_path, cmd, opt):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    before = _tree(tmp_path)
+    line = _one_line_exit_2(cmd, build, opt, "MatMul,NoSuchOp", "--quality-requests", "0")
+    assert "NoSuchOp" in line and "MatMul" not in line.split("NoSuchOp")[0]  # names only the unknown one
+    assert "MatMul" in line and "Add" in line  # lists the op types present
+    assert _tree(tmp_path) == before  # nothing written: no fp16/ or int8/, manifest untouched

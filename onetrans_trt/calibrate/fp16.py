@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onetrans_trt.errors import BuildError
+from onetrans_trt.errors import BuildError, InputError
 from onetrans_trt.export.api import (
     CANDIDATE_SCORER,
     MANIFEST,
@@ -56,6 +56,27 @@ def _ensure_names(model: onnx.ModelProto) -> None:
             n.name = f"{n.op_type}_{i}"
 
 
+def resolve_keep(keep: list[str] | None, models: dict[str, onnx.ModelProto],
+                 option: str = "--keep-fp32") -> tuple[list[str], list[str]]:
+    """Split ``keep`` into op types and node names found in ``models`` (unnamed nodes are
+    named ``<op>_<index>``, as the conversion names them). An entry that is neither is
+    refused, naming it and listing the op types present: a typo must not be a no-op."""
+    ops: set[str] = set()
+    names: list[str] = []
+    for model in models.values():
+        for i, n in enumerate(model.graph.node):
+            ops.add(n.op_type)
+            names.append(n.name or f"{n.op_type}_{i}")
+    known = set(names)
+    keep = list(keep or [])
+    unknown = [k for k in keep if k not in ops and k not in known]
+    if unknown:
+        raise InputError(f"{option}: unknown {', '.join(repr(k) for k in unknown)}: neither an op type nor a node "
+                         f"name in {', '.join(models)}; op types there: {', '.join(sorted(ops))}; or a node name "
+                         f"such as {names[0]!r} (list them with `onetrans-trt inspect BUILD --json`)")
+    return [k for k in keep if k in ops], [k for k in keep if k in known]
+
+
 def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False,
             role: str = "user_encoder") -> onnx.ModelProto:
     from onnxconverter_common import float16
@@ -78,8 +99,12 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp
     model = gs.export_onnx(graph.cleanup().toposort())
     _ensure_names(model)
     keep = list(keep_fp32 or [])
-    op_block = DEFAULT_FP32_OPS + [k for k in keep if k[:1].isupper() and "/" not in k and "_" not in k]
-    node_block = [k for k in keep if k not in op_block]
+    present_ops = {n.op_type for n in model.graph.node}
+    node_names = {n.name for n in model.graph.node}
+    # an entry is an op type where the graph has that op, else a node name (convert_build
+    # refuses entries that are neither in any graph)
+    op_block = DEFAULT_FP32_OPS + [k for k in keep if k in present_ops and k not in DEFAULT_FP32_OPS]
+    node_block = [k for k in keep if k in node_names]
     if role == "candidate_scorer":
         node_block += _head_nodes(model)
     # fresh types for every tensor (the local functions let inference see through our
@@ -174,15 +199,20 @@ def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_f
     build = Path(build)
     manifest = read_manifest(build)
     out = build / "fp16"
+    sources = {}
+    for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
+        src = build / fname
+        if not src.is_file():
+            raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
+        sources[role] = onnx.load(str(src))
+    keep_ops, keep_nodes = resolve_keep(keep_fp32, {f"{r}.onnx": m for r, m in sources.items()})
     info: dict[str, Any] = {"kv_dtype": "float16" if kv_fp16 else "float32",
-                            "fp32_ops": DEFAULT_FP32_OPS + list(keep_fp32 or []), "graphs": {}}
+                            "fp32_ops": DEFAULT_FP32_OPS + [k for k in keep_ops if k not in DEFAULT_FP32_OPS],
+                            "fp32_nodes": keep_nodes, "graphs": {}}
     # the whole fp16/ directory is built aside and swapped in: never half old, half new
     with atomic_directory(out, force=True) as tmp_dir:
         for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
-            src = build / fname
-            if not src.is_file():
-                raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
-            model = to_fp16(onnx.load(str(src)), keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
+            model = to_fp16(sources[role], keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
             onnx.checker.check_model(model)
             onnx.save(model, str(tmp_dir / fname))
             info["graphs"][role] = {"file": f"fp16/{fname}", "sha256": sha256_file(tmp_dir / fname),

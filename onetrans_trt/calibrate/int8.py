@@ -56,8 +56,12 @@ def quantize_graph(model: onnx.ModelProto, feed_list: list[dict[str, np.ndarray]
 
     model = _named(onnx.ModelProto.FromString(model.SerializeToString()))
     keep = list(keep_float or [])
-    op_excl = FLOAT_OPS + [k for k in keep if k[:1].isupper() and k.isalnum()]
-    node_excl = attention_matmuls(model) + [k for k in keep if k not in op_excl]
+    present_ops = {n.op_type for n in model.graph.node}
+    node_names = {n.name for n in model.graph.node}
+    # an entry is an op type where the graph has that op, else a node name (calibrate_build
+    # refuses entries that are neither in either graph)
+    op_excl = FLOAT_OPS + [k for k in keep if k in present_ops and k not in FLOAT_OPS]
+    node_excl = attention_matmuls(model) + [k for k in keep if k in node_names]
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="onetrans-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -112,12 +116,19 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
     build = Path(build)
     manifest = read_manifest(build)
     out = build / "int8"
+    from onetrans_trt.calibrate.fp16 import resolve_keep
+
+    ue, cs, _ = split_with_passes(build, *default_passes(fuse_attention=False))
+    # names are those of the unfused graphs that get quantized (as quantize_graph names them)
+    keep_ops, keep_nodes = resolve_keep(keep_float, {"user_encoder (unfused)": _named(gs.export_onnx(ue)),
+                                                     "candidate_scorer (unfused)": _named(gs.export_onnx(cs))},
+                                        option="--keep-float")
     arrays = build_calibration_set(build, n_samples, data_dir=data_dir,
                                    progress=lambda i, n: say("calibration data", i, n))
-    ue, cs, _ = split_with_passes(build, *default_passes(fuse_attention=False))
     info: dict[str, Any] = {"calibration": {"file": "int8/calibration.npz", "requests": int(arrays["count"]),
                                             "source": str(arrays["source"]), "method": "max"},
-                            "float_ops": FLOAT_OPS + list(keep_float or []), "graphs": {}}
+                            "float_ops": FLOAT_OPS + [k for k in keep_ops if k not in FLOAT_OPS],
+                            "float_nodes": keep_nodes, "graphs": {}}
     # the whole int8/ directory is built aside and swapped in: never half old, half new
     with atomic_directory(out, force=True) as tmp_dir:
         with open(tmp_dir / "calibration.npz", "wb") as fh:

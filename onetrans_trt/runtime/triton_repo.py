@@ -86,6 +86,11 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
     manifest = read_manifest(build)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise BuildError(f"precision {precision!r}: expected fp32, fp16 or int8")
+    if precision != "fp32" and precision not in (manifest.get("precisions") or {}):
+        how = {"fp16": "convert", "int8": "calibrate"}[precision]
+        raise BuildError(f"{build} has no {precision} variant; run `onetrans-trt {how} {build}` first")
     sub = {"fp32": "", "fp16": "fp16", "int8": "int8"}[precision]
     written: dict[str, str] = {}
     with atomic_directory(out, force=force) as tmp:
