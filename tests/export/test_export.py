@@ -189,9 +189,10 @@ def test_cli_export_errors_are_one_line(case, tmp_path, tiny_ckpt):
 
 
 def test_scorer_memory_grows_with_c_t_l_not_c_l_d(tmp_path):
-    """ORT peak memory at C=1024, L=512 stays below 2x that at C=128 plus the expected
-    per-candidate growth (score rows C*T*(L+T), activations C*T*d), far below what a
-    per-candidate copy of the K/V (C*L*d per layer, K and V) would need."""
+    """ORT peak memory (measured exactly: the kernel's high-water mark in a fresh process,
+    see bench/memory.py) grows from C=128 to C=1024 by no more than the scorer's own
+    per-candidate tensors (score rows C*T*(L+T), activations C*T*d), less than what a
+    per-candidate copy of the K/V (C*L*d, K and V, even one layer at a time) would need."""
     from onetrans_trt.data.synthetic import synthetic_schema
     from onetrans_trt.models.checkpoint import save_checkpoint
     from onetrans_trt.models.config import ModelConfig
@@ -207,11 +208,16 @@ def test_scorer_memory_grows_with_c_t_l_not_c_l_d(tmp_path):
     kv = {f"kv_len_{l}": L for l in range(layers)}
     growth = {c: peak_growth(str(tmp_path / "b" / "candidate_scorer.onnx"), {"candidates": c, "history": L, **kv})
               for c in (128, 1024)}
-    per_candidate = 4 * (4 * H * T * (L + T) + 16 * T * d)  # bytes: a few score/prob rows + activations
-    broadcast_per_candidate = 4 * layers * 2 * L * d  # bytes: K and V copied per candidate, per layer
-    assert per_candidate < broadcast_per_candidate / 2
-    bound = 2 * growth[128] + (1024 - 128) * per_candidate
-    assert growth[1024] <= bound, (growth, bound)
+    # Thresholds derived from tensor sizes (fp32, 4 bytes), none fitted to a measurement:
+    # per candidate the scorer holds a few H x T x (L+T) score/prob rows and T x d activations
+    per_candidate = 4 * (4 * H * T * (L + T) + 16 * T * d)
+    # a scorer that copies the K/V per candidate needs at least K and V of one layer each
+    broadcast_per_candidate = 4 * 2 * L * d
+    assert per_candidate < broadcast_per_candidate
+    extra = growth[1024] - growth[128]
+    assert 0 < extra <= (1024 - 128) * per_candidate, (growth, per_candidate)
+    for c, g in growth.items():
+        assert g <= c * per_candidate, (c, g, per_candidate)
 
 
 def test_ort_is_exact_for_every_history_length(tiny_build, tiny_ckpt, movielens):
