@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test demo clean browser fuzz
+.PHONY: venv data test demo clean browser fuzz gpu-check doctor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ test: venv data browser
 # the hardening suite at full strength: 10x the fuzz inputs (21,000), 20 SIGKILL trials per command
 fuzz: venv data
 	FUZZ_SCALE=10 KILL_TRIALS=20 $(BIN)/python -m pytest -q tests/hardening
+
+# the TensorRT/GPU path on one NVIDIA GPU (< 8 min): versions first, then kernels launched with
+# TensorRT's layout, one-node plugin engines, tiny preset trt vs ort, ORT CUDA vs CPU; without a
+# GPU it runs the CPU parts and prints each skipped part with its reason. Needs a CUDA torch,
+# tensorrt>=11, cuda-python (or cupy) and onnxruntime-gpu for the GPU parts.
+gpu-check: venv
+	$(BIN)/python -m onetrans_trt.gpu_check --json gpu-check.json
+
+doctor: venv
+	$(BIN)/onetrans-trt doctor
 
 demo: venv data
 	$(BIN)/onetrans-trt train --model onetrans --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/onetrans-small --force

@@ -17,12 +17,33 @@ from onetrans_trt import __version__
 from onetrans_trt.errors import InputError, OneTransError
 
 
+def _usage_error(e: click.UsageError) -> click.exceptions.Exit:
+    """click's own usage errors (a bad option value, an unknown option or command) as one
+    line, like ours: ``error: <command>: <what>``, exit code 2."""
+    where = e.ctx.command_path if e.ctx is not None else "onetrans-trt"
+    msg = " ".join(e.format_message().split())
+    click.echo(f"error: {where}: {msg} (see {where} --help)", err=True)
+    return click.exceptions.Exit(e.exit_code)
+
+
 class _Group(click.Group):
     """Map our errors to one-line messages and exit codes (never a traceback)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
         except OneTransError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
@@ -49,7 +70,46 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _nearest_existing(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(".")
+
+
+def _out_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A directory to write: checked before any work (not a file, not under a file)."""
+    if value is None:
+        return value
+    base = _nearest_existing(value)
+    if not base.is_dir():
+        raise click.BadParameter(f"{base} exists and is not a directory", ctx, param)
+    return value
+
+
+def _out_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A file to write: checked before any work (not a directory, not under a file)."""
+    if value is None:
+        return value
+    if value.is_dir():
+        raise click.BadParameter(f"{value} is a directory; give a file path", ctx, param)
+    base = _nearest_existing(value.parent)
+    if not base.is_dir():
+        raise click.BadParameter(f"{base} exists and is not a directory", ctx, param)
+    return value
+
+
+def _goldens_out(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """--save-goldens replaces its directory: only a goldens directory, an empty one or a new one."""
+    value = _out_dir(ctx, param, value)
+    if value is not None and value.is_dir() and any(value.iterdir()) and not (value / "meta.json").is_file():
+        raise click.BadParameter(f"{value} holds files and is not a goldens directory (no meta.json); "
+                                 "refusing to replace it", ctx, param)
+    return value
+
+
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        callback=_out_dir,
                         help="Where datasets are cached (default: $ONETRANS_TRT_DATA or ~/.cache/onetrans-trt).")
 JSON_OUT = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
@@ -102,7 +162,8 @@ def fetch_data(data_dir: Path | None) -> None:
               help="Architecture size (onetrans-s/-l: OneTrans only; hyformer-paper: HyFormer only).")
 @click.option("--data", type=click.Choice(["ml-100k"]), default="ml-100k", show_default=True,
               help="Training data.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint directory to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, callback=_out_dir,
+              help="Checkpoint directory to write.")
 @click.option("--epochs", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True)
@@ -254,7 +315,8 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
 
 @cli.command("export")
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Build directory to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, callback=_out_dir,
+              help="Build directory to write.")
 @click.option("--opset", type=click.IntRange(18), default=23, show_default=True, help="ONNX opset.")
 @click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
                                                  "no-broadcast check or cleanup.")
@@ -340,6 +402,24 @@ def inspect_cmd(build, candidates, history, as_json) -> None:
 
     info = inspect_build(build, candidates=candidates, history=history)
     _emit(info, as_json, describe(info))
+
+
+@cli.command("doctor")
+@JSON_OUT
+def doctor_cmd(as_json: bool) -> None:
+    """What this machine can do, and what to install for what it cannot.
+
+    \b
+    Versions of Python, numpy, torch, Triton, TensorRT, ONNX Runtime (and its execution
+    providers), ModelOpt, Polygraphy; the GPU, its driver and the highest PTX ISA the
+    driver loads (our kernels' PTX is capped to it). Then each capability (ORT on CPU or
+    GPU, INT8 calibration, Triton kernels, TensorRT engines, gpu-check) with yes/no and
+    the install line for each missing piece. `build` and `make gpu-check` print the same.
+    """
+    from onetrans_trt import doctor
+
+    rep = doctor.report()
+    _emit(rep, as_json, "\n".join(doctor.lines(rep)))
 
 
 @cli.command("plugins")
@@ -444,7 +524,8 @@ def calibrate_cmd(build, data, samples, keep_float, quality_requests, data_dir, 
               help="Override a dynamic dimension's range: NAME=MIN,OPT,MAX (e.g. candidates=1,256,2048). "
                    "Defaults come from the manifest.")
 @click.option("--workspace-mb", type=click.IntRange(64), default=2048, show_default=True)
-@click.option("--tf32/--no-tf32", default=True, show_default=True, help="Allow TF32 for FP32 matmuls.")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Allow TF32 for FP32 matmuls (faster, ~1e-3 relative error; off: fp32 means fp32).")
 @JSON_OUT
 def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> None:
     """Build TensorRT engines for both graphs into BUILD/engines/<precision>/.
@@ -455,10 +536,15 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
     and a GPU: user_encoder.engine, candidate_scorer.engine (written atomically) and a
     timing cache. Without TensorRT or a GPU: exit code 3.
     """
+    from onetrans_trt import doctor
     from onetrans_trt.engines.build import build_engines, parse_overrides
 
+    def facts() -> None:  # once the inputs are valid: the machine a TensorRT build is read against
+        for line in doctor.lines():
+            click.echo(line, err=True)
+
     plan = build_engines(build, precision, overrides=parse_overrides(list(profile_specs)),
-                         workspace_mb=workspace_mb, tf32=tf32)
+                         workspace_mb=workspace_mb, tf32=tf32, before_tensorrt=facts)
     _emit(plan, as_json, f"built engines in {build}/engines/{precision}/")
 
 
@@ -476,9 +562,11 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
                    "max_delta_auc, min_top10_overlap).")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="The source checkpoint (default: the one the manifest names).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, help="Write the HTML report here.")
-@click.option("--save-goldens", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=_out_file,
+              help="Write the JSON report here.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, callback=_out_file,
+              help="Write the HTML report here.")
+@click.option("--save-goldens", type=click.Path(path_type=Path), default=None, callback=_goldens_out,
               help="Also write the requests' inputs and PyTorch outputs here (polygraphy JSON).")
 @click.option("--goldens", type=click.Path(path_type=Path), default=None,
               help="Validate ORT backends against saved goldens instead (no PyTorch needed).")
@@ -541,7 +629,8 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 
 @cli.command("serve-repo")
 @click.argument("build", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, callback=_out_dir,
+              help="Model repository to write.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="onnxruntime: the ONNX graphs; tensorrt: the engines from `onetrans-trt build`.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
@@ -586,7 +675,8 @@ def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
 @click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (12 quick, within a 6 s budget per section); else 10].")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the JSON result here.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_file,
+              help="Also write the JSON result here.")
 @JSON_OUT
 def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
               backends, no_pyramid, threads, rounds, out, as_json) -> None:

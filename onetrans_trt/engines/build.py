@@ -110,7 +110,10 @@ def command_lines(engine_dir: Path, role: str, onnx_path: Path, prof: dict, has_
 @locks_build("build")
 def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict | None = None,
                   workspace_mb: int = 2048, tf32: bool = False,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str], None] | None = None,
+                  before_tensorrt: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``before_tensorrt``: called once the inputs are checked and the profiles written, before
+    TensorRT is looked for (the CLI prints the machine's facts there)."""
     say = progress or (lambda msg: None)
     build = Path(build)
     manifest = read_manifest(build)
@@ -133,6 +136,8 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     atomic_write_json(engine_dir / "profiles.json", plan)
     atomic_write_text(engine_dir / "commands.sh", "\n".join(lines) + "\n")
     log = [f"{time.strftime('%Y-%m-%dT%H:%M:%S')} build {precision}: profiles and command lines written"]
+    if before_tensorrt is not None:
+        before_tensorrt()
     try:
         from onetrans_trt.plugins._trt import require_tensorrt
 
