@@ -16,7 +16,6 @@ import pytest
 from onnx import helper
 
 from onetrans_trt.plugins import OPS, PLUGIN_NAMESPACE
-from onetrans_trt.plugins._triton import MIN_PTX_FOR_ARCH, ptx_cap, ptx_entry_params
 from tests.plugins import trt_standin
 
 pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
@@ -77,16 +76,24 @@ def _tca(h, dh):
 CASES = {"SharedPrefixAttention": _spa, "TailCausalAttention": _tca}
 
 
+def entry_params(ptx: str, name: str) -> list[str]:
+    """The kinds of the ``.entry name(...)`` parameters, parsed here independently of our code:
+    ``ptr`` for ``.u64 .ptr`` params, else the scalar type (``u32``...)."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, flags=re.S)
+    assert m, f"no .entry {name}"
+    return ["ptr" if ".ptr" in p.split() else p.split()[1].lstrip(".") for p in m.group(1).split(",") if p.strip()]
+
+
 def check_abi(ptx: str, name: str, n_inputs: int, n_extras: int, n_outputs: int) -> None:
     """TensorRT launches an AOT kernel with (input pointers, int32 extras, output pointers)
     (tensorrt.plugin aot_impl docstring; NVIDIA's AOT sample kernels). Triton >= 3.3 appends
     global/profile scratch pointers; they are legal only because our kernels need no scratch
     (checked at compile time), so TensorRT's null there is never dereferenced."""
-    params = ptx_entry_params(ptx, name)
+    kinds = entry_params(ptx, name)
     want = ["ptr"] * n_inputs + ["u32"] * n_extras + ["ptr"] * n_outputs
-    assert [p.kind for p in params[:len(want)]] == want, [p.kind for p in params]
-    trailing = params[len(want):]
-    assert len(trailing) <= 2 and all(p.kind == "ptr" for p in trailing), trailing
+    assert kinds[:len(want)] == want, kinds
+    trailing = kinds[len(want):]
+    assert len(trailing) <= 2 and all(k == "ptr" for k in trailing), trailing
 
 
 @pytest.mark.parametrize("head_dim", HEAD_SIZES)
@@ -102,6 +109,8 @@ def test_register_autotune_aot_impl_end_to_end(standin, op, head_dim):
     fields = trt_standin.fields_from_onnx_node(_node(op, head_dim), d)
     builds = trt_standin.build_node(plugin_id, dims, fields)
     assert [b.io_types[0].name for b in builds] == ["FLOAT", "HALF"]  # one kernel per autotuned type
+    from onetrans_trt.plugins._triton import ptx_cap
+
     cap, _ = ptx_cap(90)
     for b in builds:
         assert isinstance(b.attrs["scale"], np.ndarray) and b.attrs["scale"].dtype == np.float32
@@ -222,6 +231,7 @@ def test_plain_ints_as_extra_arguments_are_refused(standin):
 def test_ptx_cap_defaults_and_arch_floor(monkeypatch):
     from onetrans_trt.errors import MissingCapabilityError
     from onetrans_trt.plugins import _triton
+    from onetrans_trt.plugins._triton import MIN_PTX_FOR_ARCH, ptx_cap
 
     monkeypatch.setattr(_triton, "driver_cuda_version", lambda: None)
     monkeypatch.delenv("ONETRANS_TRT_PTX_VERSION", raising=False)
