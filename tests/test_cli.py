@@ -151,3 +151,64 @@ def test_unknown_keep_names_are_refused_naming_what_is_valid(tiny_build, tmp_pat
     assert "NoSuchOp" in line and "MatMul" not in line.split("NoSuchOp")[0]  # names only the unknown one
     assert "MatMul" in line and "Add" in line  # lists the op types present
     assert _tree(tmp_path) == before  # nothing written: no fp16/ or int8/, manifest untouched
+
+
+def _input_types(path):
+    """node name -> the element types of its inputs (after ONNX shape inference)."""
+    import onnx
+
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    t = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    t.update({i.name: i.data_type for i in m.graph.initializer})
+    return {n.name: (n.op_type, {t.get(i) for i in n.input if i}) for n in m.graph.node}
+
+
+def test_keep_fp32_keeps_those_ops_and_nodes_in_fp32(tiny_build, tmp_path):
+    import shutil
+
+    from onnx import TensorProto
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    scorer = build / "fp16" / "candidate_scorer.onnx"
+    assert run("convert", build, "--quality-requests", "0").exit_code == 0
+    default = _input_types(scorer)
+    matmuls = [k for k, (op, _) in default.items() if op == "MatMul"]
+    adds = sorted(k for k, (op, ty) in default.items() if op == "Add" and TensorProto.FLOAT16 in ty)
+    assert matmuls and adds  # without --keep-fp32 both compute in FP16
+    assert all(default[k][1] == {TensorProto.FLOAT16} for k in matmuls)
+    r = run("convert", build, "--quality-requests", "0", "--keep-fp32", f"MatMul,{adds[0]}", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["fp16"]["fp32_nodes"] == [adds[0]]
+    kept = _input_types(scorer)
+    assert all(kept[k][1] == {TensorProto.FLOAT} for k in matmuls)  # every MatMul (an op type)
+    assert kept[adds[0]][1] == {TensorProto.FLOAT}  # the one Add named
+    assert any(TensorProto.FLOAT16 in kept[k][1] for k in adds[1:])  # the other Adds still FP16
+
+
+def _fed_by_dq(path):
+    import onnx
+
+    m = onnx.load(str(path))
+    prod = {o: n for n in m.graph.node for o in n.output}
+    return {n.name: n.op_type for n in m.graph.node
+            if any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input)}
+
+
+def test_keep_float_leaves_those_ops_and_nodes_unquantized(tiny_build, tmp_path):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    scorer, user = build / "int8" / "candidate_scorer.onnx", build / "int8" / "user_encoder.onnx"
+    args = ("calibrate", build, "--samples", "8", "--quality-requests", "0")
+    assert run(*args).exit_code == 0
+    default = {**_fed_by_dq(scorer), **_fed_by_dq(user)}
+    gemms = sorted(k for k, op in default.items() if op == "Gemm")
+    assert "MatMul" in default.values() and len(gemms) >= 2  # quantized without --keep-float
+    r = run(*args, "--keep-float", f"MatMul,{gemms[0]}", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["int8"]["float_nodes"] == [gemms[0]]
+    kept = {**_fed_by_dq(scorer), **_fed_by_dq(user)}
+    assert "MatMul" not in kept.values()  # no MatMul takes a dequantized input
+    assert gemms[0] not in kept and set(gemms[1:]) <= set(kept)  # only the named Gemm left in float
