@@ -16,6 +16,37 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+PAUSE_ENV = "ONETRANS_TRT_PAUSE_IN_WRITE"
+_pauses = 0
+
+
+def _pause_in_write(point: str, final: Path, tmp: Path) -> None:
+    """Test hook: stop inside an atomic write so a test can SIGKILL the process there.
+
+    Off (one dictionary look-up) unless ``ONETRANS_TRT_PAUSE_IN_WRITE`` names a directory.
+    Then, at each pause point (a temporary file or directory complete, not yet renamed;
+    an old directory moved aside, the new one not yet renamed in), the process writes
+    ``<dir>/<n>.paused`` (one JSON line: pid, point, final and temporary path; ``n`` counts
+    the pauses of this process from 1) and waits until ``<dir>/<n>.go`` exists.
+    """
+    hook = os.environ.get(PAUSE_ENV)
+    if not hook:
+        return
+    import time
+
+    global _pauses
+    _pauses += 1
+    d = Path(hook)
+    note = d / f"{_pauses}.paused"
+    part = d / f".{_pauses}.paused.part"
+    part.write_text(json.dumps({"pid": os.getpid(), "point": point, "final": str(final), "tmp": str(tmp)}) + "\n")
+    os.replace(part, note)  # the waiting test never reads a half-written note
+    go = d / f"{_pauses}.go"
+    deadline = time.monotonic() + 600
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -45,6 +76,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _pause_in_write("file", final, tmp_path)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     finally:
@@ -78,11 +110,13 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _pause_in_write("directory", final, tmp)
         if final.exists():
             if not force:
                 raise FileExistsError(final)
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
+            _pause_in_write("directory-swap", final, tmp)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
