@@ -22,7 +22,7 @@ def register(name: str):
 
 
 def _load_all() -> None:
-    from onetrans_trt.graphs import cleanup, fuse_attention, no_broadcast, pyramid  # noqa: F401
+    from onetrans_trt.graphs import cleanup, fuse_attention, no_broadcast, pyramid, shared_prefix  # noqa: F401
 
 
 def available_passes() -> list[str]:
