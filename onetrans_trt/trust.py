@@ -83,7 +83,8 @@ _MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
     "format": str, "created": str, "checkpoint": dict, "versions": dict, "opset": int, "model": dict,
     "pyramid": dict, "graphs": dict, "dynamic_dims": dict, "passes": list, "samples": dict,
 }
-_OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {"hyformer": dict, "precisions": dict, "engines": dict}
+_OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {"hyformer": dict, "precisions": dict, "engines": dict,
+                                                     "protocol": dict}
 _MODEL_KEYS: dict[str, type | tuple[type, ...]] = {
     "family": str, "d_model": int, "n_heads": int, "n_layers": int, "tasks": list, "s_max_len": int,
 }

@@ -82,23 +82,31 @@ def _example(model, n_users: int = 2, n_candidates: int = 3) -> tuple[dict, dict
     return hist, ns
 
 
-def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
-    """Export ``module`` (an :mod:`export.serving` graph) with the dynamo exporter."""
+def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int,
+               dynamic: dict[str, dict[int, str]] | None = None) -> None:
+    """Export ``module`` (an :mod:`export.serving` graph, or any module with ``input_names`` /
+    ``output_names`` and one positional parameter per input) with the dynamo exporter.
+    ``dynamic``: per input, ``{axis: dimension name}``; default: our models' naming
+    (``s_length`` by users, ``s_*`` by users and history, the rest by candidates)."""
     import torch
     from torch.export import Dim
 
-    users, history, cands = Dim("users", min=1, max=4096), Dim("history", min=1, max=1 << 16), \
-        Dim("candidates", min=1, max=1 << 20)
+    if dynamic is None:
+        dynamic = {n: ({0: "users"} if n == "s_length" else {0: "users", 1: "history"} if n.startswith("s_")
+                       else {0: "candidates"}) for n in module.input_names}
+    top = {"users": 4096, "history": 1 << 16, "candidates": 1 << 20}
+    dims: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
     for name in module.input_names:
-        if name == "s_length":
-            shapes[name] = {0: users}
-        elif name.startswith("s_"):
-            shapes[name] = {0: users, 1: history}
-        else:
-            shapes[name] = {0: cands}
+        spec = {}
+        for axis, dim in dynamic.get(name, {}).items():
+            if dim not in dims:
+                dims[dim] = Dim(dim, min=1, max=top.get(dim, 1 << 20))
+            spec[axis] = dims[dim]
+        shapes[name] = spec or None
     module.eval()
-    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in module.input_names)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) if isinstance(feeds[n], np.ndarray)
+                 else feeds[n].contiguous() for n in module.input_names)
     with tempfile.TemporaryDirectory() as tmp:  # the exporter may leave report files behind
         cwd = os.getcwd()
         os.chdir(tmp)

@@ -135,7 +135,7 @@ class OrtSplitBackend:
             outs = binding.get_outputs()
             if not self.bind_state:
                 outs = [o.numpy() for o in outs]
-        return from_state(dict(zip(self.kv_names, outs)), np.asarray(hist["s_length"]))
+        return from_state(dict(zip(self.kv_names, outs)), np.asarray(hist["s_length"]) if "s_length" in hist else None)
 
     def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:
         state = state_arrays(kv)
