@@ -281,7 +281,7 @@ def info(ckpt: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--request", "request_path", type=click.Path(path_type=Path), required=True,
+@click.option("--request", "request_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="A request JSON file (one object, a list, or JSON lines).")
 @click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "ort", "ort-fp16", "ort-int8",
                                               "ort-unified", "trt", "trt-fp16", "trt-int8"]),
@@ -314,9 +314,20 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
 
 
 @cli.command("export")
-@click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, callback=_out_dir,
-              help="Build directory to write.")
+@click.argument("ckpt", type=click.Path(path_type=Path), required=False)
+@click.option("--module", "module_ref", default=None,
+              help="Your own ranker instead of a checkpoint: FILE.py:FACTORY or package.module:FACTORY "
+                   "(the factory returns an nn.Module following the split protocol). Runs your code.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --module: a state dict (.safetensors, or a PyTorch file read with "
+                   "torch.load(weights_only=True)); bf16/fp16/fp32.")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --module: the split spec JSON (default: the factory module's SPEC).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --module: example inputs (.npz holding every spec input by name) for the checks.")
+@click.option("--check-only", is_flag=True, help="With --module: run the protocol checks and stop.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_dir,
+              help="Build directory to write (required unless --check-only).")
 @click.option("--opset", type=click.IntRange(18), default=23, show_default=True, help="ONNX opset.")
 @click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
                                                  "no-broadcast check or cleanup.")
@@ -331,8 +342,10 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
-def export_cmd(ckpt, out, opset, no_passes, fuse_attention, unified, n_samples, force, data_dir, as_json) -> None:
-    """Export a OneTrans checkpoint to a build directory of ONNX graphs.
+def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, out, opset, no_passes, fuse_attention,
+               unified, n_samples, force, data_dir, as_json) -> None:
+    """Export a OneTrans/HyFormer checkpoint, or your own ranker (--module), to a build
+    directory of ONNX graphs.
 
     \b
     BUILD/user_encoder.onnx      history -> each layer's S-token K/V (batched over users)
@@ -347,6 +360,17 @@ def export_cmd(ckpt, out, opset, no_passes, fuse_attention, unified, n_samples, 
       polygraphy run BUILD/candidate_scorer.onnx --onnxrt \\
           --load-inputs BUILD/samples/candidate_scorer_inputs.json
     """
+    if out is None and not check_only:
+        raise InputError("--out BUILD is required (the build directory to write)")
+    if module_ref is not None:
+        return _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only, out, opset, unified,
+                              force, as_json)
+    if ckpt is None:
+        raise InputError("give a checkpoint directory (CKPT) or --module FILE.py:FACTORY")
+    extra = [n for n, v in (("--weights", weights), ("--spec", spec_path), ("--inputs", inputs_path),
+                            ("--check-only", check_only)) if v]
+    if extra:
+        raise InputError(f"{', '.join(extra)} go with --module (a checkpoint carries its own weights and schema)")
     from onetrans_trt.export.api import export_build
 
     with _progress() as prog:
@@ -360,6 +384,41 @@ def export_cmd(ckpt, out, opset, no_passes, fuse_attention, unified, n_samples, 
              f"{', unified.onnx' if unified else ''}; passes: "
              f"{', '.join(r['pass'] for r in manifest['passes'])}; nodes {nodes}")
     _emit({"out": str(out), "manifest": manifest}, as_json, human)
+
+
+def _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only, out, opset, unified, force,
+                   as_json) -> None:
+    """``export --module``: the user's ranker through the protocol checks, then to a build."""
+    from onetrans_trt.export.module import check_only as run_checks
+    from onetrans_trt.export.module import export_module, load_inputs, load_user_module
+
+    if ckpt is not None:
+        raise InputError(f"give either a checkpoint ({ckpt}) or --module, not both")
+    module, spec, source = load_user_module(module_ref, weights, spec_path)
+    example = load_inputs(inputs_path, spec) if inputs_path is not None else None
+    with _progress() as prog:
+        task = prog.add_task("export", total=None, status="")
+
+        def say(msg: str) -> None:
+            prog.update(task, status=msg)
+            if not sys.stderr.isatty():
+                click.echo(msg, err=True)
+
+        if check_only:
+            report = run_checks(module, spec, example, progress=say)
+        else:
+            manifest = export_module(module, spec, example, out, opset=opset, unified=unified, force=force,
+                                     source=source, progress=say)
+            report = manifest["protocol"]["checks"]
+    lines = [f"protocol checks passed on {len(report['cases'])} cases: split == unified (max abs "
+             f"{report['max_abs']:.2e}, tolerance {report['tolerance']:g}); user state: {report['state_checked']}; "
+             f"candidates independent (max abs {report['independence_max_abs']:.2e})"]
+    if check_only:
+        _emit({"checks": report}, as_json, "\n".join(lines))
+        return
+    lines.append(f"wrote {out}: user_encoder.onnx, candidate_scorer.onnx{', unified.onnx' if unified else ''}; "
+                 f"passes: {', '.join(r['pass'] for r in manifest['passes'])}")
+    _emit({"out": str(out), "manifest": manifest}, as_json, "\n".join(lines))
 
 
 @cli.command("graphs")
@@ -548,6 +607,29 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
     _emit(plan, as_json, f"built engines in {build}/engines/{precision}/")
 
 
+def _validate_module(build, module_ref, weights, inputs_path, count, json_path) -> None:
+    """``validate`` on a build from ``export --module``: ORT split vs the module's unified forward."""
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.export.module import load_inputs, load_user_module
+    from onetrans_trt.io import atomic_write_json
+    from onetrans_trt.validate.module import read_spec, validate_module_build
+
+    m = read_manifest(build)
+    ref = module_ref or m["checkpoint"].get("module")
+    if not ref or ":" not in str(ref):
+        raise InputError(f"{build}: give --module FILE.py:FACTORY (the manifest names none)")
+    recorded = (m["checkpoint"].get("weights") or {}).get("path")
+    module, _, _ = load_user_module(ref, weights or (recorded if module_ref is None else None))
+    spec = read_spec(build)
+    inputs = load_inputs(inputs_path, spec) if inputs_path is not None else None
+    report = validate_module_build(build, module, count=count, inputs=inputs,
+                                   progress=lambda msg: click.echo(msg, err=True))
+    if json_path:
+        atomic_write_json(json_path, report)
+    click.echo(f"verdict: PASS ({report['cases']} cases, data: {report['data']}; ORT split vs the module's unified "
+               f"forward: max abs {report['max_abs']:.2e} <= {report['tolerance']:g})")
+
+
 @cli.command("validate")
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Choice(["ml-100k"]), default=None,
@@ -570,9 +652,17 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
               help="Also write the requests' inputs and PyTorch outputs here (polygraphy JSON).")
 @click.option("--goldens", type=click.Path(path_type=Path), default=None,
               help="Validate ORT backends against saved goldens instead (no PyTorch needed).")
+@click.option("--module", "module_ref", default=None,
+              help="A build from `export --module`: the module to compare with (default: the one the manifest "
+                   "names). Runs your code.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --module: its weights (default: the ones the manifest names).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A module build: validate on exactly these inputs (.npz of every spec input) instead of "
+                   "--count random cases drawn from the spec.")
 @DATA_DIR
 def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt, json_path, html_path,
-                 save_goldens, goldens, data_dir) -> None:
+                 save_goldens, goldens, module_ref, weights, inputs_path, data_dir) -> None:
     """Compare every backend against the float32 PyTorch model; exit 0 when all pass,
     1 when any fails (the report names the first diverging layer and node), 2 on bad input.
 
@@ -586,6 +676,13 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
     from onetrans_trt.validate.policy import load_policy
     from onetrans_trt.validate.report import write_html, write_json
 
+    from onetrans_trt.export.api import read_manifest
+
+    if "protocol" in read_manifest(build):
+        return _validate_module(build, module_ref, weights, inputs_path, count, json_path)
+    if module_ref or weights or inputs_path:
+        raise InputError(f"{build} was exported from a checkpoint: --module/--weights/--inputs are for builds "
+                         "from `export --module`")
     policy = load_policy(policy_path)
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     if goldens is not None:
@@ -650,6 +747,9 @@ def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
     _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
 
 
+PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]
+
+
 @cli.command("bench")
 @click.argument("build", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--suite", type=click.Choice(["peers", "fused", "int8"]), default="peers", show_default=True,
@@ -691,13 +791,26 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
     """
     from onetrans_trt.io import atomic_write_json
 
+    chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
+    if suite != "peers":
+        only = {"--quick": quick, "--scorer-candidates": scorer_candidates, "--cache-history": cache_history,
+                "--cache-candidates": cache_candidates, "--backends": backends, "--no-pyramid": no_pyramid,
+                "--threads": threads}
+        given = [k for k, v in only.items() if v not in (None, False)]
+        if given:
+            raise InputError(f"{', '.join(given)}: only for --suite peers, not --suite {suite}")
+    elif chosen is not None:
+        unknown = [b for b in chosen if b not in PEER_BACKENDS]
+        if unknown or not chosen:
+            raise InputError(f"--backends: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                             f"choose from {','.join(PEER_BACKENDS)}")
     if suite == "peers":
         from onetrans_trt.bench.peers import bench_peers, table
 
         res = bench_peers(build, preset=preset, quick=quick, history=history, candidates=candidates,
                           scorer_candidates=scorer_candidates, cache_history=cache_history,
                           cache_candidates=cache_candidates, rounds=rounds, threads=threads,
-                          backends=[b.strip() for b in backends.split(",")] if backends else None,
+                          backends=chosen,
                           pyramid=not no_pyramid, say=lambda msg: _stderr_console().print(f"[dim]{msg}[/dim]"))
         if out:
             atomic_write_json(out, res)

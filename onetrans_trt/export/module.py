@@ -67,6 +67,29 @@ def load_factory(ref: str) -> Callable[[], Any]:
     return fn
 
 
+def load_user_module(ref: str, weights: str | Path | None = None, spec_path: str | Path | None = None):
+    """``(module, spec, source)`` for ``--module REF [--weights FILE] [--spec FILE]``; without
+    ``--spec`` the factory's Python module must define ``SPEC``."""
+    import torch
+
+    factory = load_factory(ref)
+    try:
+        module = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code
+        raise InputError(f"--module {ref!r}: the factory raised {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"--module {ref!r}: the factory returned {type(module).__name__}, not a torch.nn.Module")
+    if spec_path is not None:
+        spec = SplitSpec.from_file(spec_path)
+    else:
+        raw = getattr(sys.modules.get(getattr(factory, "__module__", ""), None), "SPEC", None)
+        if raw is None:
+            raise InputError(f"--module {ref!r}: give --spec FILE (its module defines no SPEC)")
+        spec = SplitSpec.parse(raw, f"{ref} SPEC")
+    source = {"module": ref, "weights": load_weights(module, weights) if weights is not None else None}
+    return module.eval(), spec, source
+
+
 def load_weights(module, path: str | Path) -> dict[str, Any]:
     """Load a state dict into ``module``: safetensors, or a PyTorch file read with
     ``torch.load(weights_only=True)`` (never a pickle of code). bf16/fp16/fp32 accepted."""
