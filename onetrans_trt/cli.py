@@ -556,9 +556,14 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, data_dir
 @click.option("--keep-float", default="", help="Comma-separated op types or node names to leave unquantized "
                                                "(attention scores/softmax and norms always are).")
 @click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True)
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Calibrate on exactly these requests (JSON object, list or JSON lines) instead of --data.")
+@click.option("--synthetic", is_flag=True,
+              help="Calibrate on synthetic requests (only when asked: never a silent fallback).")
 @DATA_DIR
 @JSON_OUT
-def calibrate_cmd(build, data, samples, keep_float, quality_requests, data_dir, as_json) -> None:
+def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_path, synthetic, data_dir,
+                  as_json) -> None:
     """INT8: calibrate on real requests (max), quantize both graphs with NVIDIA ModelOpt
     (explicit Q/DQ, per-channel weights), fuse attention, write BUILD/int8/ with the
     calibration set (calibration.npz) and the quality report (quality.json)."""
@@ -566,12 +571,15 @@ def calibrate_cmd(build, data, samples, keep_float, quality_requests, data_dir, 
 
     with _progress() as prog:
         task = prog.add_task("calibrate", total=None, status="")
-        info = calibrate_build(build, n_samples=samples, data_dir=data_dir,
+        if inputs_path is not None and synthetic:
+            raise InputError("--inputs and --synthetic exclude each other: calibrate on one source")
+        info = calibrate_build(build, n_samples=samples, data_dir=data_dir, inputs=inputs_path, synthetic=synthetic,
                                keep_float=[k.strip() for k in keep_float.split(",") if k.strip()],
                                progress=lambda stage, i, n: prog.update(task, completed=i, total=n, status=stage))
         rep = _quality(build, "int8", quality_requests, data_dir, prog) if quality_requests else None
     q = {k: v["qdq"]["QuantizeLinear"] for k, v in info["graphs"].items()}
-    lines = [f"wrote {build}/int8/ ({info['calibration']['requests']} calibration requests; Q nodes {q})"]
+    lines = [f"wrote {build}/int8/ ({info['calibration']['requests']} calibration requests from "
+             f"{info['calibration']['source']}; Q nodes {q})"]
     _emit({"int8": info, "quality": rep}, as_json, "\n".join(lines + (_quality_lines(rep) if rep else [])))
 
 

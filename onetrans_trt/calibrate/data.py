@@ -16,21 +16,31 @@ import numpy as np
 from onetrans_trt.data.requests import encode_events, encode_ns, merge_stream, pad_streams
 
 
-def calibration_requests(build: str | Path, n: int, *, data_dir=None, seed: int = 7, n_candidates: int = 16):
-    """Real MovieLens requests for a build whose schema is MovieLens' (train-period users)."""
+def calibration_requests(build: str | Path, n: int, *, data_dir=None, seed: int = 7, n_candidates: int = 16,
+                         inputs: str | Path | None = None, synthetic: bool = False):
+    """The calibration requests and where they came from: exactly the ``inputs`` file's
+    (requests JSON/JSONL) when given, else training-period MovieLens requests for a build
+    whose schema is MovieLens', else synthetic ones only when asked for."""
     from onetrans_trt.export.api import load_onetrans_config, sample_requests
 
     cfg = load_onetrans_config(build)
-    reqs, source = sample_requests(cfg, n, data_dir, seed=seed, n_candidates=n_candidates, period="train")
+    if inputs is not None:
+        from onetrans_trt.data.requests import RequestLimits, load_requests
+
+        reqs = load_requests(Path(inputs), RequestLimits())
+        return cfg, reqs, f"--inputs {inputs} ({len(reqs)} requests)"
+    reqs, source = sample_requests(cfg, n, data_dir, seed=seed, n_candidates=n_candidates, period="train",
+                                   synthetic=synthetic)
     return cfg, reqs, source
 
 
-def build_calibration_set(build: str | Path, n: int, *, data_dir=None, progress=None) -> dict[str, np.ndarray]:
+def build_calibration_set(build: str | Path, n: int, *, data_dir=None, progress=None, inputs=None,
+                          synthetic: bool = False) -> dict[str, np.ndarray]:
     """``{"<i>/<input name>": array}`` for both graphs (``user/`` and ``scorer/`` prefixes)."""
     from onetrans_trt.runtime.ort_backend import ort_session
 
     build = Path(build)
-    cfg, reqs, source = calibration_requests(build, n, data_dir=data_dir)
+    cfg, reqs, source = calibration_requests(build, n, data_dir=data_dir, inputs=inputs, synthetic=synthetic)
     schema = cfg.schema
     user = ort_session(build / "user_encoder.onnx")
     kv_names = [o.name for o in user.get_outputs()]

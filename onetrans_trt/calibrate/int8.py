@@ -95,7 +95,8 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
 
 @locks_build("calibrate")
 def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, keep_float: list[str] | None = None,
-                    fuse: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                    fuse: bool = True, progress: Callable[[str, int, int], None] | None = None,
+                    inputs: str | Path | None = None, synthetic: bool = False) -> dict[str, Any]:
     """Write ``BUILD/int8/`` (both graphs + ``calibration.npz``) and record it in the manifest."""
     from onetrans_trt.calibrate.data import build_calibration_set, feeds
     from onetrans_trt.export.api import (
@@ -123,7 +124,7 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
     keep_ops, keep_nodes = resolve_keep(keep_float, {"user_encoder (unfused)": _named(gs.export_onnx(ue)),
                                                      "candidate_scorer (unfused)": _named(gs.export_onnx(cs))},
                                         option="--keep-float")
-    arrays = build_calibration_set(build, n_samples, data_dir=data_dir,
+    arrays = build_calibration_set(build, n_samples, data_dir=data_dir, inputs=inputs, synthetic=synthetic,
                                    progress=lambda i, n: say("calibration data", i, n))
     info: dict[str, Any] = {"calibration": {"file": "int8/calibration.npz", "requests": int(arrays["count"]),
                                             "source": str(arrays["source"]), "method": "max"},

@@ -170,25 +170,38 @@ def load_onetrans_config(build: str | Path):
 
 
 def sample_requests(model, n: int, data_dir: str | Path | None = None, *, seed: int = 123,
-                    n_candidates: int = 16, period: str = "test") -> tuple[list[Request], str]:
-    """Real MovieLens requests when the schema is MovieLens', else synthetic.
+                    n_candidates: int = 16, period: str = "test",
+                    synthetic: bool | None = None) -> tuple[list[Request], str]:
+    """Requests for samples and calibration, and where they came from.
 
-    ``model`` is a model or a :class:`ModelConfig`.
+    MovieLens' schema: real MovieLens requests, or a :class:`DataError` naming the fix when the
+    data cannot be read (never a silent switch to synthetic data); ``synthetic=True`` asks for
+    synthetic ones. Another schema has no dataset here: synthetic requests when ``synthetic`` is
+    True or None (export's samples), a :class:`DataError` when it is False (calibration must be
+    asked for synthetic data). ``model`` is a model or a :class:`ModelConfig`.
     """
     from onetrans_trt.data import movielens as mlmod
+    from onetrans_trt.errors import DataError
 
     schema = getattr(model, "cfg", model).schema
-    if [s.name for s in schema.sequences] == mlmod.SEQUENCES and "item_id" in schema.tables:
+    is_ml = [s.name for s in schema.sequences] == mlmod.SEQUENCES and "item_id" in schema.tables
+    if is_ml and not synthetic:
         try:
             ml = mlmod.MovieLens(data_dir, max_history=schema.max_history, merge_mode=schema.merge_mode)
-            return [r for r, _ in ml.requests(n, n_candidates=n_candidates, seed=seed, period=period)], "ml-100k"
-        except Exception:  # noqa: BLE001 - data not available: fall back to synthetic
-            pass
+        except Exception as e:  # noqa: BLE001 - any failure to read the data is reported, not replaced
+            raise DataError(f"MovieLens-100K cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                            "run `onetrans-trt fetch-data`, pass --inputs FILE (requests JSON/JSONL), or ask for "
+                            "synthetic requests with --synthetic") from None
+        return [r for r, _ in ml.requests(n, n_candidates=n_candidates, seed=seed, period=period)], "ml-100k"
+    if not is_ml and synthetic is False:
+        raise DataError("this build's schema is not MovieLens' and no data was given: pass --inputs FILE "
+                        "(requests JSON/JSONL) or ask for synthetic requests with --synthetic")
     from onetrans_trt.data.synthetic import synthetic_request
 
     rng = np.random.default_rng(seed)
+    why = "asked for" if synthetic else "the model's schema has no dataset"
     return [synthetic_request(schema, rng, n_history=int(rng.integers(0, schema.max_history + 1)),
-                              n_candidates=n_candidates) for _ in range(n)], "synthetic"
+                              n_candidates=n_candidates) for _ in range(n)], f"synthetic ({why})"
 
 
 def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
