@@ -144,7 +144,12 @@ class Site:
     k: KVSide
     v: KVSide
     scale: float
-    mask_inputs: list[str] = field(default_factory=list)  # graph inputs the mask/scores read
+    mask: list[gs.Tensor] = field(default_factory=list)  # where the mask is read from (scores or attn_mask)
+    stop: set[int] = field(default_factory=set)  # ids of the QK product and the K/V copy nodes
+
+    def __post_init__(self) -> None:
+        for side in (self.k, self.v):
+            self.stop |= {id(n) for n in (side.broadcast, *side.mid, side.concat, *side.post)}
 
 
 def _kv_side(t: gs.Tensor) -> KVSide | None:
@@ -187,21 +192,6 @@ def _scores_root(t: gs.Tensor, scale: float = 1.0, depth: int = 0) -> tuple[gs.N
     return None
 
 
-def _graph_inputs_of(tensors: list[gs.Tensor], graph_inputs: set[str], limit: int = 400) -> list[str]:
-    stack, seen, found = list(tensors), set(), []
-    while stack and len(seen) < limit:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if x.name in graph_inputs and x.name not in found:
-            found.append(x.name)
-        p = _producer(x)
-        if p is not None:
-            stack.extend(p.inputs)
-    return found
-
-
 def _head_dim(*ts: gs.Tensor) -> int | None:
     for t in ts:
         if t.shape is not None and len(t.shape) == 4 and isinstance(t.shape[3], int):
@@ -212,7 +202,6 @@ def _head_dim(*ts: gs.Tensor) -> int | None:
 def find_sites(graph: gs.Graph) -> list[Site]:
     """Every attention whose K and V are a per-candidate copy of user K/V concatenated with the
     candidates' own (structure only; :func:`shared_prefix` proves each before rewriting)."""
-    inputs = {t.name for t in graph.inputs}
     sites = []
     for sm in [n for n in graph.nodes if n.op == "Softmax"]:
         if int(sm.attrs.get("axis", -1)) not in (-1, 3):
@@ -226,8 +215,9 @@ def find_sites(graph: gs.Graph) -> list[Site]:
         v = _kv_side(pv[0].inputs[1])
         if k is None or v is None or k.axis != 3 or v.axis != 2:  # K^T: keys on the last axis
             continue
-        masks = _graph_inputs_of([sm.inputs[0]], inputs)
-        sites.append(Site(pv[0].name, "matmul", qk.inputs[0], k, v, scale, masks))
+        site = Site(pv[0].name, "matmul", qk.inputs[0], k, v, scale, [sm.inputs[0]])
+        site.stop.add(id(qk))
+        sites.append(site)
     for at in [n for n in graph.nodes if n.op == "Attention"]:
         ins = [x for x in at.inputs]
         extra_used = any(len(o.outputs) or o in graph.outputs for o in at.outputs[1:])
@@ -246,8 +236,7 @@ def find_sites(graph: gs.Graph) -> list[Site]:
             if dh is None:
                 continue
             scale = 1.0 / math.sqrt(dh)
-        masks = _graph_inputs_of(ins[3:4], inputs) if len(ins) > 3 and ins[3].name else []
-        sites.append(Site(at.name, "Attention", q, k, v, float(scale), masks))
+        sites.append(Site(at.name, "Attention", q, k, v, float(scale), [x for x in ins[3:4] if x.name]))
     return sites
 
 
@@ -321,7 +310,7 @@ class _Builder:
 def _valid_tensor(b: _Builder, graph: gs.Graph, choice: str, k_prefix: gs.Tensor) -> gs.Tensor:
     if choice == "":  # the whole prefix is real
         return b.node("Shape", [k_prefix], [1], np.int64, {"start": 2, "end": 3})
-    t = next(x for x in graph.inputs if x.name == choice)
+    t = graph.tensors()[choice]
     if np.dtype(t.dtype) != np.int64:
         t = b.node("Cast", [t], t.shape, np.int64, {"to": onnx.TensorProto.INT64})
     if t.shape is None or list(t.shape) != [1]:
@@ -349,14 +338,74 @@ def rewrite_site(graph: gs.Graph, site: Site, valid: str) -> gs.Node:
 
 # ---------------------------------------------------------------- the proof
 
+def _one_int(t: gs.Tensor) -> bool:
+    """An integer tensor of one element (a count): shape [], [1], [1, 1], ["users"] ..."""
+    if isinstance(t, gs.Constant) or t.dtype is None or t.shape is None:
+        return False
+    try:
+        integer = np.issubdtype(np.dtype(t.dtype), np.integer)
+    except TypeError:
+        return False
+    return integer and all(d == 1 or d == "users" for d in t.shape)
+
+
 def _int_scalar_inputs(graph: gs.Graph) -> list[str]:
-    out = []
-    for t in graph.inputs:
-        if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.integer) or t.shape is None:
+    return [t.name for t in graph.inputs if _one_int(t)]
+
+
+def _value_sources(t: gs.Tensor, stop: set[int], limit: int = 400) -> set[str] | None:
+    """Graph inputs ``t``'s value depends on (not through Shape/Size); None when the walk
+    reaches a ``stop`` node (the count would keep the K/V copy alive) or is cut short."""
+    stack, seen, found = [t], set(), set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
             continue
-        if all(isinstance(d, int) for d in t.shape) and int(np.prod(t.shape, dtype=np.int64)) == 1:
-            out.append(t.name)
-    return out
+        seen.add(id(x))
+        if len(seen) > limit:
+            return None
+        p = _producer(x)
+        if p is None:
+            if not isinstance(x, gs.Constant):
+                found.add(x.name)
+            continue
+        if id(p) in stop:
+            return None
+        if p.op not in ("Shape", "Size"):
+            stack.extend(p.inputs)
+    return found
+
+
+MAX_TRIALS = 12
+
+
+def count_choices(graph: gs.Graph, site: Site) -> list[tuple[str, str | None]]:
+    """What ``prefix_valid`` may be, most likely first: (tensor name, the graph input the proof
+    varies). The integer one-element graph inputs the mask reads, then one-element integer
+    tensors of the mask computed from them (``n_hist + 1`` when a SEP token counts as real),
+    then the other integer one-element inputs, then ("", None): the whole prefix is real."""
+    ints = _int_scalar_inputs(graph)
+    inner: list[tuple[str, str]] = []
+    inputs_read: list[str] = []
+    stack, seen = list(site.mask), set()
+    while stack and len(seen) < 2000:  # backwards over the mask, breadth first
+        x = stack.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.name in ints:
+            inputs_read.append(x.name)
+        elif _one_int(x):
+            src = _value_sources(x, site.stop)
+            drive = [i for i in ints if src and i in src]
+            if drive:
+                inner.append((x.name, drive[0]))
+        p = _producer(x)
+        if p is not None and id(p) not in site.stop:
+            stack.extend(p.inputs)
+    first = [(i, i) for i in ints if i in inputs_read]
+    rest = [(i, i) for i in ints if i not in inputs_read]
+    return (first + inner[::-1] + rest)[:MAX_TRIALS - 1] + [("", None)]
 
 
 def _dim_size(name: str, c: int) -> int:
@@ -465,14 +514,12 @@ def rewrite_shared_prefix(graph: gs.Graph) -> tuple[gs.Graph, list[dict]]:
     if not sites:
         return graph, report
     proof = _Proof(graph)
-    ints = _int_scalar_inputs(graph)
     current = graph
     for site in sites:
         rec = {"site": site.anchor, "kind": site.kind, "k": site.k.source, "v": site.v.source, "scale": site.scale,
                "rewritten": False}
-        choices = [x for x in site.mask_inputs if x in ints] + [x for x in ints if x not in site.mask_inputs] + [""]
         tried = []
-        for choice in choices:
+        for choice, drive in count_choices(graph, site):
             trial = current.copy()
             found = {s.anchor: s for s in find_sites(trial)}.get(site.anchor)
             if found is None:
@@ -480,7 +527,7 @@ def rewrite_shared_prefix(graph: gs.Graph) -> tuple[gs.Graph, list[dict]]:
                 break
             rewrite_site(trial, found, choice)
             trial.cleanup().toposort()
-            ok, why = proof.holds(trial, choice or None)
+            ok, why = proof.holds(trial, drive)
             if ok:
                 current = trial
                 rec.update(rewritten=True, prefix_valid=choice or "whole prefix")
