@@ -1,0 +1,252 @@
+"""The pure parts of ``onetrans_trt.validate`` tested directly and fast: error statistics,
+the tolerance policy, where a failing node is, and the report's plots. (tests/validate/ runs
+whole builds; at minutes per run it is too slow to repeat per mutant.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onetrans_trt.errors import InputError
+from onetrans_trt.validate import compare
+from onetrans_trt.validate.compare import ErrorStats
+from onetrans_trt.validate.diverge import failing_node, layer_of
+from onetrans_trt.validate.policy import DEFAULT_POLICY, KEYS, load_policy, precision_of, within
+from onetrans_trt.validate.report import _svg_histogram, _svg_scatter
+
+
+# ---- compare ---------------------------------------------------------------------------------
+
+def test_error_stats_summary_by_hand():
+    s = ErrorStats("logits")
+    s.add(np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.5, 2.0]))
+    s.add(np.array([[0.0]]), np.array([[-1.0]]))
+    got = s.summary()
+    err = np.array([0.0, 0.5, 2.0, 1.0])
+    a = np.array([1.0, 2.0, 4.0, 0.0])
+    r = np.array([1.0, 2.5, 2.0, -1.0])
+    assert got["name"] == "logits" and got["count"] == 4
+    assert got["max_abs"] == 2.0 and got["mean_abs"] == pytest.approx(err.mean(), abs=0)
+    assert got["max_rel"] == 1.0  # 2.0 / |2.0| and 1.0 / |-1.0|
+    assert got["ref_max_abs"] == 2.5
+    assert got["p99_abs"] == pytest.approx(float(np.percentile(err, 99)), abs=0)
+    assert got["cosine"] == pytest.approx(float(a @ r / np.sqrt((a @ a) * (r @ r))), rel=1e-15)
+    assert (got["nan"], got["inf"], got["shape_mismatch"]) == (0, 0, None)
+
+
+def test_error_stats_nan_inf_are_counted_and_zeroed():
+    s = ErrorStats("x")
+    s.add(np.array([np.nan, np.inf, -np.inf, 1.0]), np.array([1.0, 1.0, 1.0, 1.0]))
+    got = s.summary()
+    assert (got["nan"], got["inf"]) == (1, 2)
+    assert got["max_abs"] == 1.0 and got["mean_abs"] == 0.75  # non-finite values count as 0
+    assert got["max_rel"] == 1.0
+
+
+def test_relative_error_floor_and_shape_mismatch():
+    s = ErrorStats("x")
+    s.add(np.array([1e-3]), np.array([0.0]))
+    assert s.summary()["max_rel"] == pytest.approx(1e-3 / 1e-6)
+    s.add(np.zeros((2, 3)), np.zeros((3, 2)))
+    assert s.summary()["shape_mismatch"] == "[2, 3] vs reference [3, 2]"
+    assert s.count == 1  # the mismatching pair was not accumulated
+
+
+def test_cosine_edge_cases():
+    z = ErrorStats("z")
+    z.add(np.zeros(3), np.zeros(3))
+    assert z.summary()["cosine"] == 1.0  # both zero: identical
+    one = ErrorStats("o")
+    one.add(np.zeros(3), np.ones(3))
+    assert one.summary()["cosine"] == 0.0
+    other = ErrorStats("o2")
+    other.add(np.ones(3), np.zeros(3))
+    assert other.summary()["cosine"] == 0.0
+    neg = ErrorStats("n")
+    neg.add(-np.ones(3), np.ones(3))
+    assert neg.summary()["cosine"] == -1.0
+
+
+def test_empty_stats():
+    s = ErrorStats("e")
+    got = s.summary()
+    assert got["count"] == 0 and got["mean_abs"] == 0.0 and got["p99_abs"] == 0.0 and got["cosine"] == 1.0
+    s.add(np.zeros(0), np.zeros(0))
+    assert s.max_abs == 0.0 and s.count == 0
+    # (summary() after only empty pairs raises IndexError in np.percentile: reported, not pinned)
+
+
+def test_error_sample_is_bounded_and_pairs_are_kept_on_request(monkeypatch):
+    monkeypatch.setattr(compare, "SAMPLE", 5)
+    s = ErrorStats("x")
+    s.add(np.arange(4.0), np.zeros(4))
+    s.add(np.arange(8.0), np.zeros(8), keep_pairs=True)
+    s.add(np.arange(3.0), np.zeros(3))
+    assert [e.size for e in s.errors] == [4, 5]  # the second capped at SAMPLE; then full: no more
+    assert len(s.pairs) == 1 and s.pairs[0][0].tolist() == list(range(8)) and s.pairs[0][1].shape == (8,)
+    assert s.count == 15 and s.max_abs == 7.0
+
+
+def test_histogram_of_log10_errors():
+    s = ErrorStats("x")
+    s.add(np.array([1e-3, 1e-3, 1.0, 0.0]), np.zeros(4))
+    h = s.histogram(bins=14)
+    assert h["log10_edges"] == np.linspace(-12, 2, 15).tolist()
+    counts = h["counts"]
+    assert sum(counts) == 4 and counts[0] == 1  # the zero error is floored at 1e-12
+    assert counts[9] == 2 and counts[12] == 1  # 1e-3 in [-3, -2), 1 in [0, 1)
+    assert ErrorStats("e").histogram(bins=14)["counts"][0] == 1  # empty: one zero
+
+
+# ---- policy ----------------------------------------------------------------------------------
+
+def test_precision_of():
+    assert [precision_of(b) for b in ("ort", "ort-fp16", "trt-int8", "trt", "fp16-ort")] == \
+        ["fp32", "fp16", "int8", "fp32", "fp32"]
+
+
+def test_default_policy_is_a_copy():
+    p = load_policy(None)
+    assert p == DEFAULT_POLICY and p is not DEFAULT_POLICY
+    p["fp32"]["atol"] = 1.0
+    assert DEFAULT_POLICY["fp32"]["atol"] == 1e-4
+    assert KEYS == {"atol", "rtol", "min_cosine", "max_delta_auc", "min_top10_overlap"}
+
+
+def test_policy_overrides(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"fp16": {"atol": 1, "min_cosine": 0}}))
+    got = load_policy(p)
+    assert got["fp16"]["atol"] == 1.0 and isinstance(got["fp16"]["atol"], float) and got["fp16"]["min_cosine"] == 0.0
+    assert got["fp16"]["rtol"] == DEFAULT_POLICY["fp16"]["rtol"] and got["fp32"] == DEFAULT_POLICY["fp32"]
+    assert DEFAULT_POLICY["fp16"]["atol"] == 2e-2
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("[]", "expected an object of precisions"),
+    ('{"bf16": {}}', "unknown precision 'bf16'; known: ['fp16', 'fp32', 'int8']"),
+    ('{"fp32": 1}', "fp32 must be an object"),
+    ('{"int8": {"atol": 1, "zz": 2, "aa": 3}}',
+     "unknown keys ['aa', 'zz'] in int8; known: ['atol', 'max_delta_auc', 'min_cosine', 'min_top10_overlap', 'rtol']"),
+    ('{"fp32": {"atol": -1}}', "fp32.atol must be a finite non-negative number"),
+    ('{"fp32": {"atol": true}}', "fp32.atol must be a finite non-negative number"),
+    ('{"fp32": {"rtol": "1"}}', "fp32.rtol must be a finite non-negative number"),
+    ('{"fp32": {"rtol": 1e999}}', "fp32.rtol must be a finite non-negative number"),
+])
+def test_policy_errors(tmp_path, content, msg):
+    p = tmp_path / "p.json"
+    p.write_text(content)
+    with pytest.raises(InputError) as e:
+        load_policy(p)
+    assert str(e.value) == f"{p}: {msg}"
+
+
+def test_policy_file_errors(tmp_path):
+    for path, msg in [(tmp_path / "none.json", "no such policy file")]:
+        with pytest.raises(InputError, match=re.escape(f"{path}: {msg}")):
+            load_policy(path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{" + " " * 300)
+    with pytest.raises(InputError) as e:
+        load_policy(bad)
+    assert str(e.value).startswith(f"{bad}: not valid JSON (Expecting property name")
+    d = tmp_path / "dir"
+    d.mkdir()
+    with pytest.raises(InputError) as e:
+        load_policy(d)
+    assert str(e.value) == f"{d}: cannot read (Is a directory)"
+    zero = tmp_path / "zero.json"
+    zero.write_text('{"fp32": {"atol": 0}}')
+    assert load_policy(zero)["fp32"]["atol"] == 0.0  # zero is allowed
+
+
+def test_within():
+    tol = {"atol": 0.1, "rtol": 0.5, "min_cosine": 0.9}
+    base = {"shape_mismatch": None, "nan": 0, "inf": 0, "max_abs": 1.1, "ref_max_abs": 2.0, "cosine": 0.9}
+    assert within(base, tol)  # 1.1 <= 0.1 + 0.5 * 2 and cosine at its minimum: both inclusive
+    assert not within({**base, "max_abs": 1.1000001}, tol)
+    assert not within({**base, "cosine": 0.8999}, tol)
+    assert not within({**base, "nan": 1}, tol)
+    assert not within({**base, "inf": 1}, tol)
+    assert not within({**base, "shape_mismatch": "[1] vs reference [2]"}, tol)
+    assert within({k: v for k, v in base.items() if k != "shape_mismatch"}, tol)
+
+
+# ---- diverge ---------------------------------------------------------------------------------
+
+def test_layer_of():
+    assert layer_of("layers.3.ns_o") == 3
+    assert layer_of("model.layers.12.attn") == 12
+    assert layer_of("layers.4") == 4
+    assert layer_of("xlayers.3.a") is None
+    assert layer_of("user_k_2") == 2 and layer_of("user_v_10") == 10
+    assert layer_of("user_k_2x") is None and layer_of("user_q_1") is None and layer_of("embed") is None
+
+
+def _chain_model():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="lin"),
+             helper.make_node("Neg", ["a"], ["b"], name="glue1"),
+             helper.make_node("Abs", ["b"], ["c"], name="glue2"),
+             helper.make_node("Relu", ["c"], ["y"], name="bad")]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(nodes, "g", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])])
+    return helper.make_model(g)
+
+
+def test_failing_node_finds_the_node_and_its_scope():
+    msg = "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Relu node. " \
+          "Name:'bad' Status Message: boom here"
+    got = failing_node(msg, {"bad": "layers.2.ns_o"}, "scorer")
+    assert got == {"layer": 2, "module": "layers.2.ns_o", "node": "bad", "tensor": None, "role": "scorer",
+                   "max_abs": math.inf, "cosine": 0.0, "shape_mismatch": None, "nan": 0, "inf": 0,
+                   "error": "boom here"}
+    # a node outside any module takes the nearest module upstream
+    got = failing_node(msg, {"lin": "layers.1.q"}, "encoder", _chain_model())
+    assert (got["module"], got["layer"], got["node"]) == ("layers.1.q", 1, "bad")
+    got = failing_node(msg, {"lin": "layers.1.q", "glue2": "norm"}, "encoder", _chain_model())
+    assert (got["module"], got["layer"]) == ("norm", None)  # the nearest one wins
+    got = failing_node(msg, {}, "encoder", _chain_model())
+    assert (got["module"], got["layer"], got["node"]) == (None, None, "bad")
+    got = failing_node("no node named " + "x" * 400, {}, "scorer")
+    assert got["node"] is None and got["error"] == ("no node named " + "x" * 400)[:300]
+
+
+# ---- report plots ----------------------------------------------------------------------------
+
+def test_histogram_svg():
+    svg = _svg_histogram({"counts": [0, 2, 1, 0, 0, 4], "log10_edges": [-12, -10, -8, -6, -4, -2, 0]},
+                         width=60, height=50)
+    root = ET.fromstring(svg)
+    assert root.get("width") == "60" and root.get("height") == "50"
+    ns = "{http://www.w3.org/2000/svg}"
+    rects = root.findall(f"{ns}rect")
+    assert len(rects) == 6
+    assert [float(r.get("height")) for r in rects] == [0.0, 10.0, 5.0, 0.0, 0.0, 20.0]  # c / max * (h - 30)
+    assert [float(r.get("y")) for r in rects] == [30.0, 20.0, 25.0, 30.0, 30.0, 10.0]
+    assert [float(r.get("x")) for r in rects] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+    assert all(float(r.get("width")) == 9.0 for r in rects)
+    labels = root.findall(f"{ns}text")
+    assert [t.text for t in labels] == ["1e-12", "1e-2"] and [t.get("x") for t in labels] == ["0", "50"]
+    assert all(t.get("y") == "45" for t in labels)
+    empty = ET.fromstring(_svg_histogram({"counts": [0, 0], "log10_edges": [0, 1, 2]}))
+    assert all(float(r.get("height")) == 0.0 for r in empty.findall(f"{ns}rect"))
+
+
+def test_scatter_svg():
+    assert _svg_scatter([], []) == "<p>(no points)</p>"
+    root = ET.fromstring(_svg_scatter([0.0, 1.0], [1.0, 2.0], size=40))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.get("width") == "40" and root.get("height") == "40"
+    pts = [(float(c.get("cx")), float(c.get("cy"))) for c in root.findall(f"{ns}circle")]
+    assert pts == [(10.0, 20.0), (20.0, 10.0)]  # lo 0, hi 2 over 10..30
+    line = root.find(f"{ns}line")
+    assert [float(line.get(k)) for k in ("x1", "y1", "x2", "y2")] == [10.0, 30.0, 30.0, 10.0]
+    flat = ET.fromstring(_svg_scatter([1.0], [1.0], size=40))
+    assert [(c.get("cx"), c.get("cy")) for c in flat.findall(f"{ns}circle")] == [("10.0", "30.0")]
