@@ -182,6 +182,35 @@ def test_state_names_order_and_layout(example):
         assert kv["key"] == kv["value"], f"layer {layer}: key and value shapes differ"
 
 
+def test_no_attention_row_is_fully_masked(example, monkeypatch):
+    """Backends disagree on a query that sees no key (PyTorch and ORT's CPU kernel give 0, a
+    hand-written softmax gives NaN): the brief says every row sees at least itself."""
+    m, model = example
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def strict(q, k, v, attn_mask=None, **kw):
+        assert attn_mask is not None, "every attention in the examples has an explicit mask"
+        visible = attn_mask if attn_mask.dtype == torch.bool else torch.isfinite(attn_mask)
+        assert visible.any(dim=-1).all(), "a query row sees no key"
+        calls.append(q.shape)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strict)
+    g = torch.Generator().manual_seed(16)
+    lengths = lengths_for(m)
+    user = make_inputs(m.SPEC, "user", len(lengths), g, lengths)
+    cand = make_inputs(m.SPEC, "candidate", 2, g)
+    if "buy_len" in user:
+        user["buy_len"] = torch.tensor([0, 1, m.BUY_WINDOW, 0])
+    with torch.no_grad():
+        state = model.encode_user(user)
+        for u in range(len(lengths)):
+            assert torch.isfinite(model.score_candidates(one_user(state, u), cand)).all()
+            assert torch.isfinite(model(repeat_user(user, u, 2) | cand)).all()
+    assert calls
+
+
 def test_spec_json_equals_spec(example):
     m, _ = example
     on_disk = json.loads((EXAMPLES / f"{Path(m.__file__).stem}.spec.json").read_text())
