@@ -278,7 +278,6 @@ def test_pyramid_keeps_sep_in_the_tail():
 def test_leaky_model_state_moves_with_the_candidate():
     bad = load("bad_models")
     model = bad.leaky_factory()
-    g = torch.Generator().manual_seed(21)
     user, cand = bad.example_inputs(n_users=1, n_candidates=4, seed=2)
     user["hist_len"] = torch.tensor([10])
     with torch.no_grad():
@@ -292,7 +291,6 @@ def test_leaky_model_state_moves_with_the_candidate():
         assert (rows[name] - rows[name][:1]).abs().max() > 1e-3, f"{name} should differ across candidate rows"
         assert (rows[name] - state[name]).abs().max() > 1e-3
     assert (split - uni).abs().max() > 1e-3
-    del g
 
 
 def test_interacting_model_candidates_move_each_other():
