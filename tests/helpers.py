@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -15,6 +16,28 @@ def stable_seed(*parts, modulo: int = 2**31 - 1) -> int:
     failure message so a failing case can be rerun.
     """
     return zlib.crc32(repr(parts).encode("utf-8")) % modulo
+
+
+@functools.lru_cache(maxsize=None)
+def trt_gpu_missing() -> str | None:
+    """What stops a TensorRT engine build here, or None where one can run: the one
+    capability probe for tests that split on it. Independent of the code under test (it does
+    not call the build's own checks), it asks what the build needs: ``tensorrt`` and
+    ``tensorrt.plugin`` importable (placeholder wheels raise at import), and a CUDA GPU.
+    The answer starts with ``tensorrt:`` or ``gpu:``."""
+    try:
+        import tensorrt  # noqa: F401
+        import tensorrt.plugin  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"tensorrt: not importable ({type(e).__name__}); the 'trt' extra needs NVIDIA's index and a GPU host"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    except Exception:  # noqa: BLE001
+        pass
+    return "gpu: no CUDA GPU visible"
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.25) -> torch.nn.Module:
