@@ -250,3 +250,79 @@ def test_scatter_svg():
     assert [float(line.get(k)) for k in ("x1", "y1", "x2", "y2")] == [10.0, 30.0, 30.0, 10.0]
     flat = ET.fromstring(_svg_scatter([1.0], [1.0], size=40))
     assert [(c.get("cx"), c.get("cy")) for c in flat.findall(f"{ns}circle")] == [("10.0", "30.0")]
+
+
+# ---- report HTML -----------------------------------------------------------------------------
+
+def _report():
+    stat = {"max_abs": 1.23456e-5, "mean_abs": 2e-6, "p99_abs": 1e-5, "max_rel": 0.5, "cosine": 0.9999996,
+            "nan": 0, "inf": 1, "pass": True, "shape_mismatch": None}
+    return {
+        "verdict": "fail", "build": "b<1>", "created": "2026-01-01",
+        "requests": {"count": 7, "source": "ml-100k & more"},
+        "backends": {
+            "ort": {"verdict": "pass", "precision": "fp32", "tolerance": {"atol": 0.0001, "rtol": 0.0002},
+                    "graphs": {"scorer": {"logits": stat}},
+                    "end_to_end": {"metrics": {"click": {"auc": 0.75, "torch_auc": 0.7512345, "delta_auc": -0.0012345,
+                                                         "delta_logloss": 0.00001}},
+                                   "ranking": {"top10_overlap_mean": 0.95, "kendall_tau_mean": 0.875}}},
+            "trt-fp16": {"verdict": "fail", "precision": "fp16", "tolerance": {"atol": 0.02, "rtol": 0.02},
+                         "graphs": {"encoder": {"user_k_0": {**stat, "pass": False, "shape_mismatch": "[1] vs reference [2]"},
+                                                "user_v_0": {**stat, "pass": False}}},
+                         "end_to_end": {"ranking": {}},
+                         "divergence": {"layer": 0, "module": "layers.0.k"}, "note": "a <note>"},
+        },
+        "plots": {"ort": {"histogram": {"counts": [1, 2], "log10_edges": [-12, -5, 2]}, "scatter": ([0.0, 1.0], [0.0, 1.0])}},
+    }
+
+
+def test_render_html_shows_every_part_of_the_report():
+    from onetrans_trt.validate.report import render_html
+
+    html = render_html(_report())
+    lines = html.split("\n")
+    assert lines[0] == "<!doctype html><html><head><meta charset='utf-8'><title>onetrans-trt validation</title>"
+    assert lines[-1] == "</body></html>"
+    expected = [
+        "<div id='verdict' class='banner fail'>Verdict: FAIL</div>",
+        "<p>Build <code>b&lt;1&gt;</code>; 7 requests from ml-100k &amp; more; created 2026-01-01</p>",
+        "<h2>ort <span class='pass'>PASS</span> <small>(fp32; atol 0.0001, rtol 0.0002)</small></h2>",
+        "<table><tr><th>graph</th><th>output</th><th>max abs</th><th>mean abs</th><th>p99 abs</th>"
+        "<th>max rel</th><th>cosine</th><th>NaN/Inf</th><th>ok</th></tr>",
+        "<tr><td>scorer</td><td>logits</td><td>1.23e-05</td><td>2e-06</td><td>1e-05</td><td>0.5</td>"
+        "<td>1.000000</td><td>0/1</td><td class='pass'>yes</td></tr>",
+        "<table><tr><th>task</th><th>AUC</th><th>PyTorch AUC</th><th>delta</th><th>delta logloss</th></tr>",
+        "<tr><td>click</td><td>0.75000</td><td>0.75123</td><td>-0.001234</td><td>+0.000010</td></tr>",
+        "<p>Ranking vs PyTorch: top-10 overlap 0.950, Kendall tau 0.875</p>",
+        "<div style='display:flex;gap:24px'><div><b>|error| of scorer logits (log10)</b><br>"
+        + _svg_histogram({"counts": [1, 2], "log10_edges": [-12, -5, 2]})
+        + "</div><div><b>ort vs PyTorch logits</b><br>" + _svg_scatter([0.0, 1.0], [0.0, 1.0]) + "</div></div>",
+        "<h2>trt-fp16 <span class='fail'>FAIL</span> <small>(fp16; atol 0.02, rtol 0.02)</small></h2>",
+        "<tr><td>encoder</td><td>user_k_0</td><td>1.23e-05</td><td>2e-06</td><td>1e-05</td><td>0.5</td>"
+        "<td>1.000000</td><td>0/1</td><td class='fail'>NO ([1] vs reference [2])</td></tr>",
+        "<tr><td>encoder</td><td>user_v_0</td><td>1.23e-05</td><td>2e-06</td><td>1e-05</td><td>0.5</td>"
+        "<td>1.000000</td><td>0/1</td><td class='fail'>NO</td></tr>",
+        "<p>Ranking vs PyTorch: top-10 overlap 0.000, Kendall tau nan</p>",
+        "<p class='fail' id='divergence-trt-fp16'>First divergence: "
+        "{&quot;layer&quot;: 0, &quot;module&quot;: &quot;layers.0.k&quot;}</p>",
+        "<p><i>a &lt;note&gt;</i></p>",
+    ]
+    for frag in expected:
+        assert frag in lines, frag
+    # in this order, and the tables closed
+    idx = [lines.index(f) for f in expected]
+    assert idx == sorted(idx)
+    assert lines.count("</table>") == 3
+    assert "style>body{font-family:sans-serif;margin:24px}" in lines[1]
+    ok = {**_report(), "verdict": "pass"}
+    assert "<div id='verdict' class='banner pass'>Verdict: PASS</div>" in render_html(ok).split("\n")
+
+
+def test_write_html_and_json(tmp_path):
+    from onetrans_trt.validate.report import render_html, write_html, write_json
+
+    write_html(_report(), tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text() == render_html(_report())
+    r = {"a": np.float32(0.5), "b": [1, 2]}
+    write_json(r, tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == json.dumps({"a": 0.5, "b": [1, 2]}, indent=2) + "\n"
