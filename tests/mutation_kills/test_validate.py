@@ -326,3 +326,57 @@ def test_write_html_and_json(tmp_path):
     r = {"a": np.float32(0.5), "b": [1, 2]}
     write_json(r, tmp_path / "r.json")
     assert (tmp_path / "r.json").read_text() == json.dumps({"a": 0.5, "b": [1, 2]}, indent=2) + "\n"
+
+
+def test_counts_accumulate_and_pairs_are_flat():
+    s = ErrorStats("x")
+    s.add(np.array([[np.nan, np.inf]]), np.ones((1, 2)), keep_pairs=True)
+    s.add(np.array([np.nan, -np.inf, np.inf]), np.ones(3))
+    assert (s.nan, s.inf) == (2, 3)
+    assert s.pairs[0][0].shape == (2,) and s.pairs[0][1].shape == (2,)
+    assert s.errors[0].shape == (2,)
+    # non-finite values are zeroed for the cosine too
+    c = ErrorStats("c")
+    c.add(np.array([np.nan, 1.0]), np.array([1.0, 1.0]))
+    assert c.summary()["cosine"] == pytest.approx(1 / np.sqrt(2), rel=1e-12)
+    # integer inputs are compared as float64 (no wrap-around in the difference)
+    i = ErrorStats("i")
+    i.add(np.array([0], np.uint8), np.array([1], np.uint8))
+    assert i.summary()["max_abs"] == 1.0
+
+
+def test_sample_cap_is_exclusive(monkeypatch):
+    monkeypatch.setattr(compare, "SAMPLE", 4)
+    s = ErrorStats("x")
+    s.add(np.zeros(4), np.zeros(4))
+    s.add(np.zeros(2), np.zeros(2))  # 4 kept already: full
+    assert [e.size for e in s.errors] == [4]
+
+
+def test_small_norms_and_counts():
+    s = ErrorStats("x")
+    s.add(np.array([0.5]), np.array([0.5]))  # squared norms 0.25: below 1
+    assert s.summary()["cosine"] == 1.0
+    one = ErrorStats("one")
+    one.add(np.array([3.0]), np.array([1.0]))
+    assert one.summary()["mean_abs"] == 2.0  # divided by the count, 1
+    assert ErrorStats("e").summary()["p99_abs"] == 0.0 and len(ErrorStats("e").histogram()["counts"]) == 30
+
+
+def test_default_plot_sizes_and_joined_elements():
+    h = _svg_histogram({"counts": [0, 0, 1], "log10_edges": [-12, -8, -4, 0]})
+    root = ET.fromstring(h)
+    assert (root.get("width"), root.get("height")) == ("360", "140")
+    assert h.count("/><rect") == 2 and "XXXX" not in h  # bars adjacent, nothing between them
+    assert ET.fromstring(_svg_histogram({"counts": [0, 0], "log10_edges": [0, 1, 2]})).find(
+        "{http://www.w3.org/2000/svg}rect").get("y") == "120.0"
+    many = _svg_histogram({"counts": [1] * 10, "log10_edges": list(range(11))})
+    assert "</text><text" in many
+    sc = _svg_scatter([0.0, 1.0], [1.0, 0.0])
+    r = ET.fromstring(sc)
+    assert (r.get("width"), r.get("height")) == ("220", "220") and "/><circle" in sc
+    shifted = ET.fromstring(_svg_scatter([10.0, 11.0], [10.0, 11.0], size=40))
+    assert [c.get("cx") for c in shifted.findall("{http://www.w3.org/2000/svg}circle")] == ["10.0", "30.0"]
+    flat = ET.fromstring(_svg_scatter([5.0], [5.0], size=40))
+    line = flat.find("{http://www.w3.org/2000/svg}line")
+    assert (line.get("x1"), line.get("x2")) == ("10.0", "10.0")
