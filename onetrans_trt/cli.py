@@ -99,6 +99,16 @@ def _out_file(ctx: click.Context, param: click.Parameter, value: Path | None) ->
     return value
 
 
+def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """An opset the installed onnx knows (a newer one fails only after the trace)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if value > newest:
+        raise click.BadParameter(f"{value} is newer than the installed onnx knows ({newest})", ctx, param)
+    return value
+
+
 def _goldens_out(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """--save-goldens replaces its directory: only a goldens directory, an empty one or a new one."""
     value = _out_dir(ctx, param, value)
@@ -328,7 +338,8 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
 @click.option("--check-only", is_flag=True, help="With --module: run the protocol checks and stop.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_dir,
               help="Build directory to write (required unless --check-only).")
-@click.option("--opset", type=click.IntRange(18), default=23, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(18), default=23, show_default=True, callback=_opset,
+              help="ONNX opset (18 up to the newest the installed onnx knows).")
 @click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
                                                  "no-broadcast check or cleanup.")
 @click.option("--fuse-attention/--no-fuse-attention", default=True, show_default=True,

@@ -212,3 +212,61 @@ def test_keep_float_leaves_those_ops_and_nodes_unquantized(tiny_build, tmp_path)
     kept = {**_fed_by_dq(scorer), **_fed_by_dq(user)}
     assert "MatMul" not in kept.values()  # no MatMul takes a dequantized input
     assert gemms[0] not in kept and set(gemms[1:]) <= set(kept)  # only the named Gemm left in float
+
+
+def test_export_opset_and_no_fuse_attention_then_validate_requests_and_ckpt(tiny_ckpt, tmp_path, movielens):
+    """export --opset 20 --no-fuse-attention, then validate --requests FILE --ckpt CKPT on it."""
+    import onnx
+
+    build = tmp_path / "b"
+    r = run("export", tiny_ckpt, "--out", build, "--opset", "20", "--no-fuse-attention", "--samples", "1", "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout)["manifest"]
+    assert manifest["opset"] == 20 and "fuse-attention" not in [p["pass"] for p in manifest["passes"]]
+    for name in ("user_encoder.onnx", "candidate_scorer.onnx"):
+        m = onnx.load(str(build / name))
+        assert {o.version for o in m.opset_import if o.domain in ("", "ai.onnx")} == {20}
+        assert not {n.op_type for n in m.graph.node} & {"SharedPrefixAttention", "TailCausalAttention"}
+    reqs = [movielens.requests(1, n_candidates=5, seed=s)[0][0].to_json() for s in (21, 22)]
+    (tmp_path / "reqs.jsonl").write_text("\n".join(json.dumps(q) for q in reqs) + "\n")
+    # the manifest's checkpoint moved away: validate must use --ckpt
+    manifest_path = build / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["checkpoint"]["path"] = str(tmp_path / "gone")
+    manifest_path.write_text(json.dumps(m))
+    args = ("validate", build, "--requests", tmp_path / "reqs.jsonl", "--backends", "torch-split,ort",
+            "--json", tmp_path / "report.json")
+    r = run(*args)
+    assert r.exit_code == 2 and "--ckpt" in r.stderr
+    r = run(*args, "--ckpt", tiny_ckpt)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["verdict"] == "pass" and rep["requests"]["count"] == 2 and rep["checkpoint"] == str(tiny_ckpt)
+    assert set(rep["backends"]) == {"torch-split", "ort"}
+
+
+def test_train_two_seeds(tmp_path):
+    out = tmp_path / "ck"
+    r = run("train", "--preset", "tiny", "--out", out, "--epochs", "1", "--limit", "300", "--seed", "7",
+            "--seeds", "2", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["seeds"] == [7, 8] and [x["seed"] for x in s["runs"]] == [7, 8]
+    for t, v in s["test_mean"].items():
+        assert v["auc"] == pytest.approx(sum(x["test"][t]["auc"] for x in s["runs"]) / 2, abs=1e-12)
+    assert s["runs"][0]["test"] != s["runs"][1]["test"]  # two different seeds, two different models
+    assert json.loads((out / "metrics.json").read_text())["seeds"] == [7, 8]
+
+
+@pytest.mark.parametrize("suite", ["fused", "int8"])
+def test_bench_fused_and_int8_suites_at_the_smallest_sizes(suite, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run("bench", "--suite", suite, "--preset", "tiny", "--candidates", "8", "--history", "16",
+            "--rounds", "1", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert json.loads(out.read_text()) == res
+    assert (res["preset"], res["candidates"], res["history"]) == ("tiny", 8, 16)
+    names = ("fused", "unfused") if suite == "fused" else ("int8", "fp32")
+    for name in names:
+        assert res["latency"][name]["runs"] == 1 and res["latency"][name]["p50_ms"] > 0
