@@ -94,8 +94,9 @@ def _drive(cmd: list[str], env: dict, hooks: Path, kill_at: int | None) -> tuple
     """Run ``cmd`` with the write-pause hook in ``hooks``: release every pause, or SIGKILL the
     process at pause number ``kill_at``. Returns the pauses seen and the exit code."""
     hooks.mkdir(parents=True)
+    err_file = open(hooks.parent / f"{hooks.name}.stderr", "w+")  # a file, not a pipe: never fills up
     proc = subprocess.Popen(cmd, env={**env, "ONETRANS_TRT_PAUSE_IN_WRITE": str(hooks)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     seen: list[dict] = []
     deadline = time.monotonic() + 600  # a hang guard, not a measurement
     try:
@@ -114,8 +115,8 @@ def _drive(cmd: list[str], env: dict, hooks: Path, kill_at: int | None) -> tuple
             if proc.poll() is not None:
                 if (hooks / f"{len(seen) + 1}.paused").exists():
                     continue
-                err = proc.stderr.read()
-                assert proc.returncode in (0, 3), err[-2000:]  # build: 3 without TensorRT
+                err_file.seek(0)
+                assert proc.returncode in (0, 3), err_file.read()[-2000:]  # build: 3 without TensorRT
                 return seen, proc.returncode
             time.sleep(0.002)  # polling the hook directory
         raise AssertionError(f"{cmd[3]} did not finish or pause within 600 s")
@@ -123,6 +124,7 @@ def _drive(cmd: list[str], env: dict, hooks: Path, kill_at: int | None) -> tuple
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        err_file.close()
 
 
 def _shape(path: str, build: Path) -> str:
