@@ -76,7 +76,7 @@ def bench_int8(*, preset: str = "small", candidates: int = 256, history: int = 5
     build = random_build(tmp / "b", preset=preset, history=history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        calibrate_build(build, n_samples=calibration)
+        calibrate_build(build, n_samples=calibration, synthetic=True)
     dims = request_dims(read_manifest(build), candidates, history)
     fp32 = OrtSplitBackend(build)
     int8 = OrtSplitBackend(build, name="ort-int8", user_graph="int8/user_encoder.onnx",
