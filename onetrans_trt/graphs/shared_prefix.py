@@ -16,10 +16,12 @@ side is that chain applied to the candidates' own K/V, and transposes bring both
 layout. The naive graph's mask is not interpreted: the op's semantics (the prefix left-padded
 with ``prefix_valid`` real tokens at its end, the own part causal) either equal it or not.
 
-**A rewrite is accepted only when proven.** The count ``prefix_valid`` is taken from each
-integer graph input of one element in turn (those the site's mask reads first) or, last, the
-whole prefix; for each, the graph before and after the rewrite run in ONNX Runtime on the same
-random inputs with prefix lengths 0, 1, L/2, L and L+3 and C in {1, 3}; the first choice whose
+**A rewrite is accepted only when proven.** The count ``prefix_valid`` is tried from, in turn
+(:func:`count_choices`): the integer one-element graph inputs the site's mask reads, the integer
+one-element tensors of the mask computed from them (``n_hist + 1`` when a SEP token counts as
+real), the other integer one-element inputs, and last the whole prefix. For each, the graph
+before and after the rewrite run in ONNX Runtime on the same random inputs, the input the count
+comes from set to prefix lengths 0, 1, L/2, L and L+3, with C in {1, 3}; the first choice whose
 outputs all agree within 1e-5 (absolute) is kept. When none does (a mask that is not the op's:
 own tokens that see each other in full, right padding, ...), the site is left as it was and
 the ``no-broadcast`` check still reports it. :func:`last_report` says what happened per site.

@@ -248,11 +248,13 @@ def test_the_sep_pyramid_examples_naive_scorer_is_rewritten():
     assert len([n for n in after.nodes if n.op == "SharedPrefixAttention"]) == 3
     # equal outputs on the example's own states: empty, short, full and over-long histories
     for n_hist in (0, 1, 200, ex.HIST_MAX, ex.HIST_MAX + 5):
+        user, _ = ex.example_inputs(n_users=1, seed=stable_seed("sep", n_hist))
+        user["hist_len"] = torch.tensor([n_hist])
+        with torch.no_grad():
+            state = model.encode_user(user)
         for c in (1, 4):
-            user, cand = ex.example_inputs(n_users=1, n_candidates=c, seed=stable_seed("sep", n_hist, c))
-            user["hist_len"] = torch.tensor([n_hist])
+            _, cand = ex.example_inputs(n_users=1, n_candidates=c, seed=stable_seed("sep", n_hist, c))
             with torch.no_grad():
-                state = model.encode_user(user)
                 want = model.score_candidates(state, cand).numpy()
             feeds = {"cand_item": cand["cand_item"].numpy(), "cand_cat": cand["cand_cat"].numpy(),
                      "cand_dense": cand["cand_dense"].numpy(), "user_n_hist": state["n_hist"].numpy(),
