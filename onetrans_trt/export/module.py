@@ -160,72 +160,62 @@ def load_inputs(path: str | Path, spec: SplitSpec) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------- the two graphs
 
-def _user_graph(module, spec: SplitSpec):
+def _graph(module, names: list[str], outputs: list[str], body: Callable):
+    """A traceable module: one positional parameter per input name (what torch.export maps
+    dynamic shapes by), ``body(model, tensors) -> outputs``."""
     import torch
 
     from onetrans_trt.export.serving import _named_forward
 
-    names = [i.name for i in spec.side("user")]
-    outs = [spec.graph_name(s.name) for s in spec.state]
-
-    class UserEncoderGraph(torch.nn.Module):
+    class ProtocolGraph(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = module
-            self.input_names, self.output_names = names, outs
+            self.input_names, self.output_names = names, outputs
             _named_forward(self, names)
 
         def _forward(self, tensors):
-            state = self.model.encode_user(dict(zip(names, tensors)))
-            return tuple(state[s.name] for s in spec.state)
+            return body(self.model, tensors)
 
-    return UserEncoderGraph()
+    return ProtocolGraph()
+
+
+def _user_graph(module, spec: SplitSpec):
+    """User inputs -> the state in spec order, named as the graph passes expect."""
+    names = [i.name for i in spec.side("user")]
+
+    def body(model, tensors):
+        state = model.encode_user(dict(zip(names, tensors)))
+        return tuple(state[s.name] for s in spec.state)
+
+    return _graph(module, names, [spec.graph_name(s.name) for s in spec.state], body)
 
 
 def _scorer_graph(module, spec: SplitSpec):
+    """Candidate inputs + one user's state -> logits, probs."""
     import torch
 
-    from onetrans_trt.export.serving import _named_forward
-
     cand = [i.name for i in spec.side("candidate")]
-    state_graph = [spec.graph_name(s.name) for s in spec.state]
-    names = cand + state_graph
 
-    class CandidateScorerGraph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = module
-            self.input_names, self.output_names = names, ["logits", "probs"]
-            _named_forward(self, names)
+    def body(model, tensors):
+        state = {s.name: t for s, t in zip(spec.state, tensors[len(cand):])}
+        logits = model.score_candidates(state, dict(zip(cand, tensors[:len(cand)])))
+        return logits, torch.sigmoid(logits)
 
-        def _forward(self, tensors):
-            c = dict(zip(cand, tensors[:len(cand)]))
-            state = {s.name: t for s, t in zip(spec.state, tensors[len(cand):])}
-            logits = self.model.score_candidates(state, c)
-            return logits, torch.sigmoid(logits)
-
-    return CandidateScorerGraph()
+    return _graph(module, cand + [spec.graph_name(s.name) for s in spec.state], ["logits", "probs"], body)
 
 
 def _unified_graph(module, spec: SplitSpec):
+    """The module's own forward: every input batched per candidate."""
     import torch
-
-    from onetrans_trt.export.serving import _named_forward
 
     names = [i.name for i in spec.inputs]
 
-    class UnifiedModuleGraph(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = module
-            self.input_names, self.output_names = names, ["logits", "probs"]
-            _named_forward(self, names)
+    def body(model, tensors):
+        logits = model(dict(zip(names, tensors)))
+        return logits, torch.sigmoid(logits)
 
-        def _forward(self, tensors):
-            logits = self.model(dict(zip(names, tensors)))
-            return logits, torch.sigmoid(logits)
-
-    return UnifiedModuleGraph()
+    return _graph(module, names, ["logits", "probs"], body)
 
 
 def _dynamic(spec: SplitSpec, side: str) -> dict[str, dict[int, str]]:

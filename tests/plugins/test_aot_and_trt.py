@@ -44,44 +44,26 @@ def test_both_kernels_compile_ahead_of_time_for_sm80_and_sm90():
         assert r["name"] in ("shared_prefix_attention_kernel", "tail_causal_attention_kernel")
 
 
-class Sym:
-    """A stand-in for TensorRT's symbolic sizes: arithmetic only, never a bool."""
-
-    def __init__(self, expr: str):
-        self.expr = expr
-
-    def _op(self, sym, other):
-        return Sym(f"({self.expr}{sym}{other.expr if isinstance(other, Sym) else other})")
-
-    def __add__(self, o):
-        return self._op("+", o)
-
-    def __sub__(self, o):
-        return self._op("-", o)
-
-    def __mul__(self, o):
-        return self._op("*", o)
-
-    def __floordiv__(self, o):
-        return self._op("//", o)
-
-    def __bool__(self):
-        raise TypeError("symbolic sizes must not be used as booleans")
-
-
 def test_launch_geometry_on_ints_and_symbols():
+    """On ints, and on TensorRT-like symbolic sizes (the conformance stand-in's ShapeExpr: arithmetic
+    only, never a bool, no reflected operators), evaluated for concrete sizes afterwards."""
+    from tests.plugins.trt_standin import ShapeExpr, evaluate
+
     gx, gy, extras = spa_trt.launch_geometry([5, 4, 3, 64], [1, 4, 100, 64])
     assert (gx, gy, extras) == (1, 4, [5, 4, 3, 100])  # ceil(15 / 16) row blocks
     gx, gy, extras = spa_trt.launch_geometry([100, 4, 3, 64], [1, 4, 7, 64])
     assert gx == 19
-    c, h, t, n = Sym("C"), Sym("H"), Sym("T"), Sym("L")
+    c, h, t, n = (ShapeExpr(("sym", x)) for x in "CHTL")
     gx, gy, extras = spa_trt.launch_geometry([c, h, t, 64], [1, h, n, 64])
-    assert gx.expr == "((((C*T)+16)-1)//16)" and gy is h and [e.expr for e in extras] == ["C", "H", "T", "L"]
+    env = {"C": 37, "H": 4, "T": 3, "L": 300}
+    assert not gx.is_constant and evaluate(gx, env) == (37 * 3 + 15) // 16 and gy is h
+    assert [evaluate(e, env) for e in extras] == [37, 4, 3, 300]
     gx, gy, extras = tca_trt.launch_geometry([2, 4, 33, 64], [2, 4, 50, 64])
     assert (gx, gy, extras) == (3, 8, [2, 4, 33, 50])
-    b, lq, lk = Sym("B"), Sym("Lq"), Sym("Lk")
+    b, lq, lk = (ShapeExpr(("sym", x)) for x in ("B", "Lq", "Lk"))
     gx, gy, _ = tca_trt.launch_geometry([b, h, lq, 64], [b, h, lk, 64])
-    assert gx.expr == "(((Lq+16)-1)//16)" and gy.expr == "(B*H)"
+    env = {"B": 3, "H": 4, "Lq": 33, "Lk": 50}
+    assert evaluate(gx, env) == 3 and evaluate(gy, env) == 12
 
 
 def test_block_sizes_match_the_kernels():
