@@ -78,8 +78,57 @@ def test_kv_fp16_option(small_build, tmp_path):
     cs = gs.import_onnx(onnx.load(str(b / "fp16" / "candidate_scorer.onnx")))
     assert all(o.dtype == np.float16 for o in ue.outputs)
     assert all(i.dtype == np.float16 for i in cs.inputs if i.name.startswith("user_"))
-    from onetrans_trt.data.movielens import MovieLens
+    errors = fp16_logit_errors(build, b, KV_REQUESTS)
+    check_kv_fp16_errors(errors, kv_already_fp16=kv_outputs_are_fp16_values(build))
 
-    req, _ = MovieLens().requests(1, n_candidates=8, seed=9)[0]
-    a, c = Ranker.load(b).rank(req).logits, Ranker.load(b, backend="ort-fp16").rank(req).logits
-    assert np.abs(a - c).max() < 0.02
+
+def kv_outputs_are_fp16_values(build) -> bool:
+    """Whether the FP16 variant's user encoder (float32 K/V outputs) already yields values that
+    FP16 represents exactly (its K/V projections run in FP16 and are cast up), on the build's
+    sample inputs."""
+    from polygraphy.json import load_json
+
+    from tests.helpers import ort_run
+
+    feeds = load_json(str(build / "samples" / "user_encoder_inputs.json"))
+    feeds = feeds[0] if isinstance(feeds, list) else feeds
+    outs = ort_run(build / "fp16" / "user_encoder.onnx", dict(feeds))
+    return all(np.array_equal(o.astype(np.float16).astype(np.float32), o) for o in outs)
+
+
+KV_REQUESTS = 40  # real test requests x 8 candidates: 320 logits per task
+
+
+def fp16_logit_errors(build, kv_build, n_requests: int) -> dict[str, np.ndarray]:
+    """|logit - float32 ORT logit| of the FP16 variant with float32 K/V (``build``) and of
+    the one with FP16 K/V (``kv_build``), on the same real requests."""
+    from onetrans_trt.data.movielens import MovieLens
+    from onetrans_trt.runtime.ranker import Ranker
+
+    ref, no_kv, kv = Ranker.load(build), Ranker.load(build, backend="ort-fp16"), Ranker.load(kv_build, backend="ort-fp16")
+    out: dict[str, list] = {"fp16": [], "fp16_kv": [], "kv_vs_fp16": []}
+    for req, _ in MovieLens().requests(n_requests, n_candidates=8, seed=9):
+        a = ref.rank(req).logits
+        c, d = no_kv.rank(req).logits, kv.rank(req).logits
+        out["fp16"].append(np.abs(c - a).ravel())
+        out["fp16_kv"].append(np.abs(d - a).ravel())
+        out["kv_vs_fp16"].append(np.abs(d - c).ravel())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def check_kv_fp16_errors(errors: dict[str, np.ndarray], kv_already_fp16: bool) -> None:
+    """The tolerance is derived, not a constant: FP16 K/V adds one rounding (relative 2^-11)
+    to K/V that the FP16 variant already computes with FP16 matmuls, so it must not change the
+    scale of the error. FlashAttention's acceptance rule (Dao et al., 2022: error against the
+    float32 reference at most 2x that of the same computation in FP16) applied with the FP16
+    variant with float32 K/V as "the same computation": max and mean |error| at most 2x."""
+    base, kv = errors["fp16"], errors["fp16_kv"]
+    assert base.size == kv.size >= 20 * 8 and np.isfinite(kv).all()
+    assert base.max() > 0, "the FP16 variant equals float32 exactly: it is not computing in FP16"
+    assert kv.max() <= 2 * base.max(), (kv.max(), base.max())
+    assert kv.mean() <= 2 * base.mean(), (kv.mean(), base.mean())
+    # Where the FP16 variant's float32 K/V are FP16 values already (projections in FP16, cast
+    # up), storing them in FP16 rounds nothing: the logits must be identical, not just close
+    # (a K/V path that loses precision, e.g. through bfloat16, is 1.45x the error: within 2x)
+    if kv_already_fp16:
+        assert errors["kv_vs_fp16"].max() == 0, errors["kv_vs_fp16"].max()
