@@ -385,13 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     deadline = t0 + 60 * args.max_minutes
     OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+    results = [run_module(mod, deadline, python) for mod in mods]
     prev = {}
     if (OUT / "report.json").exists() and args.module:  # keep the other modules' last results
-        prev = {r["module"]: r for r in json.loads((OUT / "report.json").read_text()).get("modules", [])}
-    for mod in mods:
-        results.append(run_module(mod, deadline, python))
-        prev.pop(mod, None)
+        prev = {r["module"]: r for r in json.loads((OUT / "report.json").read_text()).get("modules", [])
+                if r["module"] not in mods}
     merged = [prev.get(m) or next(r for r in results if r["module"] == m) for m in MODULES
               if m in prev or any(r["module"] == m for r in results)]
     summary = write_report(merged, time.monotonic() - t0)
