@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test demo clean browser fuzz gpu-check doctor
+.PHONY: venv data test demo clean browser fuzz gpu-check doctor mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ fuzz: venv data
 # tensorrt>=11, cuda-python (or cupy) and onnxruntime-gpu for the GPU parts.
 gpu-check: venv
 	$(BIN)/python -m onetrans_trt.gpu_check --json gpu-check.json
+
+# mutation testing (a measurement, not part of `make test`): mutmut 3 per module with the tests
+# that cover it, in a scratch copy under runs/mutation/work/; report in runs/mutation/report.md
+MUTATION_MINUTES ?= 240
+mutation: venv data
+	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1
+	nice -n 19 $(BIN)/python tools/mutation.py --max-minutes $(MUTATION_MINUTES)
 
 doctor: venv
 	$(BIN)/onetrans-trt doctor
