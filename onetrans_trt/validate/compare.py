@@ -45,8 +45,13 @@ class ErrorStats:
         if keep_pairs:
             self.pairs.append((a.reshape(-1), ref.reshape(-1)))
 
+    def _errors(self) -> np.ndarray:
+        """The sampled errors; one zero when nothing was compared (only empty outputs added)."""
+        errs = np.concatenate(self.errors) if self.errors else np.zeros(0)
+        return errs if errs.size else np.zeros(1)
+
     def summary(self) -> dict[str, Any]:
-        errs = np.concatenate(self.errors) if self.errors else np.zeros(1)
+        errs = self._errors()
         cos = self.dot / np.sqrt(self.na * self.nb) if self.na > 0 and self.nb > 0 else (1.0 if self.na == self.nb else 0.0)
         return {
             "name": self.name, "count": self.count, "max_abs": self.max_abs,
@@ -56,7 +61,7 @@ class ErrorStats:
         }
 
     def histogram(self, bins: int = 30) -> dict[str, list[float]]:
-        errs = np.concatenate(self.errors) if self.errors else np.zeros(1)
+        errs = self._errors()
         logs = np.log10(np.maximum(errs, 1e-12))
         counts, edges = np.histogram(logs, bins=bins, range=(-12, 2))
         return {"log10_edges": edges.tolist(), "counts": counts.tolist()}
