@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test demo clean browser fuzz gpu-check doctor mutation
+.PHONY: venv data test test-heavy demo clean browser fuzz gpu-check doctor mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ browser:
 	   apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: the report-rendering test will skip")
 
 test: venv data browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+# the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside
+# export/calibrate writes, the three example modules exported and validated, bench suites)
+test-heavy: venv data browser
+	$(BIN)/python -m pytest -q -m heavy
 
 # the hardening suite at full strength: 10x the fuzz inputs (21,000), 20 SIGKILL trials per command
 fuzz: venv data

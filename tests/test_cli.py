@@ -214,6 +214,7 @@ def test_keep_float_leaves_those_ops_and_nodes_unquantized(tiny_build, tmp_path)
     assert gemms[0] not in kept and set(gemms[1:]) <= set(kept)  # only the named Gemm left in float
 
 
+@pytest.mark.heavy
 def test_export_opset_and_no_fuse_attention_then_validate_requests_and_ckpt(tiny_ckpt, tmp_path, movielens):
     """export --opset 20 --no-fuse-attention, then validate --requests FILE --ckpt CKPT on it."""
     import onnx
@@ -258,6 +259,7 @@ def test_train_two_seeds(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["seeds"] == [7, 8]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("suite", ["fused", "int8"])
 def test_bench_fused_and_int8_suites_at_the_smallest_sizes(suite, tmp_path):
     out = tmp_path / "bench.json"

@@ -17,6 +17,8 @@ from onetrans_trt.protocol import SplitSpec
 from onetrans_trt.validate.module import validate_module_build
 from tests.protocol.test_protocol import EXAMPLES, example
 
+pytestmark = pytest.mark.heavy  # three exports and 150 validation cases: make test-heavy
+
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):

@@ -138,7 +138,8 @@ def _litter(root: Path) -> list[str]:
     return [str(p) for p in names if not LITTER.match(p.name)]
 
 
-@pytest.mark.parametrize("kind", ["export", "calibrate", "build"])
+@pytest.mark.parametrize("kind", [pytest.param("export", marks=pytest.mark.heavy),
+                                  pytest.param("calibrate", marks=pytest.mark.heavy), "build"])
 def test_sigkill_inside_an_atomic_write_leaves_whole_artifacts(kind, tiny_ckpt, tiny_build, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = tmp_path / "base" / "b"
