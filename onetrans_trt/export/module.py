@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,7 +49,7 @@ def load_factory(ref: str) -> Callable[[], Any]:
         path = Path(where)
         if not path.is_file():
             raise InputError(f"--module {ref!r}: {path} is not a file")
-        mod_name = f"onetrans_user_module_{abs(hash(str(path.resolve()))) % 10**8}"
+        mod_name = f"onetrans_user_module_{zlib.crc32(str(path.resolve()).encode()):08x}"  # stable per file
         spec = importlib.util.spec_from_file_location(mod_name, path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = mod
