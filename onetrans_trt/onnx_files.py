@@ -1,20 +1,28 @@
 """ONNX files of any size: one place that saves, loads, checks and opens them.
 
 A protobuf message cannot exceed 2 GiB, and a production ranker's embedding tables do.
-Every stage that writes a graph calls :func:`save_model`: under :data:`threshold()` bytes
-the graph is one self-contained file, above it the weights go to ``<file>.data`` beside it
-(ONNX external data, one file, relative location), the layout ONNX Runtime, ModelOpt,
-Polygraphy, trtexec and Triton all read when given the path. Readers call
-:func:`load_model` (external data resolved against the file's own directory, never the
-working directory) and :func:`session_source` to hand ONNX Runtime either bytes or a path.
+Every stage that writes a graph calls :func:`save_model` (or :func:`save_model_atomic` to
+replace a graph in place): under :func:`threshold` bytes of weights the graph is one
+self-contained file, above it every initializer of at least 1 KiB goes to ``<file>.data``
+beside it (ONNX external data, one file, a plain relative location, offsets aligned to
+4 KiB), the layout ONNX Runtime, ModelOpt, Polygraphy, trtexec and Triton all read when
+given the path. Readers call :func:`load_model` (external data resolved against the file's
+own directory, never the working directory, and confined to it) and
+:func:`session_source` to hand ONNX Runtime either bytes or a path.
 
 ``ONETRANS_TRT_EXTERNAL_DATA_BYTES`` lowers the threshold (tests push small models through
 the external-data path of every stage without writing gigabytes).
+
+Memory: :func:`save_model` writes each large tensor's bytes straight to the data file and
+serializes a skeleton of the graph that refers to them: one tensor's bytes at a time are
+copied, never the whole model (``onnx.save_model(save_as_external_data=True)`` would need a
+whole copy to leave the caller's model unchanged).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +31,8 @@ from typing import Iterator
 THRESHOLD_ENV = "ONETRANS_TRT_EXTERNAL_DATA_BYTES"
 PROTOBUF_LIMIT = 2 << 30
 DEFAULT_THRESHOLD = 1536 << 20  # leave room under 2 GiB for the graph itself and the functions
+MIN_EXTERNAL_TENSOR = 1024  # smaller tensors stay in the graph file (shapes, scalars, small biases)
+ALIGN = 4096  # each tensor starts on a page: ONNX Runtime can map it without copying
 
 
 def threshold() -> int:
@@ -45,42 +55,150 @@ def data_file(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def _weights_bytes(model) -> int:
+# ---------------------------------------------------------------- tensors of a model
+
+def _graph_tensors(graph) -> Iterator:
+    yield from graph.initializer
+    for n in graph.node:
+        yield from _node_tensors(n)
+
+
+def _node_tensors(node) -> Iterator:
+    from onnx import AttributeProto
+
+    for a in node.attribute:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        if a.type == AttributeProto.GRAPH:
+            yield from _graph_tensors(a.g)
+        for g in a.graphs:
+            yield from _graph_tensors(g)
+
+
+def all_tensors(model) -> Iterator:
+    """Every TensorProto of ``model``: initializers, node attributes (Constant values),
+    subgraphs (If/Loop bodies) and the nodes of model-local functions."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        for n in f.node:
+            yield from _node_tensors(n)
+
+
+def external_info(tensor) -> dict[str, str]:
+    """A tensor's external-data entries (``location``, ``offset``, ``length``...)."""
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_external(tensor) -> bool:
+    import onnx
+
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def has_external(model) -> bool:
+    """True when some tensor of ``model`` refers to external data (not loaded)."""
+    return any(is_external(t) for t in all_tensors(model))
+
+
+def weights_bytes(model) -> int:
+    """The initializers' size in bytes: inline ones as serialized, external ones by their length."""
     n = 0
     for t in model.graph.initializer:
-        n += len(t.raw_data) or t.ByteSize()
+        if is_external(t):
+            n += int(external_info(t).get("length", 0) or 0)
+        else:
+            n += t.ByteSize()  # no copy of raw_data (reading t.raw_data would copy it)
     return n
 
 
 def needs_external(model) -> bool:
     """True when ``model`` must (or, by the threshold, should) keep its weights outside."""
-    return _weights_bytes(model) > threshold()
+    return weights_bytes(model) > threshold()
+
+
+def _fits_one_protobuf(model) -> bool:
+    return model.ByteSize() < PROTOBUF_LIMIT - (64 << 20)
+
+
+# ---------------------------------------------------------------- saving
+
+def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of ``src`` into ``dst`` except those named in ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.label == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _externalized(model, path: Path):
+    """A copy of ``model`` whose initializers of at least MIN_EXTERNAL_TENSOR bytes point at
+    ``<path>.data`` (written here): the weights are never held twice (one tensor at a time
+    is, while it is written) and ``model`` itself is not changed."""
+    import onnx
+
+    side = data_file(path)
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip=("graph",))
+    _copy_fields(model.graph, out.graph, skip=("initializer",))
+    offset = 0
+    with open(side, "wb") as fh:
+        for t in model.graph.initializer:
+            nt = out.graph.initializer.add()
+            if is_external(t) or not t.HasField("raw_data") or t.ByteSize() < MIN_EXTERNAL_TENSOR:
+                nt.CopyFrom(t)
+                continue
+            _copy_fields(t, nt, skip=("raw_data", "external_data", "data_location"))
+            pad = (-offset) % ALIGN
+            if pad:
+                fh.write(b"\0" * pad)
+                offset += pad
+            raw = t.raw_data  # one tensor's bytes, released after the write
+            fh.write(raw)
+            length = len(raw)
+            del raw
+            for key, value in (("location", side.name), ("offset", str(offset)), ("length", str(length))):
+                e = nt.external_data.add()
+                e.key, e.value = key, value
+            nt.data_location = onnx.TensorProto.EXTERNAL
+            offset += length
+        fh.flush()
+        os.fsync(fh.fileno())
+    return out
 
 
 def save_model(model, path: str | os.PathLike, *, check: bool = True) -> list[Path]:
     """Write ``model`` to ``path`` (plus ``<name>.data`` when large); return the files written.
 
-    The caller owns atomicity (write into an ``atomic_directory`` or an ``atomic_path``
-    directory): the data file's location recorded in the graph is the final name. A stale
-    data file from an earlier, larger save is removed. ``check`` runs the ONNX checker on
-    the written file (by path, so external data is read where it lies). The in-memory
-    ``model`` is not changed.
+    The caller owns atomicity (write into an ``atomic_directory``, or use
+    :func:`save_model_atomic`): the data file's location recorded in the graph is the final
+    name. A stale data file from an earlier, larger save is removed. ``check`` runs the ONNX
+    checker on the written file (by path, so external data is checked where it lies, never
+    loaded). ``model`` is not changed, and its weights are never copied whole.
+    ``model`` must not already refer to external data (load it with :func:`load_model`).
     """
     import onnx
 
     path = Path(path)
     side = data_file(path)
+    if has_external(model):
+        raise ValueError(f"{path}: the model still refers to external data; load it with load_model() first")
+    if side.exists() or side.is_symlink():
+        side.unlink()
     if needs_external(model):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # convert_model_to_external_data rewrites the tensors in place
-        if side.exists():
-            side.unlink()
-        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=side.name, size_threshold=1024, convert_attribute=False)
+        skeleton = _externalized(model, path)
+        with open(path, "wb") as fh:
+            fh.write(skeleton.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        del skeleton
         written = [path, side]
     else:
-        if side.exists():
-            side.unlink()
         onnx.save_model(model, str(path))
         written = [path]
     if check:
@@ -88,8 +206,33 @@ def save_model(model, path: str | os.PathLike, *, check: bool = True) -> list[Pa
     return written
 
 
+def save_model_atomic(model, final: str | os.PathLike, *, check: bool = True) -> list[Path]:
+    """:func:`save_model` over an existing graph: written in a temporary sibling directory,
+    then renamed into place (the data file first, then the graph; a stale data file of the
+    old graph is removed after). On an exception nothing at ``final`` changes."""
+    from onetrans_trt.io import _fsync_dir
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        written = save_model(model, tmp / final.name, check=check)
+        if len(written) == 2:
+            os.replace(written[1], data_file(final))
+        os.replace(written[0], final)
+        if len(written) == 1 and data_file(final).exists():
+            data_file(final).unlink()
+        _fsync_dir(final.parent)
+        return [final] + ([data_file(final)] if len(written) == 2 else [])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading
+
 def load_model(path: str | os.PathLike, *, external: bool = True):
-    """Load ``path`` with its external data read from the file's own directory."""
+    """Load ``path``; its external data (``external``) is read from the file's own directory
+    (never the working directory), and ONNX's own loader refuses a location outside it."""
     import onnx
 
     path = Path(path)
@@ -101,17 +244,27 @@ def load_model(path: str | os.PathLike, *, external: bool = True):
     return model
 
 
-def has_external(model) -> bool:
+def graph_files(path: str | os.PathLike) -> list[Path]:
+    """The files a saved graph consists of: ``path`` and the data files its tensors name
+    (relative to its directory, in first-use order)."""
     import onnx
 
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    seen: list[Path] = []
+    for t in all_tensors(model):
+        if is_external(t):
+            f = path.parent / external_info(t).get("location", "")
+            if f not in seen:
+                seen.append(f)
+    return [path] + seen
 
 
 def check_model(model) -> None:
     """The ONNX checker on an in-memory model of any size (large ones via a temporary file)."""
     import onnx
 
-    if model.ByteSize() < PROTOBUF_LIMIT - (64 << 20) and not has_external(model):
+    if _fits_one_protobuf(model) and not has_external(model):
         onnx.checker.check_model(model)
         return
     with tempfile.TemporaryDirectory(prefix="onetrans-check-") as tmp:
@@ -121,8 +274,9 @@ def check_model(model) -> None:
 @contextmanager
 def session_source(model) -> Iterator[bytes | str]:
     """What ``ort.InferenceSession`` should be given for an in-memory ``model``: its bytes
-    when it fits in one protobuf, else the path of a temporary copy with external data."""
-    if model.ByteSize() < PROTOBUF_LIMIT - (64 << 20) and not has_external(model):
+    when it fits in one protobuf and is under :func:`threshold`, else the path of a temporary
+    copy with external data (removed on exit; create the session inside the ``with``)."""
+    if _fits_one_protobuf(model) and not needs_external(model) and not has_external(model):
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="onetrans-session-") as tmp:
