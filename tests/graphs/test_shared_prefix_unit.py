@@ -1,0 +1,335 @@
+"""shared-prefix on hand-made naive scorers (no tracing): each way of copying the user's K/V per
+candidate is rewritten into one SharedPrefixAttention and proven, the count it reads is the one
+the mask uses, lookalikes with another mask stay (and no-broadcast still reports them), and ONNX
+Runtime computes the same before and after on inputs the proof never saw."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+from onetrans_trt.graphs import shared_prefix as sp
+from onetrans_trt.graphs.no_broadcast import kv_broadcasts
+from onetrans_trt.plugins._onnx import DOMAIN, PLUGIN_NAMESPACE
+from tests.mutation_kills.onnx_kit import BOOL, F32, I64, G, ops, run
+
+H, DH, T = 2, 4, 2
+NINF = -np.inf
+
+
+def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padding="left", layers=1,
+          length="user_hist_len", length_type=I64, length_shape=(1,), sep=False, kv_heads=H, scale="div",
+          static_kv=None, is_causal=0, softcap=0.0, extra_attention_output=False, q3d=False, attn_scale=None,
+          extra_inputs=()) -> G:
+    g = G(opset=23)
+    kvlen = static_kv or "kv_len_0"
+    q = g.input("ns_q", ["candidates", H, T, DH])
+    g.input(length, list(length_shape), length_type)
+    for name, dt in extra_inputs:
+        g.input(name, [1], dt)
+    n_axis = 2 if layout == "bhld" else 1
+    cshape = g.op("Shape", q, start=0, end=1, shape=[1], dtype=I64)
+    hl = g.op("Cast", g.op("Reshape", length, g.const([1], np.int64)), to=7, shape=[1], dtype=I64)
+    if sep:  # a SEP token counts as real: the mask reads n_hist + 1
+        hl = g.op("Add", hl, g.const([1], np.int64), shape=[1], dtype=I64, out="n_real")
+    x = q
+    for li in range(layers):
+        kv_shape = [1, kv_heads, kvlen, DH] if layout == "bhld" else [1, kvlen, kv_heads, DH]
+        uk, uv = g.input(f"user_k_{li}", kv_shape), g.input(f"user_v_{li}", kv_shape)
+        own_shape = ["candidates", H, T, DH] if layout == "bhld" else ["candidates", T, H, DH]
+        ko, vo = g.input(f"ns_k_{li}", own_shape), g.input(f"ns_v_{li}", own_shape)
+        if copy == "mul_expand":
+            uk = g.op("Mul", uk, g.const(0.5), shape=kv_shape)
+        rest = [H if kv_heads != H and layout == "bhld" else 1, 1, H if kv_heads != H and layout != "bhld" else 1]
+        how = g.op("Concat", cshape, g.const(rest, np.int64), axis=0, shape=[4], dtype=I64)
+        cp_shape = ["candidates", H, kvlen, DH] if layout == "bhld" else ["candidates", kvlen, H, DH]
+        op = "Tile" if copy == "tile" else "Expand"
+        if copy == "tile" and kv_heads != H:
+            raise ValueError("tile with grouped heads is not built here")
+        kb, vb = g.op(op, uk, how, shape=cp_shape), g.op(op, uv, how, shape=cp_shape)
+        cat = ["candidates", H, f"{kvlen} + {T}", DH] if layout == "bhld" else ["candidates", f"{kvlen} + {T}", H, DH]
+        K, V = g.op("Concat", kb, ko, axis=n_axis, shape=cat), g.op("Concat", vb, vo, axis=n_axis, shape=cat)
+        if layout != "bhld":
+            K = g.op("Transpose", K, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
+            V = g.op("Transpose", V, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
+        n = g.op("Shape", f"user_k_{li}", start=n_axis, end=n_axis + 1, shape=[1], dtype=I64)
+        j = g.op("Range", g.const(0, np.int64), g.op("Squeeze", n), g.const(1, np.int64))
+        real = g.op("GreaterOrEqual", j, g.op("Sub", n, hl)) if padding == "left" else g.op("Less", j, hl)
+        real = g.op("Expand", g.op("Unsqueeze", real, g.const([0], np.int64)), g.op("Concat", g.const([T], np.int64), n,
+                                                                                   axis=0))
+        own_mask = np.tril(np.ones((T, T), bool)) if own == "causal" else np.ones((T, T), bool)
+        mask = g.op("Concat", real, g.const(own_mask, dtype=bool), axis=1)  # [T, n + T]
+        if attn.startswith("attention"):
+            m = mask if attn == "attention_bool" else g.op("Where", mask, g.const(0.0), g.const(NINF))
+            attrs = {"is_causal": is_causal}
+            if softcap:
+                attrs["softcap"] = softcap
+            if attn_scale is not None:
+                attrs["scale"] = attn_scale
+            qq = g.op("Reshape", x, g.const([0, T, H * DH], np.int64), shape=["candidates", T, H * DH]) if q3d else x
+            outs = 2 if extra_attention_output else 1
+            a = g.op("Attention", qq, K, V, m, outputs=outs, q_num_heads=H, kv_num_heads=H, **attrs) if q3d else \
+                g.op("Attention", qq, K, V, m, outputs=outs, **attrs)
+            if extra_attention_output:
+                g.output(g.nodes[-1].output[1])
+            if q3d:
+                a = g.op("Reshape", a, g.const([0, T, H, DH], np.int64))
+                a = g.op("Transpose", a, perm=[0, 2, 1, 3])
+        else:
+            s = g.op("MatMul", x, g.op("Transpose", K, perm=[0, 1, 3, 2]))
+            s = g.op("Div", s, g.const(math.sqrt(DH))) if scale == "div" else g.op("Mul", g.const(1 / math.sqrt(DH)), s)
+            if attn == "matmul_add":
+                s = g.op("Add", s, g.op("Where", mask, g.const(0.0), g.const(NINF)))
+            else:
+                s = g.op("Where", mask, s, g.const(NINF))
+            a = g.op("MatMul", g.op("Softmax", s, axis=-1), V, name=f"pv_{li}")
+        x = g.op("Add", x, a)
+    g.op("ReduceSum", x, g.const([1, 2, 3], np.int64), keepdims=0, out="logits")
+    g.output("logits", ["candidates"])
+    return g
+
+
+def feeds_for(g: G, c: int, n: int, valid: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for v in g.inputs:
+        dims = [d.dim_value if d.HasField("dim_value") else (c if d.dim_param == "candidates" else n)
+                for d in v.type.tensor_type.shape.dim]
+        if v.type.tensor_type.elem_type == F32:
+            out[v.name] = rng.standard_normal(dims).astype(np.float32)
+        else:
+            dt = np.int32 if v.type.tensor_type.elem_type == 6 else np.int64
+            out[v.name] = np.full(dims, valid, dt)
+    return out
+
+
+def _same(g: G, after: gs.Graph, cases=((2, 6, 3), (1, 3, 0), (4, 5, 5), (3, 7, 1))):
+    for i, (c, n, valid) in enumerate(cases):
+        f = feeds_for(g, c, n, valid, 100 + i)
+        want, got = run(g.model(), f), run(after, f)
+        assert np.isfinite(want[0]).all()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def _fused(graph) -> list[gs.Node]:
+    return [n for n in graph.nodes if n.op == sp.OP]
+
+
+VARIANTS = {
+    "expand_add": {}, "where": {"attn": "matmul_where"}, "tile": {"copy": "tile"},
+    "mul_expand": {"copy": "mul_expand"}, "blhd": {"layout": "blhd"}, "mul_scale": {"scale": "mul"},
+    "gqa": {"kv_heads": 1}, "attention_bool": {"attn": "attention_bool"},
+    "attention_float": {"attn": "attention_float"}, "attention_scale": {"attn": "attention_bool", "attn_scale": 0.5},
+    "static_kv": {"static_kv": 6},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_naive_scorer_is_rewritten_and_proven(name):
+    kw = VARIANTS[name]
+    g = naive(**kw)
+    before = g.gs()
+    assert kv_broadcasts(before)  # it copies K/V per candidate
+    after = sp.shared_prefix(before)
+    fused = _fused(after)
+    assert len(fused) == 1
+    node = fused[0]
+    assert node.domain == DOMAIN and node.attrs["plugin_namespace"] == PLUGIN_NAMESPACE and node.attrs["aot"] == 1
+    scale = kw.get("attn_scale", 1 / math.sqrt(DH))
+    assert node.attrs["scale"] == pytest.approx(scale) and isinstance(node.attrs["scale"], float)
+    rep = sp.last_report()
+    assert rep == after.__dict__["shared_prefix"] and after.__dict__["fused_attention"] == 1
+    assert len(rep) == 1 and rep[0]["rewritten"] is True and rep[0]["prefix_valid"] == "user_hist_len"
+    assert rep[0]["k"] == "user_k_0" and rep[0]["v"] == "user_v_0" and rep[0]["scale"] == pytest.approx(scale)
+    assert rep[0]["kind"] == ("Attention" if "attn" in kw and kw["attn"].startswith("attention") else "matmul")
+    assert "why_not" not in rep[0]
+    assert node.name == f"{sp.OP}_{rep[0]['site']}"
+    assert kv_broadcasts(after) == []  # the copy is gone
+    assert not {"Softmax", "Attention"} & set(ops(after))
+    assert node.inputs[0].name == "ns_q" and node.inputs[3].name == "user_hist_len"
+    assert len(before.nodes) == len(g.nodes)  # the graph given is unchanged
+    if kw.get("kv_heads") != 1 and kw.get("copy") != "mul_expand" and kw.get("layout") != "blhd":
+        assert node.inputs[1].name == "user_k_0" and node.inputs[2].name == "user_v_0"  # no copy left at all
+    _same(g, after)
+
+
+def test_two_layers_two_sites():
+    g = naive(layers=2)
+    after = sp.shared_prefix(g.gs())
+    assert len(_fused(after)) == 2 and after.__dict__["fused_attention"] == 2
+    assert [(r["k"], r["v"], r["rewritten"]) for r in sp.last_report()] == [
+        ("user_k_0", "user_v_0", True), ("user_k_1", "user_v_1", True)]
+    _same(g, after)
+
+
+def test_the_count_may_be_a_tensor_of_the_mask_and_of_another_type():
+    g = naive(sep=True)
+    after = sp.shared_prefix(g.gs())
+    assert sp.last_report()[0]["prefix_valid"] == "n_real"
+    _same(g, after)
+    g = naive(length_type=6, length_shape=())  # int32 scalar: cast and reshaped to [1] int64
+    after = sp.shared_prefix(g.gs())
+    node = _fused(after)[0]
+    assert sp.last_report()[0]["prefix_valid"] == "user_hist_len"
+    valid = node.inputs[3]
+    assert valid.shape == [1] and np.dtype(valid.dtype) == np.int64
+    assert valid.inputs[0].op == "Reshape" and valid.inputs[0].inputs[0].inputs[0].op == "Cast"
+    _same(g, after)
+
+
+def test_other_integer_inputs_are_tried_after_the_masks_own():
+    g = naive(length="n_hist", extra_inputs=[("a_flag", I64)])  # a_flag sorts first, the mask reads n_hist
+    site = sp.find_sites(g.gs())[0]
+    choices = sp.count_choices(g.gs(), site)
+    assert choices[0] == ("n_hist", "n_hist") and ("a_flag", "a_flag") in choices and choices[-1] == ("", None)
+    assert choices.index(("a_flag", "a_flag")) > 0
+    after = sp.shared_prefix(g.gs())
+    assert sp.last_report()[0]["prefix_valid"] == "n_hist"
+    _same(g, after)
+
+
+def test_a_full_prefix_mask_is_rewritten_with_the_whole_prefix():
+    g = naive(padding="right")  # right padding is not the op's: refused ...
+    before = g.gs()
+    after = sp.shared_prefix(before)
+    rep = sp.last_report()
+    assert _fused(after) == [] and rep[0]["rewritten"] is False and "prefix_valid" not in rep[0]
+    assert rep[0]["why_not"].startswith("user_hist_len: C=1 length=")
+    assert "whole prefix: C=" in rep[0]["why_not"] and "max abs error" in rep[0]["why_not"]
+    assert kv_broadcasts(after)  # ... and no-broadcast still reports the copy
+    assert after.__dict__["fused_attention"] == 0
+    _same(g, after, cases=((2, 6, 3),))
+
+
+def test_own_tokens_that_see_each_other_in_full_are_not_the_op():
+    g = naive(own="full")
+    after = sp.shared_prefix(g.gs())
+    rep = sp.last_report()
+    assert rep[0]["rewritten"] is False and _fused(after) == []
+    assert len(rep[0]["why_not"].split("; ")) == len(sp.count_choices(g.gs(), sp.find_sites(g.gs())[0]))
+
+
+def test_no_mask_count_at_all_uses_the_whole_prefix():
+    g = naive(length="user_hist_len")
+    # a graph whose prefix mask reads no count: every prefix key real
+    g2 = G(opset=23)
+    g2.__dict__.update({k: v for k, v in g.__dict__.items()})
+    for node in g2.nodes:
+        if node.op_type == "GreaterOrEqual":
+            node.op_type = "LessOrEqual"
+            node.input[1] = node.input[0]  # j <= j: always true
+    after = sp.shared_prefix(g2.gs())
+    assert sp.last_report()[0]["prefix_valid"] == "whole prefix"
+    valid = _fused(after)[0].inputs[3]
+    assert valid.inputs[0].op == "Shape" and valid.inputs[0].attrs == {"start": 2, "end": 3}
+    _same(g2, after)
+
+
+@pytest.mark.parametrize("kw", [{"attn": "attention_bool", "is_causal": 1}, {"attn": "attention_bool", "softcap": 5.0},
+                                {"attn": "attention_bool", "extra_attention_output": True},
+                                {"attn": "attention_bool", "q3d": True}], ids=lambda kw: list(kw)[-1])
+def test_attention_ops_the_pass_does_not_handle_are_left(kw):
+    g = naive(**kw)
+    assert sp.find_sites(g.gs()) == []
+    after = sp.shared_prefix(g.gs())
+    assert sp.last_report() == [] and after.__dict__["fused_attention"] == 0 and _fused(after) == []
+
+
+def test_not_a_scorer_graph_is_returned_as_is():
+    g = G()
+    g.op("Relu", g.input("x", [2]), out="y")
+    g.output("y", [2])
+    graph = g.gs()
+    assert sp.shared_prefix(graph) is graph
+    out, rep = sp.rewrite_shared_prefix(graph)
+    assert rep == [] and ops(out) == ["Relu"]
+
+
+def test_unnamed_nodes_get_names_and_sites_are_found_in_them():
+    g = naive()
+    for node in g.nodes:
+        node.name = ""
+    out, rep = sp.rewrite_shared_prefix(g.gs())
+    assert len(rep) == 1 and rep[0]["rewritten"] and rep[0]["site"].startswith("node_")
+    assert all(n.name for n in out.nodes)
+    _same(g, out)
+
+
+def test_scores_root_and_kv_side_refusals():
+    g = G()
+    q = g.input("q", [1, H, T, DH])
+    k = g.input("user_k_0", [1, H, 3, DH])
+    mm = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]), name="qk")
+    graph_in = g.input("w", [])
+    chains = {
+        "div": g.op("Div", mm, g.const(2.0)),
+        "mul_left": g.op("Mul", g.const(3.0), mm),
+        "div_by_zero": g.op("Div", mm, g.const(0.0)),
+        "div_const_by": g.op("Div", g.const(2.0), mm),
+        "mul_input": g.op("Mul", mm, graph_in),
+        "cast": g.op("Cast", mm, to=1),
+        "two_roots": g.op("Add", mm, mm),
+        "relu": g.op("Relu", mm),
+    }
+    deep = mm
+    for _ in range(10):
+        deep = g.op("Mul", deep, g.const(1.0))
+    chains["deep"] = deep
+    graph = g.gs()
+    t = graph.tensors()
+    root = {name: sp._scores_root(t[v]) for name, v in chains.items()}
+    assert root["div"][0].name == "qk" and root["div"][1] == pytest.approx(0.5)
+    assert root["mul_left"][1] == pytest.approx(3.0) and root["cast"][1] == 1.0
+    for name in ("div_by_zero", "div_const_by", "mul_input", "two_roots", "relu", "deep"):
+        assert root[name] is None, name
+    assert sp._kv_side(t[mm]) is None  # not a Concat of a copy
+
+
+def test_one_int_and_value_sources():
+    assert sp._one_int(gs.Variable("a", dtype=np.int64, shape=[1, 1]))
+    assert sp._one_int(gs.Variable("a", dtype=np.int32, shape=["users"]))
+    assert sp._one_int(gs.Variable("a", dtype=np.int64, shape=[]))
+    assert not sp._one_int(gs.Variable("a", dtype=np.int64, shape=[2]))
+    assert not sp._one_int(gs.Variable("a", dtype=np.float32, shape=[1]))
+    assert not sp._one_int(gs.Variable("a", dtype=None, shape=[1]))
+    assert not sp._one_int(gs.Variable("a", dtype=np.int64, shape=None))
+    assert not sp._one_int(gs.Constant("a", np.array([1], np.int64)))
+    assert sp._int_scalar_inputs(naive(extra_inputs=[("f", F32)]).gs()) == ["user_hist_len"]
+
+
+def test_dim_sizes_and_lengths_of_the_proof():
+    assert sp._dim_size("candidates", 3) == 3 and sp._dim_size("3*candidates", 1) == 1
+    assert sp._dim_size("kv_len_0", 3) == sp.PROOF_KV_LEN and sp._dim_size("history", 3) == sp.PROOF_KV_LEN
+    assert sp._dim_size("users", 3) == 1 and sp._dim_size("other", 3) == 2
+    # every static K/V dim above 1 (heads 2, head dim 4, a static length 6) and the proof's 8: n//2, n, n+3
+    assert sp._lengths(naive().model()) == [0, 1, 2, 4, 5, 7, 8, 11]
+    assert sp._lengths(naive(static_kv=6).model()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    f = sp._feeds(naive(extra_inputs=[("flag", BOOL)]).model(), 3, "user_hist_len", 5, 7)
+    assert f["user_hist_len"].tolist() == [5] and f["ns_q"].shape == (3, H, T, DH)
+    assert f["user_k_0"].shape == (1, H, sp.PROOF_KV_LEN, DH) and f["flag"].dtype == np.bool_
+    again = sp._feeds(naive(extra_inputs=[("flag", BOOL)]).model(), 3, "user_hist_len", 5, 7)
+    assert all(np.array_equal(f[k], again[k]) for k in f)  # seeded
+    other = sp._feeds(naive().model(), 3, None, 5, 7)
+    assert set(np.unique(other["user_hist_len"])) <= {0, 1}
+
+
+def test_proof_rejects_a_rewrite_that_differs():
+    g = naive()
+    proof = sp._Proof(g.gs())
+    ok, why = proof.holds(g.gs(), "user_hist_len")
+    assert ok and why == ""
+    wrong = naive(own="full")  # another computation on the same inputs
+    ok, why = proof.holds(wrong.gs(), "user_hist_len")
+    assert not ok and why.startswith("C=1 length=") and "max abs error" in why
+    broken = G()
+    broken.op("Relu", broken.input("x", [1]), out="logits")
+    broken.output("logits", [1])
+    ok, why = proof.holds(broken.gs(), "user_hist_len")
+    assert not ok and why
+    assert list(proof.cases(None)) == [(1, None, None, 1000), (3, None, None, 3000)]
+    cases = list(proof.cases("user_hist_len"))
+    assert [c[2] for c in cases] == [0, 1, 2, 4, 5, 7, 8, 11] * 2 and cases[1] == (1, "user_hist_len", 1, 1001)
+    assert cases[8] == (3, "user_hist_len", 0, 3000)
