@@ -629,7 +629,7 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
 def _validate_module(build, module_ref, weights, inputs_path, count, json_path) -> None:
     """``validate`` on a build from ``export --module``: ORT split vs the module's unified forward."""
     from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.export.module import load_inputs, load_user_module
+    from onetrans_trt.export.module import load_user_module
     from onetrans_trt.io import atomic_write_json
     from onetrans_trt.validate.module import read_spec, validate_module_build
 
@@ -640,9 +640,20 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
     recorded = (m["checkpoint"].get("weights") or {}).get("path")
     module, _, _ = load_user_module(ref, weights or (recorded if module_ref is None else None))
     spec = read_spec(build)
-    inputs = load_inputs(inputs_path, spec) if inputs_path is not None else None
-    report = validate_module_build(build, module, count=count, inputs=inputs,
-                                   progress=lambda msg: click.echo(msg, err=True))
+    if inputs_path is None:
+        report = validate_module_build(build, module, count=count, progress=lambda msg: click.echo(msg, err=True))
+    else:  # exactly the user's requests, each validated as given
+        from onetrans_trt.protocol.checks import inputs_from_file
+
+        requests, source = inputs_from_file(inputs_path, spec)
+        parts = []
+        for k, (user, cand) in enumerate(requests[:count]):
+            parts.append(validate_module_build(build, module, inputs=(user, cand)))
+            if (k + 1) % 10 == 0:
+                click.echo(f"{k + 1}/{min(count, len(requests))} requests", err=True)
+        rows = [dict(r, request=k) for k, p in enumerate(parts) for r in p["rows"]]
+        report = {**parts[0], "data": source, "cases": len(rows), "rows": rows,
+                  "max_abs": max(p["max_abs"] for p in parts)}
     if json_path:
         atomic_write_json(json_path, report)
     click.echo(f"verdict: PASS ({report['cases']} cases, data: {report['data']}; ORT split vs the module's unified "
@@ -677,7 +688,9 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --module: its weights (default: the ones the manifest names).")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A module build: validate on exactly these inputs (.npz of every spec input) instead of "
+              help="Validate on exactly these requests: an .npz ('<i>/<input>' keys, or bare input names for one "
+                   "request) or Polygraphy JSON (a list of feed dicts) holding every graph input; for our own "
+                   "checkpoints also request JSON/JSONL (like --requests). A module build without it uses "
                    "--count random cases drawn from the spec.")
 @DATA_DIR
 def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt, json_path, html_path,
@@ -699,9 +712,16 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 
     if "protocol" in read_manifest(build):
         return _validate_module(build, module_ref, weights, inputs_path, count, json_path)
-    if module_ref or weights or inputs_path:
-        raise InputError(f"{build} was exported from a checkpoint: --module/--weights/--inputs are for builds "
+    if module_ref or weights:
+        raise InputError(f"{build} was exported from a checkpoint: --module/--weights are for builds "
                          "from `export --module`")
+    for flag, path in (("--goldens", goldens), ("--requests", requests_file), ("--inputs", inputs_path)):
+        if path is not None and not path.exists():
+            raise InputError(f"{flag} {path}: missing")
+    given = [n for n, v in (("--data", data), ("--requests", requests_file), ("--inputs", inputs_path),
+                            ("--goldens", goldens)) if v is not None]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)} exclude each other: validate on one source of requests")
     policy = load_policy(policy_path)
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     if goldens is not None:
@@ -711,18 +731,21 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
     else:
         from onetrans_trt.validate.api import validate_build
 
-        if data is None and requests_file is None:
-            raise InputError("give --data ml-100k or --requests FILE (or --goldens DIR)")
+        if data is None and requests_file is None and inputs_path is None:
+            raise InputError("give --data ml-100k, --requests FILE or --inputs FILE (or --goldens DIR): validation "
+                             "never picks its data for you")
         with _progress() as prog:
             task = prog.add_task("validate", total=None, status="")
-            report = validate_build(build, backends=chosen, data=data, requests_file=requests_file, n_requests=count,
+            report = validate_build(build, backends=chosen, data=data, requests_file=requests_file,
+                                    inputs=inputs_path, n_requests=count,
                                     policy=policy, ckpt=ckpt, data_dir=data_dir, save_goldens=save_goldens,
                                     progress=lambda st, i, n: prog.update(task, completed=i, total=n, status=st))
     if json_path:
         write_json(report, json_path)
     if html_path:
         write_html(report, html_path)
-    lines = [f"verdict: {report['verdict'].upper()} ({report['requests']['count']} requests)"]
+    lines = [f"verdict: {report['verdict'].upper()} ({report['requests']['count']} requests; data: "
+             f"{report['requests']['source']})"]
     for name, b in report["backends"].items():
         worst = max((s["max_abs"] for g in b["graphs"].values() for s in g.values()), default=0.0)
         line = f"  {name:12s} {b['verdict'].upper():4s}  max |error| {worst:.3g}"

@@ -220,3 +220,38 @@ def check_protocol(module, spec: SplitSpec, example: tuple[dict, dict] | None = 
             "state_checked": "unified_state" if hasattr(module, "unified_state") else
             "split == unified only (the module has no unified_state)",
             "independence_max_abs": max(r["independence_max_abs"] for r in records)}
+
+
+def inputs_from_file(path, spec: SplitSpec) -> tuple[list[tuple[dict, dict]], str]:
+    """The user's requests for a module build (``--inputs``: npz or Polygraphy JSON, see
+    :mod:`onetrans_trt.data.feeds`), each split by the spec into (user inputs, candidate
+    inputs) as torch tensors, every array checked against its spec dtype and rank."""
+    import torch
+
+    from onetrans_trt.data.feeds import load_feed_list, split_feeds
+
+    feeds, source = load_feed_list(path)
+    by_name = {i.name: i for i in spec.inputs}
+    pairs = split_feeds(path, feeds, [i.name for i in spec.inputs if i.side == "user"],
+                        [i.name for i in spec.inputs if i.side != "user"])
+    out = []
+    for k, (user, cand) in enumerate(pairs):
+        conv: tuple[dict, dict] = ({}, {})
+        for side, arrays in ((0, user), (1, cand)):
+            for name, a in arrays.items():
+                i = by_name[name]
+                if str(a.dtype) != i.dtype and not (i.dtype == "bfloat16" and a.dtype == np.float32):
+                    raise InputError(f"--inputs {path}: request {k} {name} is {a.dtype}, the spec says {i.dtype}")
+                if a.ndim != len(i.shape) or any(isinstance(d, int) and d != n for d, n in zip(i.shape, a.shape)):
+                    raise InputError(f"--inputs {path}: request {k} {name} has shape {list(a.shape)}, the spec says "
+                                     f"{i.shape}")
+                conv[side][name] = torch.from_numpy(np.ascontiguousarray(a))  # as export.module.load_inputs
+        sizes = {name: t.shape[0] for name, t in conv[0].items()}
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"--inputs {path}: request {k}'s user inputs disagree on the number of users {sizes}")
+        csizes = {name: t.shape[0] for name, t in conv[1].items()}
+        if len(set(csizes.values())) > 1:
+            raise InputError(f"--inputs {path}: request {k}'s candidate inputs disagree on the number of candidates "
+                             f"{csizes}")
+        out.append(conv)
+    return out, source

@@ -57,13 +57,41 @@ def _graph_paths(build: Path, backend: str) -> dict[str, Path] | None:
     return {"user_encoder": d / "user_encoder.onnx", "candidate_scorer": d / "candidate_scorer.onnx"}
 
 
+def _feeds_as_encoded(build: Path, manifest: dict, path: Path, n: int) -> tuple[list, str]:
+    """``--inputs`` of graph feeds (npz / Polygraphy JSON) for one of our builds: each request
+    is one user's encoder inputs (batch 1) and its candidates' scorer inputs, checked against
+    the graphs' declared names, dtypes and ranks."""
+    from onetrans_trt.data.feeds import load_feed_list, split_feeds
+
+    feeds, source = load_feed_list(path)
+    ue = {i["name"]: i for i in manifest["graphs"]["user_encoder"]["inputs"]}
+    state = set(kv_out["name"] for kv_out in manifest["graphs"]["user_encoder"]["outputs"])
+    cs = {i["name"]: i for i in manifest["graphs"]["candidate_scorer"]["inputs"]
+          if i["name"] not in state and i["name"] not in ue}
+    pairs = split_feeds(path, feeds[:n], list(ue), list(cs))
+    for i, (hist, ns) in enumerate(pairs):
+        for name, a in {**hist, **ns}.items():
+            want = (ue.get(name) or cs[name])
+            if str(a.dtype) != want["dtype"] or a.ndim != len(want["shape"]):
+                raise InputError(f"--inputs {path}: request {i} {name} is {a.dtype} {list(a.shape)}; the graph takes "
+                                 f"{want['dtype']} {want['shape']}")
+        if any(a.shape[0] != 1 for a in hist.values()):
+            raise InputError(f"--inputs {path}: request {i} has user inputs for more than one user; one user per "
+                             "request (batch dimension 1)")
+        counts = {a.shape[0] for a in ns.values()}
+        if len(counts) > 1:
+            raise InputError(f"--inputs {path}: request {i}'s candidate inputs disagree on the number of "
+                             f"candidates ({sorted(counts)})")
+    return pairs, source
+
+
 def load_requests_for(build: Path, cfg, data: str | None, requests_file: str | Path | None, n: int,
                       data_dir=None) -> tuple[list, list, str]:
     from onetrans_trt.data.requests import load_requests
 
     if requests_file is not None:
         reqs = load_requests(requests_file)[:n]
-        return reqs, [None] * len(reqs), str(requests_file)
+        return reqs, [None] * len(reqs), f"--requests {requests_file} ({len(reqs)} requests)"
     if data == "ml-100k":
         from onetrans_trt.data.movielens import SEQUENCES, MovieLens
 
@@ -71,12 +99,13 @@ def load_requests_for(build: Path, cfg, data: str | None, requests_file: str | P
             raise InputError("--data ml-100k needs a build trained on MovieLens-100K; pass --requests FILE")
         ml = MovieLens(data_dir, max_history=cfg.schema.max_history, merge_mode=cfg.schema.merge_mode)
         pairs = ml.requests(n, n_candidates=50, seed=31)
-        return [r for r, _ in pairs], [lab for _, lab in pairs], "ml-100k"
+        return ([r for r, _ in pairs], [lab for _, lab in pairs],
+                f"ml-100k test requests ({len(pairs)} requests, 50 labelled candidates each, seed 31)")
     raise InputError("give --data ml-100k or --requests FILE")
 
 
 def validate_build(build: str | Path, *, backends: list[str] | None = None, data: str | None = "ml-100k",
-                   requests_file=None, n_requests: int = 100, policy: dict | None = None, ckpt=None,
+                   requests_file=None, inputs=None, n_requests: int = 100, policy: dict | None = None, ckpt=None,
                    data_dir=None, save_goldens: str | Path | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     import torch
@@ -103,23 +132,33 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
     missing = [b for b in chosen if b not in avail]
     if missing:
         raise InputError(f"backends {missing} are not available for {build}; available: {avail}")
-    reqs, labels, source = load_requests_for(build, model.cfg, data, requests_file, n_requests, data_dir)
-    if not reqs:
+    if inputs is not None:
+        from onetrans_trt.data.feeds import input_kind
+
+        if input_kind(inputs) == "requests":
+            requests_file, data = inputs, None
+    if inputs is not None and requests_file is None:
+        encoded, source = _feeds_as_encoded(build, manifest, Path(inputs), n_requests)
+        labels: list = [None] * len(encoded)
+    else:
+        reqs, labels, source = load_requests_for(build, model.cfg, data, requests_file, n_requests, data_dir)
+        encoded = [encode_request(model.cfg.schema, r) for r in reqs]
+    if not encoded:
         raise InputError("no requests to validate on")
     tasks = list(model.cfg.tasks)
     t = lambda d: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}  # noqa: E731
     # the reference, once per request
     refs = []
     with torch.no_grad():
-        for i, req in enumerate(reqs):
-            hist, ns = encode_request(model.cfg.schema, req)
+        for i, (hist, ns) in enumerate(encoded):
             kv = model.encode_user(t(hist))
             state = {k: v.numpy() for k, v in state_arrays(kv).items()}
             scored = model.score_candidates(kv, t(ns)).numpy()
-            c = len(req.candidates)
+            c = int(scored.shape[0])
             unified = model(t({**repeat_history(hist, c), **ns})).numpy() if c else scored
-            refs.append({"hist": hist, "ns": ns, "kv": kv, "state": state, "logits": scored, "unified": unified})
-            say("reference", i + 1, len(reqs))
+            refs.append({"hist": hist, "ns": ns, "kv": kv, "state": state, "logits": scored, "unified": unified,
+                         "c": c})
+            say("reference", i + 1, len(encoded))
     if save_goldens:
         write_goldens(save_goldens, manifest, refs)
     kv_names = state_output_names(model.cfg)
@@ -127,7 +166,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         "format": FORMAT, "build": str(build),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(ckpt), "policy": policy,
-        "requests": {"source": source, "count": len(reqs), "labelled": int(sum(l is not None for ls in labels
+        "requests": {"source": source, "count": len(encoded), "labelled": int(sum(l is not None for ls in labels
                                                                              for l in (ls or [])))},
         "backends": {},
     }
@@ -141,10 +180,10 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         first_fail: int | None = None
         ys, pv, pr, overlaps, taus = [], [], [], [], []
         error = None
-        for i, (req, ref) in enumerate(zip(reqs, refs)):
+        for i, ref in enumerate(refs):
             try:
                 kv = backend.encode_user(ref["hist"])
-                if len(req.candidates):
+                if ref["c"]:
                     backend.score(kv, ref["ns"])
             except Exception as e:  # noqa: BLE001 - a broken graph fails validation, it is not a crash
                 error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
@@ -154,7 +193,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
             for k in kv_names:
                 stats[k].add(np.asarray(_host(got[k])), ref["state"][k])
             ref_kv = from_state(ref["state"], ref["hist"]["s_length"])
-            if not len(req.candidates):
+            if not ref["c"]:
                 continue
             logit_stats.add(backend.score(ref_kv, ref["ns"]), ref["logits"], keep_pairs=True)
             own = backend.score(kv, ref["ns"])
@@ -169,7 +208,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
                     pr.append(ref["unified"][j])
             if first_fail is None and not all(within(s.summary(), tol) for s in [*stats.values(), logit_stats]):
                 first_fail = i
-            say(name, i + 1, len(reqs))
+            say(name, i + 1, len(refs))
         graphs = {"user_encoder": {k: {**s.summary(), "pass": within(s.summary(), tol)} for k, s in stats.items()},
                   "candidate_scorer": {"logits": {**logit_stats.summary(), "pass": within(logit_stats.summary(), tol)}}}
         e2e_sum = {**e2e.summary(), "pass": within(e2e.summary(), tol)}
