@@ -78,12 +78,18 @@ def resolve_keep(keep: list[str] | None, models: dict[str, onnx.ModelProto],
 
 
 def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False,
-            role: str = "user_encoder") -> onnx.ModelProto:
+            role: str = "user_encoder", kv_names: set[str] | None = None) -> onnx.ModelProto:
+    """The FP16 variant of one graph. ``kv_names``: the graph tensors that are per-layer K/V
+    (what ``kv_fp16`` recasts); default: our builds' naming, ``user_k_<i>``/``user_v_<i>``. A
+    build from ``export --module`` passes the names its spec declares as key/value state, so
+    other state whose name happens to start the same way stays float32."""
     from onnxconverter_common import float16
 
     from onetrans_trt.plugins import attach_op_functions
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # never the caller's model; no SerializeToString (a graph may exceed 2 GiB)
+    model = copy
     _ensure_names(model)
     funcs = list(model.functions)
     # a graph output that is also consumed inside the graph needs an Identity first
@@ -110,7 +116,7 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp
     # fresh types for every tensor (the local functions let inference see through our
     # ops), then leave the function bodies alone: they follow their inputs' dtype
     del model.graph.value_info[:]
-    model = onnx.shape_inference.infer_shapes(model)
+    model = _infer_shapes(model)
     del model.functions[:]
     converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=op_block,
                                                  node_block_list=node_block, disable_shape_infer=True)
@@ -119,8 +125,24 @@ def to_fp16(model: onnx.ModelProto, *, keep_fp32: list[str] | None = None, kv_fp
     converted.functions.extend(funcs)
     converted = _float32_outputs(converted)
     if kv_fp16:
-        converted = _kv_to_fp16(converted, role)
+        converted = _kv_to_fp16(converted, role, kv_names)
     return attach_op_functions(converted)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference on a model of any size (a large one through a file with its
+    weights beside it: the in-memory form is limited to 2 GiB)."""
+    from onetrans_trt.onnx_files import PROTOBUF_LIMIT, has_external, load_model, save_model
+
+    if model.ByteSize() < PROTOBUF_LIMIT - (64 << 20) and not has_external(model):
+        return onnx.shape_inference.infer_shapes(model)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onetrans-fp16-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, check=False)
+        onnx.shape_inference.infer_shapes_path(str(path))
+        return load_model(path)
 
 
 def _float32_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -175,10 +197,19 @@ def _align_casts(model: onnx.ModelProto) -> None:
                 a.i = onnx.TensorProto.FLOAT16
 
 
-def _kv_to_fp16(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
-    """User encoder emits FP16 K/V; the scorer takes FP16 K/V (cast up inside)."""
+def _is_kv_name(name: str) -> bool:
+    """Our builds' K/V naming (``onetrans_trt.kv.kv_names``)."""
+    return name.startswith("user_k_") or name.startswith("user_v_")
+
+
+def _kv_to_fp16(model: onnx.ModelProto, role: str, kv_names: set[str] | None = None) -> onnx.ModelProto:
+    """User encoder emits FP16 K/V; the scorer takes FP16 K/V (cast up inside). ``kv_names``:
+    which tensors are K/V (default: our naming); only float32 ones are recast."""
     graph = gs.import_onnx(model)
-    kv = lambda t: t.name.startswith("user_k_") or t.name.startswith("user_v_")  # noqa: E731
+
+    def kv(t) -> bool:
+        named = t.name in kv_names if kv_names is not None else _is_kv_name(t.name)
+        return named and t.dtype == np.float32
     if role == "user_encoder":
         graph.outputs = [_recast_output(graph, o, np.float16) if kv(o) else o for o in graph.outputs]
     else:
@@ -193,30 +224,52 @@ def _kv_to_fp16(model: onnx.ModelProto, role: str) -> onnx.ModelProto:
     return gs.export_onnx(graph.cleanup().toposort())  # gs carries the local functions along
 
 
+def graph_record(directory: Path, fname: str, rel: str) -> dict[str, Any]:
+    """A manifest entry for a written variant graph: its file (``rel``), sha256, its external
+    data file when it has one, and its inputs and outputs."""
+    from onetrans_trt.onnx_files import data_file
+
+    path = directory / fname
+    entry: dict[str, Any] = {"file": rel, "sha256": sha256_file(path)}
+    side = data_file(path)
+    if side.is_file():
+        entry["data"] = {"file": side.name, "sha256": sha256_file(side), "bytes": side.stat().st_size}
+    return {**entry, **_io_spec(path)}
+
+
 @locks_build("convert")
 def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False) -> dict[str, Any]:
-    """Write ``BUILD/fp16/`` (both graphs) and record it in the manifest."""
+    """Write ``BUILD/fp16/`` (both graphs) and record it in the manifest. On a build from
+    ``export --module`` the K/V to recast under ``kv_fp16`` are the spec's key/value state."""
+    from onetrans_trt.onnx_files import load_model, save_model
+
     build = Path(build)
     manifest = read_manifest(build)
     out = build / "fp16"
+    kv_names = None
+    if "protocol" in manifest:
+        from onetrans_trt.calibrate.module import kv_graph_names
+        from onetrans_trt.validate.module import read_spec
+
+        kv_names = kv_graph_names(read_spec(build))
     sources = {}
     for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
         src = build / fname
         if not src.is_file():
             raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
-        sources[role] = onnx.load(str(src))
+        sources[role] = load_model(src)
     keep_ops, keep_nodes = resolve_keep(keep_fp32, {f"{r}.onnx": m for r, m in sources.items()})
     info: dict[str, Any] = {"kv_dtype": "float16" if kv_fp16 else "float32",
                             "fp32_ops": DEFAULT_FP32_OPS + [k for k in keep_ops if k not in DEFAULT_FP32_OPS],
                             "fp32_nodes": keep_nodes, "graphs": {}}
+    if kv_names is not None:
+        info["kv_tensors"] = sorted(kv_names)
     # the whole fp16/ directory is built aside and swapped in: never half old, half new
     with atomic_directory(out, force=True) as tmp_dir:
         for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
-            model = to_fp16(sources[role], keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role)
-            onnx.checker.check_model(model)
-            onnx.save(model, str(tmp_dir / fname))
-            info["graphs"][role] = {"file": f"fp16/{fname}", "sha256": sha256_file(tmp_dir / fname),
-                                    **_io_spec(tmp_dir / fname)}
+            model = to_fp16(sources[role], keep_fp32=keep_fp32, kv_fp16=kv_fp16, role=role, kv_names=kv_names)
+            save_model(model, tmp_dir / fname)  # checked; external data beside it when large
+            info["graphs"][role] = graph_record(tmp_dir, fname, f"fp16/{fname}")
     manifest.setdefault("precisions", {})["fp16"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx_graphsurgeon as gs
 
 from onetrans_trt.errors import MissingCapabilityError
@@ -46,26 +47,40 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_graph(model: onnx.ModelProto, feed_list: list[dict[str, np.ndarray]], *,
                    keep_float: list[str] | None = None, high_precision_dtype: str = "fp32",
                    log: Callable[[str], None] | None = None) -> onnx.ModelProto:
-    """ModelOpt INT8 PTQ of one graph; returns the Q/DQ model."""
+    """ModelOpt INT8 PTQ of one graph; returns the Q/DQ model.
+
+    A graph holding our fused nodes (domain ``onetrans``: a module build's scorer after the
+    ``shared-prefix`` rewrite, or a module that calls ``onetrans_trt.ops``) never reaches
+    ModelOpt as such: with TensorRT installed ModelOpt hands graphs with custom ops to the
+    TensorRT execution provider, which does not know our plugins, and its shape inference
+    cannot see into them. Each such node is replaced by its ONNX function body (standard ops,
+    the same math), the graph is quantized, and the node is put back in place of its body
+    (:func:`_inline_fused` / :func:`_refold_fused`); :func:`_prove_refold` then runs both forms
+    on the first calibration feed."""
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError:
         raise MissingCapabilityError("NVIDIA ModelOpt is not installed: pip install nvidia-modelopt lief "
                                      "cppimport onnxconverter-common (not the [onnx] extra)") from None
     from onetrans_trt.calibrate.data import FeedReader
+    from onetrans_trt.onnx_files import load_model, save_model
 
-    model = _named(onnx.ModelProto.FromString(model.SerializeToString()))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # never the caller's model; no SerializeToString (a graph may exceed 2 GiB)
+    model = _named(copy)
     keep = list(keep_float or [])
     present_ops = {n.op_type for n in model.graph.node}
     node_names = {n.name for n in model.graph.node}
     # an entry is an op type where the graph has that op, else a node name (calibrate_build
     # refuses entries that are neither in either graph)
     op_excl = FLOAT_OPS + [k for k in keep if k in present_ops and k not in FLOAT_OPS]
-    node_excl = attention_matmuls(model) + [k for k in keep if k in node_names]
+    node_excl = [k for k in keep if k in node_names]
+    model, fused = _inline_fused(model)
+    node_excl = attention_matmuls(model) + node_excl
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="onetrans-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save(model, str(src))
+        save_model(model, src, check=False)
         os.chdir(tmp)
         buf = io.StringIO()
         try:
@@ -79,7 +94,113 @@ def quantize_graph(model: onnx.ModelProto, feed_list: list[dict[str, np.ndarray]
             os.chdir(cwd)
         if log:
             log(buf.getvalue())
-        return onnx.load(str(dst))
+        q = load_model(dst)
+    if fused:
+        inlined = q
+        q = _refold_fused(q, fused)
+        if feed_list:
+            _prove_refold(inlined, q, feed_list[0])
+    return q
+
+
+INLINED = "__onetrans_inlined__"  # name prefix of the nodes of an inlined fused node's body
+
+
+def _inline_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    """Replace every node of domain ``onetrans`` by its model-local function body; returns the
+    model and the replaced nodes (to put back). Body nodes are named ``INLINED<i>_...``."""
+    from onetrans_trt.plugins import DOMAIN
+
+    fused = [n for n in model.graph.node if n.domain == DOMAIN]
+    if not fused:
+        return model, []
+    have = {f.name for f in model.functions if f.domain == DOMAIN}
+    missing = sorted({n.op_type for n in fused} - have)
+    if missing:
+        from onetrans_trt.plugins import attach_op_functions
+
+        model = attach_op_functions(model)
+        have = {f.name for f in model.functions if f.domain == DOMAIN}
+        missing = sorted({n.op_type for n in fused} - have)
+        if missing:
+            from onetrans_trt.errors import BuildError
+
+            raise BuildError(f"the graph holds {missing} (domain {DOMAIN}) without a function body to calibrate "
+                             "through; re-export the build")
+    saved = []
+    for n in fused:
+        keep = onnx.NodeProto()
+        keep.CopyFrom(n)
+        saved.append(keep)
+    before = {n.name for n in model.graph.node}
+    inlined = onnx.inliner.inline_selected_functions(model, [(DOMAIN, name) for name in sorted(have)],
+                                                     exclude=False)
+    for i, n in enumerate(inlined.graph.node):
+        if n.name not in before or not n.name:
+            n.name = f"{INLINED}{i}_{n.op_type}"
+    if any(n.domain == DOMAIN for n in inlined.graph.node):
+        from onetrans_trt.errors import BuildError
+
+        raise BuildError(f"inlining left nodes of domain {DOMAIN} in the graph; cannot calibrate it")
+    return inlined, saved
+
+
+def _refold_fused(model: onnx.ModelProto, fused: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """Put each fused node back: it takes its original inputs and produces its original
+    outputs; the body that produced them is then unused and removed."""
+    from onetrans_trt.errors import BuildError
+    from onetrans_trt.plugins import attach_op_functions
+
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for n in fused:
+        missing = [t for t in [*n.input, *n.output] if t and t not in tensors]
+        if missing:
+            raise BuildError(f"quantization renamed {missing}, the inputs/outputs of {n.op_type} {n.name!r}; "
+                             "cannot put the fused node back")
+        outs = [tensors[t] for t in n.output]
+        for t in outs:
+            for producer in list(t.inputs):
+                producer.outputs = [gs.Variable(f"{t.name}__inlined_body", dtype=t.dtype, shape=t.shape)
+                                    if o is t else o for o in producer.outputs]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        graph.nodes.append(gs.Node(n.op_type, name=n.name, domain=n.domain, attrs=attrs,
+                                   inputs=[tensors[t] for t in n.input], outputs=outs))
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    left = [x.name for x in out.graph.node if x.name.startswith(INLINED)]
+    if left:
+        raise BuildError(f"quantization put nodes into the body of a fused node ({left[:3]}); cannot put the fused "
+                         "node back")
+    del out.functions[:]
+    return attach_op_functions(out)
+
+
+def _prove_refold(inlined: onnx.ModelProto, refolded: onnx.ModelProto, feed: dict[str, np.ndarray],
+                  atol: float = 1e-5) -> None:
+    """Both forms of the quantized graph, run in ONNX Runtime (Q/DQ as float math), agree."""
+    from onetrans_trt.errors import BuildError
+    from onetrans_trt.onnx_files import session_source
+    from onetrans_trt.runtime.ort_backend import _quiet_ort
+
+    import onnxruntime as ort
+
+    _quiet_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    outs = []
+    for m in (inlined, refolded):
+        with session_source(m) as source:
+            sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        outs.append(dict(zip(names, sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()}))))
+    for name, a in outs[0].items():
+        b = outs[1][name]
+        if a.shape != b.shape or (a.size and float(np.abs(a.astype(np.float64) - b).max()) > atol * max(1.0, float(np.abs(a).max()))):
+            raise BuildError(f"the quantized graph with its fused nodes put back differs from its inlined form on "
+                             f"{name}; not writing it")
 
 
 def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
@@ -103,19 +224,22 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
         CANDIDATE_SCORER,
         MANIFEST,
         USER_ENCODER,
-        _io_spec,
         default_passes,
         read_manifest,
-        sha256_file,
         split_with_passes,
     )
+    from onetrans_trt.calibrate.fp16 import graph_record
     from onetrans_trt.graphs.fuse_attention import count_fused, fuse_attention
     from onetrans_trt.io import atomic_directory, atomic_write_json
+    from onetrans_trt.onnx_files import save_model
     from onetrans_trt.plugins import attach_op_functions
 
     say = progress or (lambda stage, i, n: None)
     build = Path(build)
     manifest = read_manifest(build)
+    if "protocol" in manifest:
+        return _calibrate_module(build, manifest, n_samples=n_samples, keep_float=keep_float, say=say,
+                                 inputs=inputs, synthetic=synthetic)
     out = build / "int8"
     from onetrans_trt.calibrate.fp16 import resolve_keep
 
@@ -143,10 +267,70 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
             if fuse:
                 g = fuse_attention(g)
             model = attach_op_functions(gs.export_onnx(g))
-            onnx.checker.check_model(model)
-            onnx.save(model, str(tmp_dir / fname))
-            info["graphs"][role] = {"file": f"int8/{fname}", "sha256": sha256_file(tmp_dir / fname),
-                                    "qdq": summary, "fused": count_fused(g), **_io_spec(tmp_dir / fname)}
+            save_model(model, tmp_dir / fname)  # checked; external data beside it when large
+            info["graphs"][role] = {**graph_record(tmp_dir, fname, f"int8/{fname}"), "qdq": summary,
+                                    "fused": count_fused(g)}
+    say("done", 2, 2)
+    manifest.setdefault("precisions", {})["int8"] = info
+    atomic_write_json(build / MANIFEST, manifest)
+    return info
+
+
+def calibration_source(spec, n_samples: int, inputs: str | Path | None, synthetic: bool):
+    """A module build's calibration requests and their label: exactly the ``inputs`` file's,
+    or ``n_samples`` synthetic ones from the spec when asked; neither is an InputError."""
+    from onetrans_trt.calibrate.module import describe, read_requests, synthetic_calibration
+    from onetrans_trt.errors import InputError
+
+    if inputs is not None and synthetic:
+        raise InputError("--inputs and --synthetic exclude each other: calibrate on one source")
+    if inputs is not None:
+        reqs, label = read_requests(inputs, spec)
+        return reqs, f"{label}: {describe(reqs)}"
+    if synthetic:
+        reqs = synthetic_calibration(spec, n_samples)
+        return reqs, (f"synthetic (asked for): {n_samples} random users from the spec, histories empty to "
+                      f"over-long, {reqs[0][1][next(iter(reqs[0][1]))].shape[0]} candidates each")
+    raise InputError("a module build has no dataset of its own: calibrate it on your inputs (--inputs FILE.npz) or "
+                     "on random inputs drawn from its spec (--synthetic)")
+
+
+def _calibrate_module(build: Path, manifest: dict, *, n_samples: int, keep_float, say, inputs,
+                      synthetic: bool) -> dict[str, Any]:
+    """``calibrate`` on a build from ``export --module``: its own graphs are quantized (fused
+    nodes go through :func:`quantize_graph`'s inline and refold), the scorer calibrated on the
+    candidates plus the state the float32 ONNX Runtime user encoder produced for each user."""
+    from onetrans_trt.calibrate.data import feeds
+    from onetrans_trt.calibrate.fp16 import graph_record, resolve_keep
+    from onetrans_trt.calibrate.module import calibration_set
+    from onetrans_trt.export.api import CANDIDATE_SCORER, MANIFEST, USER_ENCODER
+    from onetrans_trt.graphs.fuse_attention import count_fused
+    from onetrans_trt.io import atomic_directory, atomic_write_json
+    from onetrans_trt.onnx_files import load_model, save_model
+    from onetrans_trt.validate.module import read_spec
+
+    spec = read_spec(build)
+    graphs = {role: load_model(build / fname) for role, fname in (("user_encoder", USER_ENCODER),
+                                                                 ("candidate_scorer", CANDIDATE_SCORER))}
+    keep_ops, keep_nodes = resolve_keep(keep_float, {role: _named(m) for role, m in graphs.items()},
+                                        option="--keep-float")
+    reqs, source = calibration_source(spec, n_samples, inputs, synthetic)
+    arrays = calibration_set(build, spec, reqs, source, progress=lambda i, n: say("calibration data", i, n))
+    info: dict[str, Any] = {"calibration": {"file": "int8/calibration.npz", "requests": int(arrays["count"]),
+                                            "source": source, "method": "max"},
+                            "float_ops": FLOAT_OPS + [k for k in keep_ops if k not in FLOAT_OPS],
+                            "float_nodes": keep_nodes, "graphs": {}}
+    out = build / "int8"
+    with atomic_directory(out, force=True) as tmp_dir:
+        with open(tmp_dir / "calibration.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+        for i, (role, fname, key) in enumerate((("user_encoder", USER_ENCODER, "user"),
+                                                ("candidate_scorer", CANDIDATE_SCORER, "scorer"))):
+            say(f"quantize {role}", i, 2)
+            q = quantize_graph(graphs[role], feeds(arrays, key), keep_float=keep_float)
+            save_model(q, tmp_dir / fname)  # checked; external data beside it when large
+            info["graphs"][role] = {**graph_record(tmp_dir, fname, f"int8/{fname}"), "qdq": qdq_summary(q),
+                                    "fused": count_fused(gs.import_onnx(q))}
     say("done", 2, 2)
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)
