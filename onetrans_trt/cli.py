@@ -534,6 +534,51 @@ def _quality_lines(rep: dict) -> list[str]:
     return lines
 
 
+MODULE_OPT = click.option("--module", "module_ref", default=None,
+                          help="A build from `export --module`: the module the quality report compares with "
+                               "(default: the one the manifest names). Runs your code.")
+WEIGHTS_OPT = click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                           help="With --module: its weights (default: the ones the manifest names).")
+SYNTHETIC_QUALITY = click.option("--synthetic", is_flag=True,
+                                 help="A module build: the quality report (and calibration) on random inputs drawn "
+                                      "from the spec; only when asked, never a silent fallback.")
+
+
+def _module_build(build: Path) -> bool:
+    from onetrans_trt.export.api import read_manifest
+
+    return "protocol" in read_manifest(build)
+
+
+def _module_quality_plan(build: Path, n: int, inputs_path, synthetic: bool, module_ref, weights):
+    """Before any work: the module and the requests of a module build's quality report
+    (None when n == 0); a missing source of data is an InputError here, not after converting."""
+    if not n:
+        return None
+    from onetrans_trt.calibrate.module import load_module_for, quality_requests
+    from onetrans_trt.validate.module import read_spec
+
+    reqs, data = quality_requests(read_spec(build), inputs=inputs_path, synthetic=synthetic, count=n)
+    return load_module_for(build, module_ref, weights), reqs, data
+
+
+def _module_quality(build: Path, variant: str, plan, prog) -> dict:
+    from onetrans_trt.calibrate.module import write_module_quality
+
+    module, reqs, data = plan
+    task = prog.add_task(f"quality {variant}", total=len(reqs), status="")
+    return write_module_quality(build, variant, module, reqs, data,
+                                progress=lambda i, k: prog.update(task, completed=i, total=k))
+
+
+def _checkpoint_only(build: Path, **given: Any) -> None:
+    """Options that only a module build takes, refused on a checkpoint build."""
+    named = [k for k, v in given.items() if v not in (None, False)]
+    if named:
+        raise InputError(f"{build} was exported from a checkpoint: {', '.join(named)} "
+                         f"{'is' if len(named) == 1 else 'are'} for builds from `export --module`")
+
+
 @cli.command("convert")
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16"]), default="fp16", show_default=True)
@@ -541,56 +586,130 @@ def _quality_lines(rep: dict) -> list[str]:
 @click.option("--keep-fp32", default="", help="Comma-separated op types or node names to keep in FP32 "
                                               "(norms, softmax paths and the final logits always are).")
 @click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
-              help="MovieLens test requests for the quality report (0: skip it).")
+              help="MovieLens test requests for the quality report (0: skip it); on a module build: how many "
+                   "random cases --synthetic draws.")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A module build: the quality report on exactly these requests (.npz of every spec input, "
+                   "'<i>/<input>' keys or bare names; or Polygraphy JSON).")
+@SYNTHETIC_QUALITY
+@MODULE_OPT
+@WEIGHTS_OPT
 @DATA_DIR
 @JSON_OUT
-def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, data_dir, as_json) -> None:
+def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_path, synthetic, module_ref, weights,
+                data_dir, as_json) -> None:
     """Write FP16 variants of both graphs to BUILD/fp16/ and report their ranking quality
-    against the float32 PyTorch model (BUILD/fp16/quality.json)."""
+    against the float32 PyTorch model (BUILD/fp16/quality.json).
+
+    \b
+    A build from `export --module` has no dataset: its quality report compares the FP16
+    split (ONNX Runtime) with the module's own unified forward (PyTorch, float32) on
+    --inputs FILE or, asked for, --synthetic random inputs from the spec; this runs the
+    module's code (--module/--weights, default: the manifest's). Without either, give
+    --quality-requests 0.
+      onetrans-trt convert BUILD --inputs requests.npz
+      onetrans-trt convert BUILD --synthetic --quality-requests 50
+    """
     from onetrans_trt.calibrate.fp16 import convert_build
 
+    module_build = _module_build(build)
+    plan = None
+    if module_build:
+        plan = _module_quality_plan(build, quality_requests, inputs_path, synthetic, module_ref, weights)
+    else:
+        _checkpoint_only(build, **{"--inputs": inputs_path, "--synthetic": synthetic, "--module": module_ref,
+                                   "--weights": weights})
     info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()], kv_fp16=kv_fp16)
     rep = None
-    if quality_requests:
+    lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"]
+    if plan is not None:
+        from onetrans_trt.calibrate.module import quality_lines
+
+        with _progress() as prog:
+            rep = _module_quality(build, "fp16", plan, prog)
+        lines += quality_lines(rep)
+    elif quality_requests and not module_build:
         with _progress() as prog:
             rep = _quality(build, "fp16", quality_requests, data_dir, prog)
-    lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"] + (_quality_lines(rep) if rep else [])
+        lines += _quality_lines(rep)
     _emit({"fp16": info, "quality": rep}, as_json, "\n".join(lines))
 
 
 @cli.command("calibrate")
 @click.argument("build", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Choice(["ml-100k"]), default="ml-100k", show_default=True,
-              help="Where calibration requests come from (training-period MovieLens requests).")
+@click.option("--data", type=click.Choice(["ml-100k"]), default=None,
+              help="Where calibration requests come from: training-period MovieLens requests [default for a "
+                   "checkpoint build: ml-100k; a module build takes --inputs or --synthetic].")
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True,
-              help="Calibration requests (each one user's history and 16 candidates).")
+              help="Calibration requests (each one user's history and 16 candidates); with --inputs every "
+                   "request of the file is used.")
 @click.option("--keep-float", default="", help="Comma-separated op types or node names to leave unquantized "
                                                "(attention scores/softmax and norms always are).")
-@click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True)
+@click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
+              help="Requests for the quality report (0: skip it); on a module build: how many random cases "
+                   "--synthetic draws (with --inputs: the file's requests).")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Calibrate on exactly these requests (JSON object, list or JSON lines) instead of --data.")
+              help="Calibrate on exactly these requests instead of --data: request JSON (object, list or JSON "
+                   "lines); for a module build an .npz of every spec input ('<i>/<input>' keys or bare names) or "
+                   "Polygraphy JSON.")
 @click.option("--synthetic", is_flag=True,
-              help="Calibrate on synthetic requests (only when asked: never a silent fallback).")
+              help="Calibrate on synthetic requests (a module build: random inputs from its spec, histories empty "
+                   "to over-long); only when asked: never a silent fallback.")
+@MODULE_OPT
+@WEIGHTS_OPT
 @DATA_DIR
 @JSON_OUT
-def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_path, synthetic, data_dir,
-                  as_json) -> None:
+def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_path, synthetic, module_ref, weights,
+                  data_dir, as_json) -> None:
     """INT8: calibrate on real requests (max), quantize both graphs with NVIDIA ModelOpt
     (explicit Q/DQ, per-channel weights), fuse attention, write BUILD/int8/ with the
-    calibration set (calibration.npz) and the quality report (quality.json)."""
+    calibration set (calibration.npz) and the quality report (quality.json).
+
+    \b
+    A build from `export --module`: calibration on exactly --inputs FILE or on --synthetic
+    random inputs from its spec (the scorer sees each user's state from the float32 user
+    encoder); the quality report compares with the module's unified forward on the same
+    source, which runs the module's code (--module/--weights; or --quality-requests 0).
+      onetrans-trt calibrate BUILD --inputs requests.npz
+      onetrans-trt calibrate BUILD --synthetic --samples 64 --quality-requests 50
+    """
     from onetrans_trt.calibrate.int8 import calibrate_build
 
+    if inputs_path is not None and synthetic:
+        raise InputError("--inputs and --synthetic exclude each other: calibrate on one source")
+    module_build = _module_build(build)
+    plan = None
+    if module_build:
+        if data is not None:
+            raise InputError(f"--data {data}: a module build has no dataset here; calibrate on --inputs FILE or "
+                             "--synthetic")
+        if inputs_path is None and not synthetic:
+            raise InputError("a module build has no dataset of its own: calibrate it on your inputs (--inputs "
+                             "FILE.npz) or on random inputs drawn from its spec (--synthetic)")
+        plan = _module_quality_plan(build, quality_requests, inputs_path, synthetic, module_ref, weights)
+    else:
+        _checkpoint_only(build, **{"--module": module_ref, "--weights": weights})
     with _progress() as prog:
         task = prog.add_task("calibrate", total=None, status="")
-        if inputs_path is not None and synthetic:
-            raise InputError("--inputs and --synthetic exclude each other: calibrate on one source")
         info = calibrate_build(build, n_samples=samples, data_dir=data_dir, inputs=inputs_path, synthetic=synthetic,
                                keep_float=[k.strip() for k in keep_float.split(",") if k.strip()],
                                progress=lambda stage, i, n: prog.update(task, completed=i, total=n, status=stage))
-        rep = _quality(build, "int8", quality_requests, data_dir, prog) if quality_requests else None
+        if plan is not None:
+            rep = _module_quality(build, "int8", plan, prog)
+        else:
+            rep = _quality(build, "int8", quality_requests, data_dir, prog) \
+                if quality_requests and not module_build else None
     q = {k: v["qdq"]["QuantizeLinear"] for k, v in info["graphs"].items()}
     lines = [f"wrote {build}/int8/ ({info['calibration']['requests']} calibration requests from "
              f"{info['calibration']['source']}; Q nodes {q})"]
+    if plan is not None:
+        from onetrans_trt.calibrate.module import quality_lines
+
+        fused = {k: v["fused"] for k, v in info["graphs"].items() if v.get("fused")}
+        if fused:
+            lines.append(f"  fused nodes kept: {fused}")
+        _emit({"int8": info, "quality": rep}, as_json, "\n".join(lines + (quality_lines(rep) if rep else [])))
+        return
     _emit({"int8": info, "quality": rep}, as_json, "\n".join(lines + (_quality_lines(rep) if rep else [])))
 
 

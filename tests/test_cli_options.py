@@ -88,6 +88,9 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("convert", "keep_fp32"): ("NoSuchOp", "NoSuchOp"),
     ("convert", "quality_requests"): ("-1", "--quality-requests"),
     ("convert", "data_dir"): ("{FILE}", "--data-dir"),
+    ("convert", "inputs_path"): ("{MISSING}", "--inputs"),  # on a checkpoint build: for module builds
+    ("convert", "module_ref"): ("{MISSING}.py:make", "--module"),
+    ("convert", "weights"): ("{MISSING}", "--weights"),
     ("calibrate", "build"): ("{MISSING}", "missing"),
     ("calibrate", "data"): ("ml-1m", "--data"),
     ("calibrate", "samples"): ("0", "--samples"),
@@ -95,6 +98,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("calibrate", "quality_requests"): ("-1", "--quality-requests"),
     ("calibrate", "data_dir"): ("{FILE}", "--data-dir"),
     ("calibrate", "inputs_path"): ("{MISSING}", "missing"),
+    ("calibrate", "module_ref"): ("{MISSING}.py:make", "--module"),  # on a checkpoint build
+    ("calibrate", "weights"): ("{MISSING}", "--weights"),
     ("build", "build"): ("{MISSING}", "missing"),
     ("build", "precision"): ("fp64", "--precision"),
     ("build", "profile_specs"): ("candidates", "--profile"),
