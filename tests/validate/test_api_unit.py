@@ -1,0 +1,388 @@
+"""validate/api.py on a tiny random-weight build (exported once, cached on disk: see
+tests/mutation_kills/validate_fixture.py): the report's every field from a few requests, the
+error paths, the divergence search, goldens written and read back. A second or so per test."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onetrans_trt.errors import InputError
+from onetrans_trt.validate import api
+from onetrans_trt.validate.policy import DEFAULT_POLICY
+from tests.mutation_kills.validate_fixture import tiny_random_build
+
+
+@pytest.fixture(scope="module")
+def fx() -> Path:
+    return tiny_random_build()
+
+
+@pytest.fixture(scope="module")
+def model(fx):
+    from onetrans_trt.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(fx / "ckpt")
+
+
+def _reqs(fx):
+    return json.loads((fx / "requests.json").read_text())
+
+
+# ------------------------------------------------------------------ small helpers
+
+def test_available_backends(tmp_path, monkeypatch):
+    b = tmp_path
+    assert api.available_backends(b) == ["torch-split", "ort"]
+    (b / "fp16").mkdir()
+    (b / "fp16" / "user_encoder.onnx").write_text("x")
+    assert api.available_backends(b) == ["torch-split", "ort"]  # a variant needs its scorer
+    (b / "fp16" / "candidate_scorer.onnx").write_text("x")
+    (b / "int8").mkdir()
+    (b / "int8" / "candidate_scorer.onnx").write_text("x")
+    assert api.available_backends(b) == ["torch-split", "ort", "ort-fp16", "ort-int8"]
+    for p in ("fp32", "int8"):
+        (b / "engines" / p).mkdir(parents=True)
+        (b / "engines" / p / "candidate_scorer.engine").write_text("x")
+    (b / "engines" / "fp16").mkdir()
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert api.available_backends(b) == ["torch-split", "ort", "ort-fp16", "ort-int8", "trt", "trt-int8"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert api.available_backends(b)[-1] == "ort-int8"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
+    assert api.available_backends(b)[-1] == "ort-int8"
+
+
+def test_graph_paths(tmp_path):
+    assert api._graph_paths(tmp_path, "ort") == {"user_encoder": tmp_path / "user_encoder.onnx",
+                                                 "candidate_scorer": tmp_path / "candidate_scorer.onnx"}
+    assert api._graph_paths(tmp_path, "ort-fp16") == {"user_encoder": tmp_path / "fp16" / "user_encoder.onnx",
+                                                      "candidate_scorer": tmp_path / "fp16" / "candidate_scorer.onnx"}
+    assert api._graph_paths(tmp_path, "ort-int8")["candidate_scorer"] == tmp_path / "int8" / "candidate_scorer.onnx"
+    assert api._graph_paths(tmp_path, "trt") is None and api._graph_paths(tmp_path, "torch-split") is None
+
+
+def test_backend_by_name(fx, model):
+    from onetrans_trt.runtime.backends import TorchSplitBackend
+
+    b = api._backend(fx / "build", "torch-split", model)
+    assert isinstance(b, TorchSplitBackend) and b.model is model
+    ort = api._backend(fx / "build", "ort", None)
+    fp16 = api._backend(fx / "build", "ort-fp16", None)
+    assert type(ort).__name__ == type(fp16).__name__ != "TorchSplitBackend"
+    assert fp16.note != ort.note or getattr(fp16, "precision", "fp16") != getattr(ort, "precision", "fp32")
+
+
+def test_load_requests_for_a_file_and_the_refusals(fx, tmp_path):
+    path = fx / "requests.json"
+    reqs, labels, source = api.load_requests_for(None, None, "ml-100k", path, 2)
+    assert [r.to_json() for r in reqs] == _reqs(fx)[:2] and labels == [None, None]
+    assert source == f"--requests {path} (2 requests)"
+    with pytest.raises(InputError) as e:
+        api.load_requests_for(None, None, None, None, 2)
+    assert str(e.value) == "give --data ml-100k or --requests FILE"
+    cfg = types.SimpleNamespace(schema=types.SimpleNamespace(sequences=[types.SimpleNamespace(name="clicks")]))
+    with pytest.raises(InputError) as e:
+        api.load_requests_for(None, cfg, "ml-100k", None, 2)
+    assert str(e.value) == "--data ml-100k needs a build trained on MovieLens-100K; pass --requests FILE"
+
+
+def test_load_requests_for_movielens(model):
+    from onetrans_trt.data.movielens import MovieLens
+
+    reqs, labels, source = api.load_requests_for(None, model.cfg, "ml-100k", None, 2)
+    assert source == "ml-100k test requests (2 requests, 50 labelled candidates each, seed 31)"
+    assert len(reqs) == 2 and all(len(r.candidates) == 50 for r in reqs)
+    ml = MovieLens(max_history=model.cfg.schema.max_history, merge_mode=model.cfg.schema.merge_mode)
+    want = ml.requests(2, n_candidates=50, seed=31)
+    assert [r.to_json() for r in reqs] == [r.to_json() for r, _ in want]
+    assert labels == [lab for _, lab in want]
+
+
+# ------------------------------------------------------------------ validate_build
+
+def test_validate_build_report(fx, model):
+    from onetrans_trt.data.requests import encode_request, load_requests
+    from onetrans_trt.export.serving import state_output_names
+
+    calls = []
+    r = api.validate_build(fx / "build", backends=["torch-split", "ort"], data=None, requests_file=fx / "requests.json",
+                           n_requests=10, ckpt=fx / "ckpt", progress=lambda *a: calls.append(a))
+    assert r["format"] == "onetrans-trt/validate/1" and r["build"] == str(fx / "build")
+    assert r["checkpoint"] == str(fx / "ckpt") and r["policy"] == DEFAULT_POLICY
+    created = datetime.datetime.fromisoformat(r["created"])
+    assert created.tzinfo is not None and created.utcoffset() == datetime.timedelta(0)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 3600
+    assert r["requests"] == {"source": f"--requests {fx / 'requests.json'} (5 requests)", "count": 5, "labelled": 0}
+    assert list(r["backends"]) == ["torch-split", "ort"] and r["verdict"] == "pass"
+    with_cands = [i + 1 for i, q in enumerate(_reqs(fx)) if q["candidates"]]
+    assert calls == [("reference", i, 5) for i in range(1, 6)] + [(n, i, 5) for n in ("torch-split", "ort")
+                                                                   for i in with_cands]
+    names = state_output_names(model.cfg)
+    for name, b in r["backends"].items():
+        assert b["verdict"] == "pass" and b["precision"] == "fp32" and b["tolerance"] == DEFAULT_POLICY["fp32"]
+        assert b["divergence"] is None and b["error"] is None
+        assert list(b["graphs"]["user_encoder"]) == names
+        for s in b["graphs"]["user_encoder"].values():
+            assert s["pass"] is True and s["max_abs"] <= 1e-4
+        lg = b["graphs"]["candidate_scorer"]["logits"]
+        assert lg["pass"] is True and lg["count"] == 4 * 6 * 2 if "count" in lg else lg["pass"] is True
+        e2e = b["end_to_end"]
+        assert e2e["logits"]["pass"] is True and "metrics" not in e2e
+        assert e2e["ranking"]["top10_overlap_mean"] == 1.0 and e2e["ranking"]["kendall_tau_mean"] > 0.99
+    assert r["backends"]["torch-split"]["note"] == ""
+    assert r["backends"]["ort"]["note"] == api._backend(fx / "build", "ort", None).__dict__.get(
+        "note", getattr(api._backend(fx / "build", "ort", None), "note", ""))
+    # the plots: reference vs backend logits of every candidate, in request order
+    reqs = load_requests(fx / "requests.json")
+    import torch
+
+    want = []
+    with torch.no_grad():
+        for q in reqs:
+            hist, ns = encode_request(model.cfg.schema, q)
+            t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hist.items()}
+            kv = model.encode_user(t)
+            want.append(model.score_candidates(kv, {k: torch.from_numpy(np.ascontiguousarray(v))
+                                                    for k, v in ns.items()}).numpy().reshape(-1))
+    want = np.concatenate(want)
+    for name in ("torch-split", "ort"):
+        ref, got = r["plots"][name]["scatter"]
+        assert len(ref) == len(got) == len(want) == 4 * 6 * len(model.cfg.tasks)
+        np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        h = r["plots"][name]["histogram"]
+        assert sum(h["counts"]) == len(want)
+
+
+def test_validate_build_with_labels_reports_metrics(fx, model, monkeypatch):
+    from onetrans_trt.data.requests import load_requests
+    from onetrans_trt.models.training import binary_metrics
+
+    reqs = load_requests(fx / "requests.json")
+    labels = json.loads((fx / "labels.json").read_text())
+    seen = []
+
+    def fake(build, cfg, data, requests_file, n, data_dir=None):
+        seen.append((Path(build), cfg is model.cfg or cfg.tasks == model.cfg.tasks, data, requests_file, n, data_dir))
+        return reqs, labels, "fake"
+
+    monkeypatch.setattr(api, "load_requests_for", fake)
+    r = api.validate_build(fx / "build", backends=["ort"], data="ml-100k", requests_file="R", n_requests=7,
+                           ckpt=fx / "ckpt", data_dir="D")
+    assert seen == [(fx / "build", True, "ml-100k", "R", 7, "D")]
+    n_labelled = sum(lab is not None for ls in labels for lab in ls)
+    assert r["requests"] == {"source": "fake", "count": 5, "labelled": n_labelled} and n_labelled == 24
+    m = r["backends"]["ort"]["end_to_end"]["metrics"]
+    assert list(m) == list(model.cfg.tasks)
+    ys = np.asarray([lab for ls in labels for lab in ls if lab is not None], np.float32)
+    ref = np.asarray(r["plots"]["ort"]["scatter"][0], np.float32).reshape(-1, len(model.cfg.tasks))
+    torch_m = binary_metrics(ys, ref, list(model.cfg.tasks))  # the unified forward equals the split one here
+    for tk, v in m.items():
+        assert v["torch_auc"] == pytest.approx(torch_m[tk]["auc"], abs=1e-6)
+        assert v["delta_auc"] == pytest.approx(v["auc"] - v["torch_auc"], abs=1e-12)
+        assert v["delta_logloss"] == pytest.approx(v["logloss"] - torch_m[tk]["logloss"], abs=1e-5)
+        assert abs(v["delta_auc"]) <= DEFAULT_POLICY["fp32"]["max_delta_auc"]
+    assert r["backends"]["ort"]["verdict"] == "pass"
+
+
+def test_an_auc_change_fails_the_backend(fx, model, monkeypatch):
+    from onetrans_trt.data.requests import load_requests
+
+    reqs = load_requests(fx / "requests.json")
+    labels = json.loads((fx / "labels.json").read_text())
+    monkeypatch.setattr(api, "load_requests_for", lambda *a, **k: (reqs, labels, "fake"))
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp16"]["max_delta_auc"] = -1.0  # no AUC change is small enough
+    r = api.validate_build(fx / "build", backends=["torch-split", "ort-fp16"], ckpt=fx / "ckpt", policy=policy)
+    b = r["backends"]["ort-fp16"]
+    assert b["precision"] == "fp16" and b["tolerance"] == policy["fp16"]
+    assert all(v["pass"] for g in b["graphs"].values() for v in g.values())
+    assert b["verdict"] == "fail" and r["verdict"] == "fail" and r["backends"]["torch-split"]["verdict"] == "pass"
+
+
+def test_a_ranking_change_fails_the_backend(fx):
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp32"]["min_top10_overlap"] = 1.5
+    r = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
+                           ckpt=fx / "ckpt", policy=policy)
+    b = r["backends"]["torch-split"]
+    assert b["end_to_end"]["logits"]["pass"] and b["verdict"] == "fail"
+    assert b["divergence"] == {"note": "divergence search needs ONNX graphs; torch-split has none"}
+
+
+def test_a_graph_past_tolerance_fails_and_is_localized(fx):
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp32"].update(atol=0.0, rtol=0.0)
+    r = api.validate_build(fx / "build", backends=["ort"], data=None, requests_file=fx / "requests.json",
+                           ckpt=fx / "ckpt", policy=policy)
+    b = r["backends"]["ort"]
+    assert b["verdict"] == "fail" and r["verdict"] == "fail"
+    d = b["divergence"]
+    assert d["role"] == "user_encoder" and d["tensor"] and d["node"] and d["max_abs"] > 0
+    assert set(d) == {"layer", "module", "node", "tensor", "role", "max_abs", "cosine", "shape_mismatch", "nan", "inf"}
+
+
+def test_a_broken_scorer_is_localized_to_the_scorer(fx, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    b = tmp_path / "b"
+    shutil.copytree(fx / "build", b)
+    m = onnx.load(str(b / "candidate_scorer.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    users = [n for n in m.graph.node if n.op_type == "MatMul" and any(x in inits for x in n.input)]
+    w = inits[next(x for x in users[-1].input if x in inits)]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 3.0, w.name))
+    onnx.save(m, str(b / "candidate_scorer.onnx"))
+    r = api.validate_build(b, backends=["ort"], data=None, requests_file=fx / "requests.json", ckpt=fx / "ckpt")
+    e = r["backends"]["ort"]
+    assert e["verdict"] == "fail"
+    assert all(s["pass"] for s in e["graphs"]["user_encoder"].values())
+    assert not e["graphs"]["candidate_scorer"]["logits"]["pass"]
+    assert e["divergence"]["role"] == "candidate_scorer" and e["divergence"]["max_abs"] > 1e-4
+
+
+def test_a_backend_that_raises_fails_with_its_error(fx, model, monkeypatch):
+    class Broken:
+        note = "broken on purpose"
+
+        def encode_user(self, hist):
+            raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(api, "_backend", lambda build, name, m: Broken())
+    r = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
+                           ckpt=fx / "ckpt")
+    b = r["backends"]["torch-split"]
+    assert b["error"] == "RuntimeError: boom" and b["verdict"] == "fail" and b["note"] == "broken on purpose"
+    assert b["end_to_end"]["ranking"] == {"top10_overlap_mean": 1.0, "kendall_tau_mean": 1.0}
+    assert r["plots"]["torch-split"]["scatter"] == [[], []]
+
+
+def test_find_divergence_notes(fx, model, tmp_path):
+    assert api._find_divergence(tmp_path, "trt", model, {}, {}, None) == {
+        "note": "divergence search needs ONNX graphs; trt has none"}
+    assert api._find_divergence(tmp_path, "ort", model, {}, {}, None) == {
+        "note": "serving.onnx is missing: module scopes unknown"}
+
+
+def test_validate_build_refusals(fx, tmp_path):
+    with pytest.raises(InputError) as e:  # the manifest's checkpoint path is gone (built elsewhere)
+        api.validate_build(fx / "build", requests_file=fx / "requests.json")
+    assert str(e.value).startswith("validation needs the source checkpoint (") and str(e.value).endswith(
+        "); pass --ckpt, or use --goldens")
+    with pytest.raises(InputError) as e:
+        api.validate_build(fx / "build", backends=["ort", "ort-int8", "trt"], requests_file=fx / "requests.json",
+                           ckpt=fx / "ckpt")
+    assert str(e.value) == (f"backends ['ort-int8', 'trt'] are not available for {fx / 'build'}; "
+                            "available: ['torch-split', 'ort', 'ort-fp16']")
+    empty = tmp_path / "none.json"
+    empty.write_text("[]")
+    with pytest.raises(InputError) as e:
+        api.validate_build(fx / "build", data=None, requests_file=empty, ckpt=fx / "ckpt")
+    assert str(e.value) == "no requests to validate on"
+
+
+def test_all_available_backends_by_default(fx):
+    r = api.validate_build(fx / "build", data=None, requests_file=fx / "requests.json", n_requests=2,
+                           ckpt=fx / "ckpt")
+    assert list(r["backends"]) == ["torch-split", "ort", "ort-fp16"] and r["requests"]["count"] == 2
+    assert r["backends"]["ort-fp16"]["precision"] == "fp16"
+    assert r["backends"]["ort-fp16"]["tolerance"] == DEFAULT_POLICY["fp16"]
+
+
+# ------------------------------------------------------------------ goldens
+
+def test_goldens_round_trip(fx, tmp_path):
+    from polygraphy.json import load_json
+
+    g = tmp_path / "goldens"
+    reqs = tmp_path / "r.json"  # (a request without candidates: see the xfail below)
+    reqs.write_text(json.dumps([q for q in _reqs(fx) if q["candidates"]] + [_reqs(fx)[0]]))
+    r = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=reqs,
+                           ckpt=fx / "ckpt", save_goldens=g)
+    assert r["verdict"] == "pass"
+    manifest = json.loads((fx / "build" / "manifest.json").read_text())
+    meta = json.loads((g / "meta.json").read_text())
+    assert meta == {"format": "onetrans-trt/goldens/1", "requests": 5,
+                    "graphs": {k: v["sha256"] for k, v in manifest["graphs"].items()},
+                    "checkpoint": manifest["checkpoint"]}
+    ue_in = load_json(str(g / "user_encoder_inputs.json"))
+    cs_in = load_json(str(g / "candidate_scorer_inputs.json"))
+    cs_out = load_json(str(g / "candidate_scorer_outputs.json"))
+    assert len(ue_in) == len(cs_in) == len(cs_out) == 5
+    scorer_inputs = {i["name"] for i in manifest["graphs"]["candidate_scorer"]["inputs"]}
+    assert set(cs_in[0]) == scorer_inputs and "s_length" in cs_in[0]
+    assert cs_out[0]["logits"].shape == (6, 2)
+    np.testing.assert_array_equal(cs_in[0]["s_length"], ue_in[0]["s_length"])
+    np.testing.assert_array_equal(cs_out[4]["logits"], cs_out[0]["logits"])  # the same request twice
+
+    rep = api.validate_goldens(fx / "build", g)
+    assert list(rep["backends"]) == ["ort", "ort-fp16"] and rep["verdict"] == "pass"
+    assert rep["format"] == "onetrans-trt/validate/1" and rep["build"] == str(fx / "build")
+    assert rep["goldens"] == str(g) and rep["policy"] == DEFAULT_POLICY and rep["goldens_meta"] == meta
+    assert rep["requests"] == {"source": "goldens", "count": 5}
+    for name, b in rep["backends"].items():
+        assert b["precision"] == ("fp16" if name == "ort-fp16" else "fp32") and b["divergence"] is None
+        assert b["tolerance"] == DEFAULT_POLICY[b["precision"]] and b["verdict"] == "pass"
+        assert b["end_to_end"]["ranking"]["top10_overlap_mean"] == 1.0
+        assert all(v["pass"] for gr in b["graphs"].values() for v in gr.values())
+        assert set(b["graphs"]["user_encoder"]) == {k for k in ue_in and load_json(
+            str(g / "user_encoder_outputs.json"))[0]}
+    only = api.validate_goldens(fx / "build", g, backends=["ort-fp16"])
+    assert list(only["backends"]) == ["ort-fp16"]
+
+    # a wrong golden fails the backend
+    bad = load_json(str(g / "candidate_scorer_outputs.json"))
+    bad[0]["logits"] = bad[0]["logits"] + 1.0
+    from polygraphy.json import save_json
+
+    save_json(bad, str(g / "candidate_scorer_outputs.json"))
+    rep = api.validate_goldens(fx / "build", g, backends=["ort"])
+    assert rep["verdict"] == "fail" and not rep["backends"]["ort"]["graphs"]["candidate_scorer"]["logits"]["pass"]
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp32"]["min_top10_overlap"] = 1.5
+    shutil.copy(g / "candidate_scorer_outputs.json", tmp_path / "bad.json")
+    save_json(cs_out, str(g / "candidate_scorer_outputs.json"))
+    rep = api.validate_goldens(fx / "build", g, backends=["ort"], policy=policy)
+    assert rep["policy"] == policy and rep["verdict"] == "fail"
+    assert all(v["pass"] for gr in rep["backends"]["ort"]["graphs"].values() for v in gr.values())
+
+
+def test_goldens_refusals(fx, tmp_path):
+    with pytest.raises(InputError) as e:
+        api.validate_goldens(fx / "build", tmp_path)
+    assert str(e.value) == f"{tmp_path}: not a goldens directory (no meta.json); create one with --save-goldens"
+    (tmp_path / "meta.json").write_text("{}")
+    for f in ("user_encoder_inputs", "user_encoder_outputs", "candidate_scorer_inputs", "candidate_scorer_outputs"):
+        (tmp_path / f"{f}.json").write_text("[]")
+    (tmp_path / "candidate_scorer_outputs.json").write_text("{not json")
+    with pytest.raises(InputError) as e:
+        api.validate_goldens(fx / "build", tmp_path)
+    assert str(e.value) == f"{tmp_path}: unreadable goldens (JSONDecodeError)"
+    (tmp_path / "candidate_scorer_outputs.json").write_text("[]")
+    for name in ("torch-split", "trt-fp16"):
+        with pytest.raises(InputError) as e:
+            api.validate_goldens(fx / "build", tmp_path, backends=["ort", name])
+        assert str(e.value) == f"--goldens validates ONNX Runtime backends; {name!r} is not one"
+
+
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="bug: validate_goldens scores every golden request, also one without candidates "
+                          "(validate_build skips those): ONNX Runtime fails on 0 candidates")
+def test_goldens_with_a_request_without_candidates(fx, tmp_path):
+    g = tmp_path / "goldens"
+    api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
+                       ckpt=fx / "ckpt", save_goldens=g)
+    assert api.validate_goldens(fx / "build", g, backends=["ort"])["verdict"] == "pass"
