@@ -67,25 +67,61 @@ def _make(dest: Path) -> None:
     (dest / "labels.json").write_text(json.dumps(labels))
 
 
-def tiny_random_build() -> Path:
-    d = CACHE / f"validate-{_key()}"
+def _cached(prefix: str, key: str, make) -> Path:
+    d = CACHE / f"{prefix}-{key}"
     if (d / "done").is_file():
         return d
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / "validate.lock", "w") as lock:
+    with open(CACHE / f"{prefix}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (d / "done").is_file():
-            tmp = CACHE / f".tmp-{os.getpid()}"
+            tmp = CACHE / f".tmp-{prefix}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            _make(tmp)
+            make(tmp)
             (tmp / "done").write_text("ok\n")
             shutil.rmtree(d, ignore_errors=True)
             os.replace(tmp, d)
-            for old in CACHE.glob("validate-*"):  # builds of older sources
+            for old in CACHE.glob(f"{prefix}-*"):  # built from older sources
                 if old != d:
                     shutil.rmtree(old, ignore_errors=True)
     return d
+
+
+def tiny_random_build() -> Path:
+    return _cached("validate", _key(), _make)
+
+
+EXAMPLE = ROOT / "examples" / "fused_qkv_cls.py"
+
+
+def example_module():
+    """``examples/fused_qkv_cls.py`` imported (its ``factory()`` gives the same weights every time)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("ex_fused_qkv_cls_unit", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _make_module(dest: Path) -> None:
+    import warnings
+
+    from onetrans_trt.export.module import export_module
+
+    mod = example_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_module(mod.factory(), mod.SPEC, mod.example_inputs(), dest / "build")
+
+
+def module_build() -> Path:
+    """``examples/fused_qkv_cls.py`` exported with ``export --module`` (cached like the above)."""
+    key = hashlib.sha256((_key() + EXAMPLE.read_text()).encode()).hexdigest()[:16]
+    return _cached("module", key, _make_module) / "build"
 
 
 import numpy as np  # noqa: E402  (used by _make; imported last to keep the module's top light)
