@@ -938,9 +938,14 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (12 quick, within a 6 s budget per section); else 10].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_file,
               help="Also write the JSON result here.")
+@click.option("--module", "module_ref", default=None,
+              help="A build from `export --module`: the module for the torch peers (default: the one the manifest "
+                   "names). Runs your code.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --module: its weights (default: the ones the manifest names).")
 @JSON_OUT
 def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
-              backends, no_pyramid, threads, rounds, out, as_json) -> None:
+              backends, no_pyramid, threads, rounds, out, module_ref, weights, as_json) -> None:
     """Benchmarks, measured side by side in one run and reported as ratios.
 
     \b
@@ -949,10 +954,24 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
       onetrans-trt bench --preset onetrans-s --history 512 --candidates 128 --json --out bench.json
     BUILD needs `export --unified` for the ort-unified peer and its checkpoint for the
     torch peers; missing peers are listed as skipped with the reason.
+
+    \b
+    A build from `export --module`: one request (random inputs from its spec) through the
+    module's own forward (torch-unified), its encode_user + score_candidates (torch-split),
+    ort-unified, ort and ort-fp16/ort-int8 where the build has them; p50 latency and each
+    peer's speed-up over torch-unified. The torch peers run the module's code (--module/
+    --weights, default: the manifest's); if it cannot be loaded they are skipped.
+      onetrans-trt bench BUILD --candidates 256 --history 512
     """
     from onetrans_trt.io import atomic_write_json
 
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
+    if build is not None and _module_build(build):
+        return _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history,
+                             cache_candidates, chosen, backends, no_pyramid, threads, rounds, out, module_ref,
+                             weights, as_json)
+    if module_ref is not None or weights is not None:
+        raise InputError("--module/--weights are for a BUILD from `export --module`")
     if suite != "peers":
         only = {"--quick": quick, "--scorer-candidates": scorer_candidates, "--cache-history": cache_history,
                 "--cache-candidates": cache_candidates, "--backends": backends, "--no-pyramid": no_pyramid,
@@ -1007,6 +1026,44 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
         f"   ratio {res['fused_over_unfused_latency']:.2f}",
     ])
     _emit(res, as_json, human)
+
+
+def _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
+                  chosen, backends, no_pyramid, threads, rounds, out, module_ref, weights, as_json) -> None:
+    """``bench BUILD`` on a build from ``export --module`` (see ``bench --help``)."""
+    from onetrans_trt.bench.module import PEERS, bench_module, table
+    from onetrans_trt.calibrate.module import load_module_for
+    from onetrans_trt.io import atomic_write_json
+
+    if suite != "peers":
+        raise InputError(f"--suite {suite} runs on random-weight models (--preset); a module build takes the "
+                         "default suite")
+    given = [k for k, v in {"--preset": preset, "--scorer-candidates": scorer_candidates,
+                            "--cache-history": cache_history, "--cache-candidates": cache_candidates,
+                            "--no-pyramid": no_pyramid}.items() if v not in (None, False)]
+    if given:
+        raise InputError(f"{', '.join(given)}: not for a build from `export --module` (its bench compares the "
+                         "module's own paths with ours on one request)")
+    if chosen is not None:
+        unknown = [b for b in chosen if b not in PEERS]
+        if unknown or not chosen:
+            raise InputError(f"--backends: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                             f"choose from {','.join(PEERS)}")
+    module, why = None, None
+    if chosen is None or any(b.startswith("torch") for b in chosen):
+        if module_ref is not None:
+            module = load_module_for(build, module_ref, weights)  # asked for: its errors are the user's to see
+        else:
+            try:
+                module = load_module_for(build, None, weights)
+            except InputError as e:
+                why = f"the module could not be loaded ({e}); pass --module FILE.py:FACTORY"
+    res = bench_module(build, module, module_error=why, candidates=candidates, history=history, rounds=rounds,
+                       threads=threads, backends=chosen, quick=quick,
+                       say=lambda msg: _stderr_console().print(f"[dim]{msg}[/dim]"))
+    if out:
+        atomic_write_json(out, res)
+    _emit(res, as_json, table(res))
 
 
 def main() -> None:

@@ -135,6 +135,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "threads"): ("0", "--threads"),
     ("bench", "rounds"): ("0", "--rounds"),
     ("bench", "out"): ("{DIR}", "--out"),
+    ("bench", "module_ref"): ("{MISSING}.py:make", "--module"),  # without a module build
+    ("bench", "weights"): ("{MISSING}", "--weights"),
 }
 
 # more than one kind of bad value for some options: (command, parameter, value, word)

@@ -59,20 +59,53 @@ def parse_overrides(specs: list[str]) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def profiles(manifest: dict, model: onnx.ModelProto, overrides: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Min/opt/max shape of every input, from the manifest's dynamic dimensions."""
+def _input_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Each graph input's dims: an int where static, the dimension's name where dynamic, None
+    where the graph gives neither."""
+    return {v.name: [d.dim_param or (d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
+                     for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+
+
+def dim_ranges(manifest: dict, names: set[str] | None = None) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every dynamic dimension: the manifest's ``dynamic_dims``; for a build
+    from ``export --module`` also any other named dimension in ``names`` (a dynamic axis of a
+    graph input the spec names), from the spec's ``dims`` (or its defaults)."""
     dims = {k: (v["min"], v["typical"], v["max"]) for k, v in manifest["dynamic_dims"].items()}
-    unknown = set(overrides) - set(dims)
+    if "protocol" in manifest and names:
+        from onetrans_trt.protocol import SplitSpec
+
+        spec = SplitSpec.parse(manifest["protocol"]["spec"], "manifest.json protocol.spec")
+        for name in sorted(names - set(dims)):
+            dims[name] = tuple(spec.dim_range(name))
+    return dims
+
+
+def profiles(manifest: dict, model: onnx.ModelProto, overrides: dict[str, tuple[int, int, int]],
+             graph_dims: set[str] | None = None) -> dict[str, Any]:
+    """Min/opt/max shape of every input, from the manifest's dynamic dimensions. Every dynamic
+    axis needs a range: one the manifest (or a module build's spec) lacks is named with the
+    ``--profile`` that gives it. ``graph_dims``: the dimension names of every graph of the
+    build (an override may name any of them)."""
+    shapes = _input_dims(model)
+    names = set(graph_dims or set()) | {d for shape in shapes.values() for d in shape if isinstance(d, str)}
+    dims = dim_ranges(manifest, names)
+    unknown = set(overrides) - set(dims) - names
     if unknown:
-        raise InputError(f"--profile names unknown dimensions {sorted(unknown)}; known: {sorted(dims)}")
+        raise InputError(f"--profile names unknown dimensions {sorted(unknown)}; known: {sorted(set(dims) | names)}")
     dims.update(overrides)
     out = {}
-    for v in model.graph.input:
-        shape = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    for name, shape in shapes.items():
+        for axis, d in enumerate(shape):
+            if d is None:
+                raise InputError(f"input {name}: axis {axis} has neither a size nor a name in the graph; TensorRT "
+                                 "needs a range for it (re-export with a named dynamic dimension)")
+            if isinstance(d, str) and d not in dims:
+                raise InputError(f"input {name}: dynamic axis {d!r} has no range in the manifest; give "
+                                 f"--profile {d}=MIN,OPT,MAX")
         triple = []
         for i in range(3):
             triple.append([dims[d][i] if isinstance(d, str) else d for d in shape])
-        out[v.name] = {"min": triple[0], "opt": triple[1], "max": triple[2]}
+        out[name] = {"min": triple[0], "opt": triple[1], "max": triple[2]}
     return out
 
 
@@ -126,9 +159,11 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     models = {}
     for role in GRAPHS:
         path = graph_path(build, precision, role)
-        model = check_onnx(path)  # confined, known ops, checker-clean (our trust boundary)
-        models[role] = (path, model)
-        prof = profiles(manifest, model, overrides or {})
+        models[role] = (path, check_onnx(path))  # confined, known ops, checker-clean (our trust boundary)
+    graph_dims = {d for _, m in models.values() for shape in _input_dims(m).values() for d in shape
+                  if isinstance(d, str)}
+    for role, (path, model) in models.items():
+        prof = profiles(manifest, model, overrides or {}, graph_dims)
         has_plugins = any(n.domain == "onetrans" for n in model.graph.node)
         plan["graphs"][role] = {"onnx": str(path.relative_to(build)), "profile": prof, "plugins": has_plugins,
                                 "engine": f"engines/{precision}/{role}.engine"}
@@ -155,7 +190,10 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     for role, (path, model) in models.items():
         say(f"build {role}")
         t0 = time.time()
-        data = _build_one(trt, strip_functions(model), plan["graphs"][role]["profile"], cache_path, workspace_mb, tf32)
+        from onetrans_trt.onnx_files import load_model
+
+        full = load_model(path)  # with its external data (check_onnx parsed the graph without it)
+        data = _build_one(trt, strip_functions(full), plan["graphs"][role]["profile"], cache_path, workspace_mb, tf32)
         with atomic_path(engine_dir / f"{role}.engine") as tmp:
             tmp.write_bytes(data)
         log.append(f"built {role}.engine ({len(data)} bytes) in {time.time() - t0:.1f}s")
@@ -204,10 +242,18 @@ def _build_one(trt, model: onnx.ModelProto, prof: dict, cache_path: Path, worksp
     # TensorRT 11 networks are always strongly typed (the flag is gone); on 10.x Polygraphy builds
     # weakly typed networks unless asked, which would let TensorRT pick precisions the graph did not.
     typed = {"strongly_typed": True} if trt_version(trt)[0] < 11 else {}
-    network = NetworkFromOnnxBytes(model.SerializeToString(), **typed)
-    try:
-        engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_path))()
-    except PolygraphyException as e:  # Polygraphy raises on parse/build failure; it never returns None
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise BuildError(f"TensorRT could not build the engine: {first[:300]} (the TensorRT log above has details)") from None
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    from onetrans_trt.onnx_files import session_source
+
+    # bytes when the graph fits in one protobuf; else a temporary copy with its weights beside it
+    with session_source(model) as source:
+        network = NetworkFromOnnxBytes(source, **typed) if isinstance(source, bytes) else \
+            NetworkFromOnnxPath(source, **typed)
+        try:
+            engine = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_path))()
+        except PolygraphyException as e:  # Polygraphy raises on parse/build failure; it never returns None
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise BuildError(f"TensorRT could not build the engine: {first[:300]} (the TensorRT log above has "
+                             "details)") from None
     return bytes(engine)
