@@ -292,7 +292,9 @@ def run_module(mod: str, deadline: float, python: str, jobs: int = 1) -> dict:
            "pytest_add_cli_args =", *[f"    {a}" for a in PYTEST_ARGS + EXTRA_ARGS.get(mod, [])], ""]
     (work / "setup.cfg").write_text("\n".join(cfg))
     mutmut = [python, "-m", "mutmut"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           # the validate/ tests' cached builds (keyed by the sources outside validate/): shared, not rebuilt
+           "ONETRANS_TRT_TEST_CACHE": str(ROOT / "runs" / "test-cache")}
     log(f"{mod}: {len(tests)} test path(s) {tests}" + (f" (missing: {missing})" if missing else ""))
     t0 = time.monotonic()
     budget = deadline - time.monotonic()

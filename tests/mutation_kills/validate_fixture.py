@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / "runs" / "test-cache"
+CACHE = Path(os.environ.get("ONETRANS_TRT_TEST_CACHE") or ROOT / "runs" / "test-cache")  # tools/mutation.py
+# points its scratch copies at the working tree's cache (the key says which sources a build is of)
 
 
 def _key() -> str:
