@@ -103,3 +103,20 @@ def test_an_operand_shared_by_two_products_is_measured_once():
     g.output("y1")
     g.output("y2")
     assert graph_flops(g.model(), {"n": 4}) == {"flops": 2 * 4 * 3 * 2 + 2 * 4 * 3 * 5, "matmuls": 2}
+
+
+def test_placeholder_feeds_bool_inputs_are_false():
+    g = G()
+    g.input("mask", ["n"], TensorProto.BOOL)
+    f = placeholder_feeds(g.model(), {"n": 3})
+    assert f["mask"].dtype == np.bool_ and f["mask"].tolist() == [False, False, False]
+
+
+def test_gemm_trans_b_reads_the_other_dim():
+    g = G()
+    a = g.input("a", ["m", 6])
+    g.op("Gemm", a, g.const(np.ones((4, 6))), transB=1, out="y1")  # [m,6] x [4,6]^T: n = 4
+    g.op("Gemm", a, g.const(np.ones((6, 9))), out="y2")  # n = 9
+    g.output("y1")
+    g.output("y2")
+    assert graph_flops(g.model(), {"m": 2}) == {"flops": 2 * 2 * 6 * 4 + 2 * 2 * 6 * 9, "matmuls": 2}

@@ -219,3 +219,25 @@ def test_str_of_an_unnamed_node():
     node = gs.Node("Tile", name="")
     b = KVBroadcast("user_v_3", node, (gs.Node("Cast"), node))
     assert str(b) == "Tile ? (user_v_3 -> Cast -> Tile)"
+
+
+def test_a_stopping_consumer_listed_first_does_not_hide_the_next():
+    def shape_first(g):
+        g.op("Shape", "user_k_0", out="kshape", shape=[4], dtype=I64)  # read first, not K/V data
+        g.op("Expand", "user_k_0", g.copy_shape, out="extra", shape=CKV, name="copy")
+
+    found = kv_broadcasts(_extra(shape_first))
+    assert [(f.node.name, [n.op for n in f.path]) for f in found] == [("copy", ["Expand"])]
+
+
+def test_the_message_joins_copies_with_semicolons():
+    def two(g):
+        a = g.op("Expand", "user_k_0", g.copy_shape, shape=CKV, name="e0")
+        b = g.op("Tile", "user_v_0", g.copy_shape, shape=CKV, name="t1")
+        g.op("Add", a, b, out="extra", shape=CKV)
+
+    with pytest.raises(BuildError) as e:
+        no_broadcast(_extra(two))
+    assert str(e.value) == ("no-broadcast: the candidate scorer copies the user's K/V per candidate "
+                            "(Expand e0 (user_k_0 -> Expand); Tile t1 (user_v_0 -> Tile)); "
+                            "attend the shared K/V as one batch instead")

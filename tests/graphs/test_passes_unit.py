@@ -123,3 +123,12 @@ def test_cleanup_result_is_toposorted():
     for node in out.nodes:
         assert all(i.name in seen or isinstance(i, gs.Constant) for i in node.inputs), node.name
         seen |= {o.name for o in node.outputs}
+
+
+def test_cleanup_keeps_a_shape_onnxslim_infers_for_an_undeclared_output():
+    g = G()
+    x = g.input("x", ["batch", 4])
+    g.op("Relu", x, out="y")
+    g.output("y", None)  # declared without a shape
+    out = cleanup(g.gs())
+    assert out.outputs[0].name == "y" and out.outputs[0].shape == ["batch", 4]

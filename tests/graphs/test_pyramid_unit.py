@@ -310,3 +310,118 @@ def test_a_graph_without_slices_is_unchanged():
     after = pyramid(g.gs())
     assert ops(after) == ["Relu"]
     _same(g, after, _x())
+
+
+def _relu(g, x, shape=("b", T, D)):
+    return g.op("Relu", x, out="r", shape=list(shape) if shape is not None else None)
+
+
+def test_slice_bounds_from_constant_nodes_are_read():
+    g = G()
+    x = g.input("x", ["b", T, D])
+    r = _relu(g, x)
+    c = lambda v: g.op("Constant", value=helper.make_tensor("v", 7, [1], [v]))  # noqa: E731
+    g.op("Slice", r, c(-KEEP), c(MAX), c(1), out="out", shape=["b", KEEP, D])
+    g.output("out", ["b", KEEP, D])
+    _check(g, {"x"})
+
+
+def test_slices_without_axes_or_with_computed_ends_stay():
+    g = G()
+    x = g.input("x", ["b", T, D])
+    r = _relu(g, x)
+    g.op("Slice", r, g.const([0], np.int64), g.const([1], np.int64), out="out", shape=[1, T, D])  # no axes input
+    g.output("out", [1, T, D])
+    _check(g, {"r"})
+    g = G()
+    x = g.input("x", ["b", T, D])
+    end = g.input("end", [1], I64)
+    r = _relu(g, x)
+    g.op("Slice", r, g.const([-2], np.int64), end, g.const([1], np.int64), out="out", shape=["b", "k", D])
+    g.output("out", ["b", "k", D])
+    after = pyramid(g.gs())
+    assert _sliced(after) == {"r"}
+    _same(g, after, {**_x(), "end": np.array([MAX], np.int64)})
+
+
+def test_a_per_token_constant_is_sliced_with_the_tokens():
+    g = G()
+    x = g.input("x", ["b", T])
+    pos = g.const(np.arange(T, dtype=np.float32) * 0.5, name="pos")
+    a = g.op("Add", x, pos, out="a", shape=["b", T])
+    _tail(g, g.op("Relu", a, out="r", shape=["b", T]), "out", ["b", KEEP])
+    g.output("out", ["b", KEEP])
+    after = pyramid(g.gs())
+    assert _sliced(after) == {"x", "pos"}
+    _same(g, after, {"x": np.random.default_rng(0).standard_normal((2, T)).astype(np.float32)})
+
+
+def test_a_reshape_of_a_graph_input():
+    g = _chain(lambda g, x: g.op("Reshape", x, g.const([0, T, 2, 2], np.int64), out="heads", shape=["b", T, 2, 2]),
+               ["b", KEEP, 2, 2])
+    _check(g, {"x"})
+
+
+def test_reshape_dims_that_are_not_known():
+    def later_unknown(g, x):  # a dim after the sliced axis unknown: fine
+        return g.op("Reshape", _relu(g, x), g.const([0, T, 2, 2], np.int64), out="heads", shape=["b", T, None, 2])
+
+    _check(_chain(later_unknown, ["b", KEEP, None, 2]), {"x"})
+
+    g = G()  # a leading dim unknown (up to the sliced axis): stop
+    x = g.input("x", [None, T, D])
+    r = g.op("Relu", x, out="r", shape=[None, T, D])
+    h = g.op("Reshape", r, g.const([0, T, 2, 2], np.int64), out="heads", shape=[None, T, 2, 2])
+    _tail(g, h, "out", [None, KEEP, 2, 2])
+    g.output("out", [None, KEEP, 2, 2])
+    _check(g, {"heads"})
+
+    def no_input_shape(g, x):
+        return g.op("Reshape", g.op("Relu", x, out="r"), g.const([0, T, 2, 2], np.int64), out="heads",
+                    shape=["b", T, 2, 2])
+
+    _check(_chain(no_input_shape, ["b", KEEP, 2, 2]), {"heads"})
+
+
+def test_a_slice_output_without_a_shape_stays():
+    g = G()
+    x = g.input("x", ["b", T, D])
+    _tail(g, _relu(g, x), "tail", None)
+    g.op("Identity", "tail", out="out", shape=["b", KEEP, D])
+    g.output("out", ["b", KEEP, D])
+    _check(g, {"r"})
+
+
+def test_an_op_of_another_domain_keeps_it():
+    def build(g, x):
+        return g.op("Gelu", _relu(g, x), domain="com.microsoft", out="n", shape=["b", T, D])
+
+    after = _check(_chain(build, ["b", KEEP, D]), {"x"})
+    assert [n.domain for n in after.nodes if n.op == "Gelu"] == ["com.microsoft"]
+
+
+def test_clip_bounds_from_constant_nodes_are_kept():
+    def build(g, x):
+        lo = g.op("Constant", value=helper.make_tensor("lo", 1, [], [0.1]))
+        return g.op("Clip", _relu(g, x), lo, out="c", shape=["b", T, D])
+
+    _check(_chain(build, ["b", KEEP, D]), {"x"})
+
+
+def test_softmax_axis_default_and_axis_zero():
+    def default(g, x):
+        return g.op("Softmax", _relu(g, x), out="sm", shape=["b", T, D])  # axis -1 by default
+
+    _check(_chain(default, ["b", KEEP, D]), {"x"})
+
+    def axis0(g, x):
+        return g.op("Softmax", _relu(g, x), axis=0, out="sm", shape=["b", T, D])
+
+    _check(_chain(axis0, ["b", KEEP, D]), {"sm"})
+
+
+def test_a_matmul_with_an_unshaped_operand_stays():
+    def build(g, x):
+        return g.op("MatMul", g.op("Relu", x, out="r"), g.const(np.ones((D, D))), out="mm", shape=["b", T, D])
+
+    _check(_chain(build, ["b", KEEP, D]), {"mm"})

@@ -118,3 +118,27 @@ def test_a_scorer_that_reads_history_is_refused():
     with pytest.raises(BuildError) as e:
         candidate_scorer(_serving(logits_read_s=True).gs())
     assert str(e.value) == "split at K/V: the candidate scorer still reads history inputs ['s_x']"
+
+
+def _no_length_graph(unused_ns=False) -> G:
+    g = G()
+    s_x = g.input("s_x", ["users", 3, 2])
+    ns_x = g.input("ns_x", ["candidates", 2])
+    if unused_ns:
+        g.input("ns_unused", ["candidates", 5])
+    g.op("Reshape", s_x, g.const([0, 1, 3, 2], np.int64), out="user_k_0", shape=["users", 1, 3, 2])
+    g.op("Mul", ns_x, g.op("ReduceSum", "user_k_0", keepdims=0), out="logits", shape=["candidates", 2])
+    g.output("user_k_0", ["users", 1, 3, 2])
+    g.output("logits", ["candidates", 2])
+    return g
+
+
+def test_a_scorer_without_s_length_and_unused_inputs_dropped():
+    sc = candidate_scorer(_no_length_graph(unused_ns=True).gs())
+    assert [t.name for t in sc.inputs] == ["ns_x", "user_k_0"]
+    g = _no_length_graph()
+    feeds = {"s_x": np.ones((1, 3, 2), np.float32), "ns_x": np.arange(8, dtype=np.float32).reshape(4, 2)}
+    whole = run(g.model(), feeds)
+    np.testing.assert_array_equal(run(sc, {**feeds, "user_k_0": whole[0]})[0], whole[1])
+    enc = user_encoder(_no_length_graph(unused_ns=True).gs())
+    assert [t.name for t in enc.inputs] == ["s_x"]

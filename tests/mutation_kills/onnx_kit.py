@@ -51,7 +51,9 @@ class G:
 
     def model(self) -> onnx.ModelProto:
         g = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits, value_info=self.infos)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+        domains = sorted({n.domain for n in self.nodes if n.domain and n.domain != "onetrans"})
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)] +
+                              [helper.make_opsetid(d, 1) for d in domains])
         m.ir_version = 10
         return m
 
