@@ -28,9 +28,12 @@ def _scalar(g: G, v, how: str) -> str:
 
 # ------------------------------------------------------------------ TailCausalAttention
 
-def _tail_mask(g: G, q: str, length: str) -> str:
+def _tail_mask(g: G, q: str, length: str, size_term=False) -> str:
     """[B, 1, L, L]: (j <= i and j >= L - valid) or j == i, from s_length and shapes only."""
     n = g.op("Shape", q, start=2, end=3)
+    if size_term:  # + 0 * Size(q): reads q's size only, not its values
+        n = g.op("Add", n, g.op("Mul", g.op("Reshape", g.op("Size", q), g.const([1], np.int64)),
+                                g.const([0], np.int64)))
     ar = g.op("Range", g.op("Squeeze", g.op("Mul", n, g.const(0, np.int64))), g.op("Squeeze", n), g.const(1, np.int64))
     jj, ii = g.op("Unsqueeze", ar, g.const([0], np.int64)), g.op("Unsqueeze", ar, g.const([1], np.int64))
     causal, itself = g.op("LessOrEqual", jj, ii), g.op("Equal", jj, ii)
@@ -41,25 +44,38 @@ def _tail_mask(g: G, q: str, length: str) -> str:
 
 def tail_layer(g: G, q: str, k: str, v: str, length: str, *, out: str, where="scores_first", scale_first=False,
                consts="init", axis=-1, fill=NINF, k_layout="bhld", mask_from=None, extra_p_use=False,
-               k_plain=False, mul_by_input=None) -> str:
-    kt = k if k_plain else g.op("Transpose", k, perm=[0, 1, 3, 2] if k_layout == "bhld" else [0, 2, 3, 1])
+               k_plain=False, mul_by_input=None, flags=()) -> str:
+    if "k_identity_unshaped" in flags:  # K reaches the transpose through a tensor of unknown shape
+        k = g.op("Identity", k)
+    if "k_no_perm" in flags:
+        kt = g.op("Transpose", k)  # the default perm (reversed axes): not K^T
+    else:
+        kt = k if k_plain else g.op("Transpose", k, perm=[0, 1, 3, 2] if k_layout == "bhld" else [0, 2, 3, 1])
     qk = g.op("MatMul", q, kt)
     sc = mul_by_input or _scalar(g, SCALE, consts)
-    s = g.op("Mul", sc, qk) if scale_first else g.op("Mul", qk, sc)
-    mask = _tail_mask(g, q, mask_from or length)
+    if "vector_scale" in flags:  # a per-key scale: not a scalar
+        sc = g.const(np.linspace(0.3, 0.6, L))
+    if "add_scale" in flags:
+        s = g.op("Add", qk, sc)
+    else:
+        s = g.op("Mul", sc, qk) if scale_first else g.op("Mul", qk, sc)
+    mask = _tail_mask(g, q, mask_from or length, size_term="size_term" in flags)
     f = _scalar(g, fill, consts)
     if where == "scores_first":
         s = g.op("Where", mask, s, f)
     else:
         s = g.op("Where", g.op("Not", mask), f, s)
-    p = g.op("Softmax", s, axis=axis)
+    p = g.op("Softmax", s) if "no_axis" in flags else g.op("Softmax", s, axis=axis)
     if extra_p_use:  # P read by a second product: not this op's single P @ V
         g.op("MatMul", p, v, out="p_v2")
         g.output("p_v2", ["b", H, L, DH])
+    if "p_side" in flags:  # P also read by something that is not a product (a debug output)
+        g.op("ReduceSum", p, keepdims=0, out=f"{out}_p_sum")
+        g.output(f"{out}_p_sum", [])
     return g.op("MatMul", p, v, out=out)
 
 
-def _tail_graph(layers=1, with_length=True, **kw) -> G:
+def _tail_graph(layers=1, with_length=True, first: dict | None = None, **kw) -> G:
     g = G()
     q = g.input("q", ["b", H, L, DH])
     klay = kw.get("k_layout", "bhld")
@@ -72,7 +88,7 @@ def _tail_graph(layers=1, with_length=True, **kw) -> G:
         g.input(kw["mul_by_input"], [])
     x = q
     for i in range(layers):
-        x = tail_layer(g, x, k, v, length, out=f"o{i}", **kw)
+        x = tail_layer(g, x, k, v, length, out=f"o{i}", **({**kw, **first} if first and i == 0 else kw))
     g.output(x, ["b", H, L, DH])
     return g
 
@@ -251,3 +267,154 @@ def test_count_fused_counts_only_our_domain():
     nodes = [gs.Node("Relu"), gs.Node("TailCausalAttention", domain=DOMAIN), gs.Node("TailCausalAttention", domain=DOMAIN),
              gs.Node("SharedPrefixAttention", domain=DOMAIN), gs.Node("TailCausalAttention", domain="other")]
     assert count_fused(gs.Graph(nodes=nodes)) == {"TailCausalAttention": 2, "SharedPrefixAttention": 1}
+
+
+@pytest.mark.parametrize("flags", [("no_axis",), ("p_side",), ("size_term",), ("k_identity_unshaped",)],
+                         ids=lambda f: f[0])
+def test_more_tail_forms_are_fused(flags):
+    kw = {"flags": flags}
+    if "k_identity_unshaped" in flags:
+        kw["k_layout"] = "blhd"
+    g = _tail_graph(**kw)
+    after = fuse_attention(g.gs())
+    assert after.__dict__["fused_attention"] == 1 and count_fused(after) == {"TailCausalAttention": 1}
+    _same(g.model(), after, _tail_feeds(layout=kw.get("k_layout", "bhld")))
+
+
+@pytest.mark.parametrize("first", [{"axis": 2}, {"flags": ("add_scale",)}, {"flags": ("vector_scale",)},
+                                   {"flags": ("k_no_perm",)}, {"fill": -1e9}, {"extra_p_use": True}],
+                         ids=lambda kw: str(list(kw.values())[0]))
+def test_a_tail_lookalike_before_a_real_one(first):
+    g = _tail_graph(layers=2, first=first)
+    after = fuse_attention(g.gs())
+    nodes = _fused(after, "TailCausalAttention")
+    assert len(nodes) == 1 and nodes[0].outputs[0].name == "o1" and nodes[0].name == "TailCausalAttention_1"
+    assert nodes[0].inputs[0].name == "o0"  # the second layer's queries: the first layer's output
+    if "k_no_perm" not in str(first):
+        _same(g.model(), after, _tail_feeds())
+
+
+# ------------------------------------------------------------------ shared prefix: more forms
+
+def _sp_block(g: G, i: int, variant: str | None = None) -> str:
+    """One candidate-side attention block reading ns_q{i}, user_k_{i}, user_v_{i}, ns_k{i}, ns_v{i}
+    and s_length; ``variant`` makes it a lookalike (or another valid form)."""
+    blhd = variant == "blhd_k"
+    q = g.input(f"ns_q{i}", ["candidates", H, T, DH])
+    kp = g.input(("other_k_" if variant == "k_name" else "user_k_") + str(i),
+                 [1, "kv_len", H, DH] if blhd else [1, H, "kv_len", DH])
+    vp = g.input(("other_v_" if variant == "v_name" else "user_v_") + str(i), [1, H, "kv_len", DH])
+    ko = g.input(f"ns_k{i}", ["candidates", T, H, DH] if blhd else ["candidates", H, T, DH])
+    vo = g.input(f"ns_v{i}", ["candidates", H, T, DH])
+    valid = "s_length"
+    zero, ninf, last = g.const(0.0), g.const(NINF), g.const([-1], np.int64)
+    if variant == "q_all_input":
+        q_all = g.input(f"q_all{i}", [1, H, "ct", DH])
+    else:
+        tq = g.op("Transpose", q) if variant == "q_transpose_no_perm" else g.op(
+            "Transpose", q, perm=[0, 1, 2, 3] if variant == "q_perm" else [1, 0, 2, 3])
+        if variant == "identity_not_reshape":
+            q_all = g.op("Identity", tq)
+        else:
+            q_all = g.op("Reshape", tq, g.const([1, H, -1, DH], np.int64))
+    kt_src = kp
+    vp_src = vp
+    if variant == "k_via_layout":  # user K/V reach the products through layout ops
+        kt_src = g.op("Reshape", kp, g.const([1, H, -1, DH], np.int64))
+        vp_src = g.op("Identity", vp)
+    if variant == "k_no_perm":
+        kt = g.op("Transpose", kt_src)
+    else:
+        kt = g.op("Transpose", kt_src, perm=[0, 2, 3, 1] if blhd else [0, 1, 3, 2])
+    m1 = g.op("MatMul", q_all, kt)
+    if variant == "m1_extra_user":
+        g.op("ReduceSum", m1, keepdims=0, out=f"m1sum{i}")
+        g.output(f"m1sum{i}", [])
+    s1 = g.op("Mul", g.const(SCALE), m1) if variant == "scale_first" else g.op("Mul", m1, g.const(SCALE))
+    n = g.op("Shape", kp, start=1 if blhd else 2, end=2 if blhd else 3)
+    j = g.op("Range", g.const(0, np.int64), g.op("Squeeze", n), g.const(1, np.int64))
+    s1 = g.op("Where", g.op("GreaterOrEqual", j, g.op("Sub", n, valid)), s1, ninf)
+    mx1 = g.op("ReduceMax", s1, last, keepdims=1)
+    p1 = g.op("Exp", g.op("Sub", s1, g.op("Where", g.op("IsInf", mx1), zero, mx1)))
+    l1 = g.op("ReduceSum", p1, last, keepdims=1)
+    o1 = g.op("MatMul", p1, vp_src)
+    back = g.op("Concat", g.const([H], np.int64), g.op("Shape", q, start=0, end=1), g.const([T, -1], np.int64), axis=0)
+    per = lambda x: g.op("Transpose", g.op("Reshape", x, back), perm=[1, 0, 2, 3])  # noqa: E731
+    mx1, l1, o1 = per(mx1), per(l1), per(o1)
+    kot = g.op("Transpose", ko, perm=[0, 2, 3, 1] if blhd else [0, 1, 3, 2])
+    own = g.op("MatMul", q, kot)
+    sc2 = g.const(0.3 if variant == "scale2" else SCALE)
+    s2 = g.op("Mul", sc2, own) if variant == "scale_first" else g.op("Mul", own, sc2)
+    s2 = g.op("Where", g.const(np.tril(np.ones((T, T), bool)), dtype=bool), s2, ninf)
+    mx2 = g.op("ReduceMax", s2, last, keepdims=1)
+    p2 = g.op("Exp", g.op("Sub", s2, mx2))
+    l2 = g.op("ReduceSum", p2, last, keepdims=1)
+    o2 = g.op("MatMul", p2, vo)
+    if variant == "own_two_pv":
+        g.op("MatMul", p2, vo, out=f"pv2_{i}")
+        g.output(f"pv2_{i}", None)
+    m = g.op("Max", mx1, mx2)
+    a1, a2 = g.op("Exp", g.op("Sub", mx1, m)), g.op("Exp", g.op("Sub", mx2, m))
+    num = g.op("Add", g.op("Mul", a1, o1), g.op("Mul", a2, o2))
+    den = g.op("Add", g.op("Mul", a1, l1), g.op("Mul", a2, l2))
+    if variant == "second_div":
+        num = g.op("Div", num, g.const(1.0))
+    att = g.op("Div", num, den, out=f"att{i}")
+    if variant == "proj_after_div":  # an output projection after the merge: outside the attention
+        att = g.op("MatMul", att, g.const(np.eye(DH) * 0.5))
+    return g.op("ReduceSum", att, g.const([1, 2, 3], np.int64), keepdims=0)
+
+
+def _sp_blocks(*variants) -> G:
+    g = G(opset=18)
+    g.input("s_length", [1], I64)
+    outs = [_sp_block(g, i, v) for i, v in enumerate(variants)]
+    total = outs[0] if len(outs) == 1 else g.op("Sum", *outs)
+    g.op("Identity", total, out="logits")
+    g.output("logits", ["candidates"])
+    return g
+
+
+def _blocks_feeds(g: G, c=C, n=6, valid=3, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for v in g.inputs:
+        dims = [d.dim_value if d.HasField("dim_value") else {"candidates": c, "kv_len": n, "ct": c * T}[d.dim_param]
+                for d in v.type.tensor_type.shape.dim]
+        out[v.name] = np.array([valid]) if v.name == "s_length" else rng.standard_normal(dims).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["k_via_layout", "blhd_k", "scale_first", "proj_after_div"])
+def test_more_shared_prefix_forms_are_fused(variant):
+    g = _sp_blocks(variant)
+    after = fuse_attention(g.gs())
+    nodes = _fused(after, "SharedPrefixAttention")
+    assert len(nodes) == 1 and after.__dict__["fused_attention"] == 1
+    if variant == "blhd_k":  # both K brought to [.., L, dh] by a transpose the pass adds
+        assert nodes[0].inputs[1].inputs[0].attrs["perm"] == [0, 2, 1, 3]
+        assert nodes[0].inputs[4].inputs[0].attrs["perm"] == [0, 2, 1, 3]
+    for seed, (c, n, valid) in enumerate([(C, 6, 3), (1, 4, 0), (2, 5, 5)]):
+        _same(g.model(), after, _blocks_feeds(g, c, n, valid, seed))
+
+
+LOOKALIKES = ["k_name", "v_name", "q_perm", "scale2", "second_div", "m1_extra_user", "own_two_pv", "q_all_input",
+              "identity_not_reshape", "q_transpose_no_perm", "k_no_perm"]
+
+
+@pytest.mark.parametrize("variant", LOOKALIKES)
+def test_a_shared_prefix_lookalike_before_a_real_one(variant):
+    g = _sp_blocks(variant, None)
+    after = fuse_attention(g.gs())
+    nodes = _fused(after, "SharedPrefixAttention")
+    assert len(nodes) == 1, variant
+    assert [t.name for t in nodes[0].inputs] == ["ns_q1", "user_k_1", "user_v_1", "s_length", "ns_k1", "ns_v1"]
+    assert nodes[0].name == "SharedPrefixAttention_1"
+
+
+def test_two_shared_prefix_sites_are_numbered():
+    g = _sp_blocks(None, None)
+    after = fuse_attention(g.gs())
+    assert sorted(n.name for n in _fused(after, "SharedPrefixAttention")) == ["SharedPrefixAttention_1",
+                                                                              "SharedPrefixAttention_2"]
+    _same(g.model(), after, _blocks_feeds(g))
