@@ -10,6 +10,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
+from onnx import helper
 
 from onetrans_trt.graphs import shared_prefix as sp
 from onetrans_trt.graphs.no_broadcast import kv_broadcasts
@@ -23,10 +24,10 @@ NINF = -np.inf
 def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padding="left", layers=1,
           length="user_hist_len", length_type=I64, length_shape=(1,), sep=False, kv_heads=H, scale="div",
           static_kv=None, is_causal=0, softcap=0.0, extra_attention_output=False, q3d=False, attn_scale=None,
-          extra_inputs=()) -> G:
+          extra_inputs=(), flags=()) -> G:
     g = G(opset=23)
     kvlen = static_kv or "kv_len_0"
-    q = g.input("ns_q", ["candidates", H, T, DH])
+    q = g.input("ns_q", ["candidates", H, T, "dh" if "q_dh_symbolic" in flags else DH])
     g.input(length, list(length_shape), length_type)
     for name, dt in extra_inputs:
         g.input(name, [1], dt)
@@ -43,6 +44,11 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
         ko, vo = g.input(f"ns_k_{li}", own_shape), g.input(f"ns_v_{li}", own_shape)
         if copy == "mul_expand":
             uk = g.op("Mul", uk, g.const(0.5), shape=kv_shape)
+        if "scale_first_before_copy" in flags:
+            uk = g.op("Mul", g.const(0.5), uk, shape=kv_shape)
+        if "zeros_like_k" in flags:  # a tensor shaped like K, not K: no copy of the user's K/V
+            uk = g.op("ConstantOfShape", g.op("Shape", uk), value=helper.make_tensor("z", F32, [1], [0.0]),
+                      shape=kv_shape)
         rest = [H if kv_heads != H and layout == "bhld" else 1, 1, H if kv_heads != H and layout != "bhld" else 1]
         how = g.op("Concat", cshape, g.const(rest, np.int64), axis=0, shape=[4], dtype=I64)
         cp_shape = ["candidates", H, kvlen, DH] if layout == "bhld" else ["candidates", kvlen, H, DH]
@@ -50,8 +56,16 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
         if copy == "tile" and kv_heads != H:
             raise ValueError("tile with grouped heads is not built here")
         kb, vb = g.op(op, uk, how, shape=cp_shape), g.op(op, uv, how, shape=cp_shape)
+        if "mid_mul" in flags:  # a scale between the copy and the concat
+            kb = g.op("Mul", kb, g.const(0.5), shape=cp_shape)
         cat = ["candidates", H, f"{kvlen} + {T}", DH] if layout == "bhld" else ["candidates", f"{kvlen} + {T}", H, DH]
         K, V = g.op("Concat", kb, ko, axis=n_axis, shape=cat), g.op("Concat", vb, vo, axis=n_axis, shape=cat)
+        if "post_mul_first" in flags:  # scale after the concat, the constant first
+            K = g.op("Mul", g.const(0.5), K, shape=cat)
+        if "post_div" in flags:
+            K = g.op("Div", K, g.const(2.0), shape=cat)
+        if "sub_const_first" in flags:  # c - K: not replayed
+            K = g.op("Sub", g.const(1.0), K, shape=cat)
         if layout != "bhld":
             K = g.op("Transpose", K, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
             V = g.op("Transpose", V, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
@@ -333,3 +347,51 @@ def test_proof_rejects_a_rewrite_that_differs():
     cases = list(proof.cases("user_hist_len"))
     assert [c[2] for c in cases] == [0, 1, 2, 4, 5, 7, 8, 11] * 2 and cases[1] == (1, "user_hist_len", 1, 1001)
     assert cases[8] == (3, "user_hist_len", 0, 3000)
+
+
+@pytest.mark.parametrize("flags", [("mid_mul",), ("post_mul_first",), ("post_div",), ("scale_first_before_copy",)],
+                         ids=lambda f: f[0])
+def test_scales_around_the_copy_are_replayed(flags):
+    g = naive(flags=flags)
+    after = sp.shared_prefix(g.gs())
+    assert len(_fused(after)) == 1 and sp.last_report()[0]["rewritten"]
+    assert kv_broadcasts(after) == []
+    _same(g, after)
+
+
+@pytest.mark.parametrize("flags", [("sub_const_first",), ("zeros_like_k",)], ids=lambda f: f[0])
+def test_what_is_not_a_replayable_copy_of_kv_is_no_site(flags):
+    g = naive(flags=flags)
+    assert sp.find_sites(g.gs()) == []
+    assert sp.last_report() is not None and _fused(sp.shared_prefix(g.gs())) == []
+
+
+def test_a_non_kv_broadcast_listed_first_in_the_concat():
+    g = G(opset=23)  # Concat(Expand(own K of one candidate), copy of the user's K): the user's is found
+    q = g.input("ns_q", ["candidates", H, T, DH])
+    uk = g.input("user_k_0", [1, H, "kv_len_0", DH])
+    one = g.input("ns_k1", [1, H, T, DH])
+    how = g.op("Concat", g.op("Shape", q, start=0, end=1), g.const([1, 1, 1], np.int64), axis=0)
+    own = g.op("Expand", g.op("Neg", one), how, shape=["candidates", H, T, DH])
+    kb = g.op("Expand", uk, how, shape=["candidates", H, "kv_len_0", DH])
+    K = g.op("Concat", own, kb, axis=2, shape=["candidates", H, "kv_len_0 + 2", DH])
+    side = sp._kv_side(g.gs().tensors()[K])
+    assert side is not None and side.source == "user_k_0" and side.own.name == own and side.axis == 2
+    assert side.broadcast.op == "Expand" and side.mid == [] and side.post == []
+
+
+def test_an_attention_scale_from_the_first_static_head_dim():
+    g = naive(attn="attention_bool", flags=("q_dh_symbolic",))
+    sites = sp.find_sites(g.gs())
+    assert len(sites) == 1 and sites[0].scale == pytest.approx(1 / math.sqrt(DH)) and sites[0].kind == "Attention"
+
+
+def test_scores_root_through_eight_scale_ops():
+    g = G()
+    q = g.input("q", [1, H, T, DH])
+    k = g.input("user_k_0", [1, H, 3, DH])
+    x = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]), name="qk")
+    for _ in range(8):
+        x = g.op("Mul", x, g.const(2.0))
+    root = sp._scores_root(g.gs().tensors()[x])
+    assert root is not None and root[0].name == "qk" and root[1] == 2.0 ** 8
