@@ -83,7 +83,7 @@ def log(msg: str) -> None:
 def tree_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                          capture_output=True, check=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (f.startswith(("onetrans_trt/", "tests/")) or f == "pyproject.toml")]
+    return [f for f in out.split("\0") if f and (f.startswith(("onetrans_trt/", "tests/", "examples/")) or f == "pyproject.toml")]
 
 
 def make_copy(dest: Path) -> None:
@@ -288,6 +288,7 @@ def run_module(mod: str, deadline: float, python: str, jobs: int = 1) -> dict:
     # the whole package is copied (so its other modules import); only `mod` is mutated
     only = f"{mod}*" if mod.endswith("/") else mod
     cfg = ["[mutmut]", "source_paths = onetrans_trt", f"only_mutate = {only}",
+           "also_copy =", "    examples",  # tests import the example modules
            "pytest_add_cli_args_test_selection =", *[f"    {t}" for t in tests],
            "pytest_add_cli_args =", *[f"    {a}" for a in PYTEST_ARGS + EXTRA_ARGS.get(mod, [])], ""]
     (work / "setup.cfg").write_text("\n".join(cfg))

@@ -82,10 +82,7 @@ def _cached(prefix: str, key: str, make) -> Path:
             make(tmp)
             (tmp / "done").write_text("ok\n")
             shutil.rmtree(d, ignore_errors=True)
-            os.replace(tmp, d)
-            for old in CACHE.glob(f"{prefix}-*"):  # built from older sources
-                if old != d:
-                    shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, d)  # builds of other sources stay (a mutation run may be using one); make clean
     return d
 
 

@@ -386,3 +386,70 @@ def test_goldens_with_a_request_without_candidates(fx, tmp_path):
     api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
                        ckpt=fx / "ckpt", save_goldens=g)
     assert api.validate_goldens(fx / "build", g, backends=["ort"])["verdict"] == "pass"
+
+
+# ------------------------------------------------------------------ --inputs (graph feeds)
+
+def _npz(fx, model, tmp_path, mutate=None, name="in.npz"):
+    from onetrans_trt.data.requests import encode_request, load_requests
+
+    arrays = {}
+    for i, q in enumerate(r for r in load_requests(fx / "requests.json") if r.candidates):
+        hist, ns = encode_request(model.cfg.schema, q)
+        for k, v in {**hist, **ns}.items():
+            arrays[f"{i}/{k}"] = v
+    if mutate:
+        mutate(arrays)
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_inputs_as_graph_feeds(fx, model, tmp_path):
+    path = _npz(fx, model, tmp_path)
+    r = api.validate_build(fx / "build", backends=["torch-split", "ort"], inputs=path, n_requests=3, ckpt=fx / "ckpt")
+    assert r["verdict"] == "pass" and r["requests"]["count"] == 3 and r["requests"]["labelled"] == 0
+    assert r["requests"]["source"] == f"--inputs {path} (4 requests, npz)"
+    ref = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
+                             n_requests=2, ckpt=fx / "ckpt")  # requests 0 and 1 (1: no history) are the npz's 0, 1
+    np.testing.assert_allclose(r["plots"]["torch-split"]["scatter"][0][:24], ref["plots"]["torch-split"]["scatter"][0],
+                               rtol=1e-6, atol=1e-6)
+    # request JSON given as --inputs is read as requests
+    r = api.validate_build(fx / "build", backends=["ort"], inputs=fx / "requests.json", n_requests=2, ckpt=fx / "ckpt")
+    assert r["requests"]["source"] == f"--requests {fx / 'requests.json'} (2 requests)"
+
+
+def test_inputs_that_do_not_fit_the_graphs(fx, model, tmp_path):
+    def run(mutate):
+        path = _npz(fx, model, tmp_path, mutate)
+        with pytest.raises(InputError) as e:
+            api.validate_build(fx / "build", backends=["ort"], inputs=path, ckpt=fx / "ckpt")
+        return str(e.value), path
+
+    def retype(a):
+        a["1/s_length"] = a["1/s_length"].astype(np.int32)
+
+    msg, path = run(retype)
+    assert msg.startswith(f"--inputs {path}: request 1 s_length is int32 [1]; the graph takes int64 ")
+
+    def rerank(a):
+        a["0/s_length"] = a["0/s_length"].reshape(1, 1)
+
+    msg, path = run(rerank)
+    assert msg.startswith(f"--inputs {path}: request 0 s_length is int64 [1, 1]; the graph takes int64 ")
+
+    def two_users(a):
+        for k in [k for k in a if k.startswith("2/") and not k.startswith("2/ns_")]:
+            a[k] = np.concatenate([a[k], a[k]])
+
+    msg, path = run(two_users)
+    assert msg == (f"--inputs {path}: request 2 has user inputs for more than one user; one user per request "
+                   "(batch dimension 1)")
+
+    def disagree(a):
+        k = next(k for k in a if k.startswith("3/ns_"))
+        a[k] = a[k][:2]
+
+    msg, path = run(disagree)
+    assert msg.startswith(f"--inputs {path}: request 3's candidate inputs disagree on the number of candidates (")
+    assert msg.endswith("[2, 6])")
