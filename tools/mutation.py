@@ -56,7 +56,8 @@ MODULES: dict[str, list[str]] = {
     # validate/: unit tests of the helpers, and validate_build/validate_goldens/validate_module_build/
     # localize on a tiny random-weight build exported once and cached on disk (tests/validate/
     # validates whole trained builds: minutes per run)
-    "onetrans_trt/validate/": ["tests/mutation_kills/test_validate.py", "tests/validate/test_compare_empty.py",
+    "onetrans_trt/validate/": ["tests/mutation_kills/test_validate.py", "tests/mutation_kills/test_validate_more.py",
+                               "tests/validate/test_compare_empty.py",
                                "tests/validate/test_api_unit.py", "tests/validate/test_module_unit.py",
                                "tests/validate/test_diverge_unit.py"],
 }

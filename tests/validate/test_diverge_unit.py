@@ -29,6 +29,7 @@ class Net(torch.nn.Module):
         torch.manual_seed(0)
         self.layers = torch.nn.ModuleList([Lin(), Lin()])
         self.out = torch.nn.Linear(D, 1)
+        self.unused = torch.nn.Linear(D, D)  # a leaf the forward never calls: nothing captured for it
 
     def forward(self, x):
         for layer in self.layers:
@@ -39,6 +40,10 @@ class Net(torch.nn.Module):
 
 def _graph(net: Net, *, break_layer: int | None = None, bad_reshape=False, no_meta=False) -> onnx.ModelProto:
     nodes, inits = [], []
+    first = helper.make_node("Identity", ["x"], ["x_id"], name="unused_id")  # scoped to the uncalled leaf
+    if not no_meta:
+        first.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['model', 'model.unused']")
+    nodes.append(first)
     x = "x"
     for i, layer in enumerate(net.layers):
         w = layer.lin.weight.detach().numpy().T.copy()
@@ -96,12 +101,12 @@ def x():
 def test_module_scopes_and_leaves(tmp_path):
     net = Net()
     m = _graph(net)
-    m.graph.node[0].metadata_props[0].value = "not python ["  # unreadable: skipped
-    m.graph.node[1].metadata_props[0].value = "['other.thing']"  # no model scope: skipped
+    m.graph.node[1].metadata_props[0].value = "not python ["  # unreadable: skipped
+    m.graph.node[2].metadata_props[0].value = "['other.thing']"  # no model scope: skipped
     onnx.save(m, str(tmp_path / "s.onnx"))
-    assert module_scopes(tmp_path / "s.onnx") == {"mm1": "layers.1.lin", "add1": "layers.1.lin", "mmo": "out",
-                                                  "addo": "out"}
-    assert _leaf_modules(net) == {"layers.0.lin", "layers.1.lin", "out"}
+    assert module_scopes(tmp_path / "s.onnx") == {"unused_id": "unused", "mm1": "layers.1.lin", "add1": "layers.1.lin",
+                                                  "mmo": "out", "addo": "out"}
+    assert _leaf_modules(net) == {"layers.0.lin", "layers.1.lin", "out", "unused"}
 
 
 def test_a_correct_graph_has_no_divergence(tmp_path, x):
