@@ -251,7 +251,53 @@ def test_a_broken_scorer_is_localized_to_the_scorer(fx, tmp_path):
     assert e["verdict"] == "fail"
     assert all(s["pass"] for s in e["graphs"]["user_encoder"].values())
     assert not e["graphs"]["candidate_scorer"]["logits"]["pass"]
-    assert e["divergence"]["role"] == "candidate_scorer" and e["divergence"]["max_abs"] > 1e-4
+    d = e["divergence"]
+    assert d["role"] == "candidate_scorer" and 1e-4 < d["max_abs"] < float("inf") and "error" not in d
+    assert d["tensor"] and d["module"]
+
+
+def _plant_after_the_last_module(graph_path):
+    """logits * 1.01 after every module: only the graph's output shows it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(graph_path))
+    prod = next(n for n in m.graph.node if "logits" in n.output)
+    prod.output[list(prod.output).index("logits")] = "logits_pre"
+    m.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "planted_gain"))
+    at = list(m.graph.node).index(prod) + 1
+    m.graph.node.insert(at, helper.make_node("Mul", ["logits_pre", "planted_gain"], ["logits"], name="planted_mul"))
+    onnx.save(m, str(graph_path))
+
+
+def test_a_defect_after_the_last_module_is_found_at_the_logits(fx, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(fx / "build", b)
+    _plant_after_the_last_module(b / "candidate_scorer.onnx")
+    r = api.validate_build(b, backends=["ort"], data=None, requests_file=fx / "requests.json", n_requests=2,
+                           ckpt=fx / "ckpt")
+    d = r["backends"]["ort"]["divergence"]
+    assert d["tensor"] == "logits" and d["node"] == "logits" and d["role"] == "candidate_scorer"
+    assert d["max_abs"] < float("inf")
+
+
+def test_a_broken_fp16_scorer_is_localized(fx, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    b = tmp_path / "b"
+    shutil.copytree(fx / "build", b)
+    path = b / "fp16" / "candidate_scorer.onnx"
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    users = [n for n in m.graph.node if n.op_type == "MatMul" and any(x in inits for x in n.input)]
+    w = inits[next(x for x in users[-1].input if x in inits)]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 3, w.name))
+    onnx.save(m, str(path))
+    r = api.validate_build(b, backends=["ort-fp16"], data=None, requests_file=fx / "requests.json", n_requests=2,
+                           ckpt=fx / "ckpt")
+    d = r["backends"]["ort-fp16"]["divergence"]
+    assert d["role"] == "candidate_scorer" and d["max_abs"] < float("inf") and "error" not in d and d["tensor"]
 
 
 def test_a_backend_that_raises_fails_with_its_error(fx, model, monkeypatch):
@@ -328,6 +374,11 @@ def test_goldens_round_trip(fx, tmp_path):
     np.testing.assert_array_equal(cs_in[0]["s_length"], ue_in[0]["s_length"])
     np.testing.assert_array_equal(cs_out[4]["logits"], cs_out[0]["logits"])  # the same request twice
 
+    again = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=reqs, n_requests=2,
+                               ckpt=fx / "ckpt", save_goldens=g)  # an existing goldens directory is replaced
+    assert again["verdict"] == "pass" and json.loads((g / "meta.json").read_text())["requests"] == 2
+    api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=reqs, ckpt=fx / "ckpt",
+                       save_goldens=g)
     rep = api.validate_goldens(fx / "build", g)
     assert list(rep["backends"]) == ["ort", "ort-fp16"] and rep["verdict"] == "pass"
     assert rep["format"] == "onetrans-trt/validate/1" and rep["build"] == str(fx / "build")
