@@ -36,6 +36,8 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
     hl = g.op("Cast", g.op("Reshape", length, g.const([1], np.int64)), to=7, shape=[1], dtype=I64)
     if sep:  # a SEP token counts as real: the mask reads n_hist + 1
         hl = g.op("Add", hl, g.const([1], np.int64), shape=[1], dtype=I64, out="n_real")
+    if "noise_first" in flags:
+        _noise(g, q)
     x = q
     for li in range(layers):
         kv_shape = [1, kv_heads, kvlen, DH] if layout == "bhld" else [1, kvlen, kv_heads, DH]
@@ -59,9 +61,12 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
         if "mid_mul" in flags:  # a scale between the copy and the concat
             kb = g.op("Mul", kb, g.const(0.5), shape=cp_shape)
         cat = ["candidates", H, f"{kvlen} + {T}", DH] if layout == "bhld" else ["candidates", f"{kvlen} + {T}", H, DH]
-        K, V = g.op("Concat", kb, ko, axis=n_axis, shape=cat), g.op("Concat", vb, vo, axis=n_axis, shape=cat)
+        cat_shape = None if "k_unshaped" in flags else cat
+        K, V = g.op("Concat", kb, ko, axis=n_axis, shape=cat_shape), g.op("Concat", vb, vo, axis=n_axis, shape=cat_shape)
         if "post_mul_first" in flags:  # scale after the concat, the constant first
             K = g.op("Mul", g.const(0.5), K, shape=cat)
+        if "post_constant_node" in flags:  # a scale from a Constant node
+            K = g.op("Mul", K, g.op("Constant", value=helper.make_tensor("h", F32, [], [0.5])), shape=cat)
         if "post_div" in flags:
             K = g.op("Div", K, g.const(2.0), shape=cat)
         if "sub_const_first" in flags:  # c - K: not replayed
@@ -86,7 +91,8 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
             qq = g.op("Reshape", x, g.const([0, T, H * DH], np.int64), shape=["candidates", T, H * DH]) if q3d else x
             outs = 2 if extra_attention_output else 1
             a = g.op("Attention", qq, K, V, m, outputs=outs, q_num_heads=H, kv_num_heads=H, **attrs) if q3d else \
-                g.op("Attention", qq, K, V, m, outputs=outs, **attrs)
+                g.op("Attention", qq, K, V, m, *([""] * 2 if "attention_empty_tail" in flags else []), outputs=outs,
+                     **attrs)
             if extra_attention_output:
                 g.output(g.nodes[-1].output[1])
             if q3d:
@@ -99,11 +105,31 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
                 s = g.op("Add", s, g.op("Where", mask, g.const(0.0), g.const(NINF)))
             else:
                 s = g.op("Where", mask, s, g.const(NINF))
-            a = g.op("MatMul", g.op("Softmax", s, axis=-1), V, name=f"pv_{li}")
+            sm = g.op("Softmax", s) if "softmax_no_axis" in flags else g.op("Softmax", s, axis=-1)
+            a = g.op("MatMul", sm, V, name=f"pv_{li}")
         x = g.op("Add", x, a)
     g.op("ReduceSum", x, g.const([1, 2, 3], np.int64), keepdims=0, out="logits")
     g.output("logits", ["candidates"])
     return g
+
+
+def _noise(g: G, q: str) -> None:
+    """Attention-like nodes that are no site, ahead of the real one in node order."""
+    pk, pv = g.input("ns_pk", ["candidates", H, T, DH]), g.input("ns_pv", ["candidates", H, T, DH])
+    outs = []
+    s = g.op("MatMul", q, g.op("Transpose", pk, perm=[0, 1, 3, 2]))
+    outs.append(g.op("MatMul", g.op("Softmax", s, axis=2), pv))  # softmax over another axis
+    outs.append(g.op("MatMul", g.op("Softmax", g.op("Relu", s), axis=-1), pv))  # scores not traced to a product
+    outs.append(g.op("MatMul", g.op("Softmax", s, axis=-1), pv))  # K/V that are no copy of the user's
+    outs.append(g.op("Attention", q, pk, pv, is_causal=1))  # causal: not handled
+    q3 = g.op("Reshape", q, g.const([0, T, H * DH], np.int64), shape=["candidates", T, H * DH])
+    k3 = g.op("Reshape", pk, g.const([0, T, H * DH], np.int64), shape=["candidates", T, H * DH])
+    v3 = g.op("Reshape", pv, g.const([0, T, H * DH], np.int64), shape=["candidates", T, H * DH])
+    outs.append(g.op("Attention", q3, k3, v3, q_num_heads=H, kv_num_heads=H))  # the 3-D form
+    outs.append(g.op("Attention", q, pk, pv))  # K/V that are no copy
+    for i, o in enumerate(outs):
+        g.op("ReduceSum", o, keepdims=0, out=f"noise_{i}")
+        g.output(f"noise_{i}", [])
 
 
 def feeds_for(g: G, c: int, n: int, valid: int, seed: int) -> dict:
@@ -395,3 +421,79 @@ def test_scores_root_through_eight_scale_ops():
         x = g.op("Mul", x, g.const(2.0))
     root = sp._scores_root(g.gs().tensors()[x])
     assert root is not None and root[0].name == "qk" and root[1] == 2.0 ** 8
+
+
+@pytest.mark.parametrize("kw", [{"flags": ("noise_first",)}, {"attn": "attention_bool", "flags": ("noise_first",)}],
+                         ids=["matmul", "attention"])
+def test_nodes_that_are_no_site_ahead_of_the_site(kw):
+    g = naive(**kw)
+    sites = sp.find_sites(g.gs())
+    assert len(sites) == 1 and sites[0].k.source == "user_k_0"
+    after = sp.shared_prefix(g.gs())
+    assert len(_fused(after)) == 1 and ops(after).count("Attention") == 3 and ops(after).count("Softmax") == 3
+    _same(g, after, cases=((2, 6, 3), (1, 4, 0)))
+
+
+@pytest.mark.parametrize("kw", [{"flags": ("softmax_no_axis",)}, {"flags": ("post_constant_node",)},
+                                {"attn": "attention_bool", "flags": ("attention_empty_tail",)}],
+                         ids=lambda kw: kw["flags"][0])
+def test_more_forms_are_rewritten(kw):
+    g = naive(**kw)
+    after = sp.shared_prefix(g.gs())
+    assert len(_fused(after)) == 1 and sp.last_report()[0]["rewritten"]
+    _same(g, after, cases=((2, 6, 3), (1, 4, 0)))
+
+
+def test_the_head_dim_from_the_user_kv_when_nothing_else_says():
+    g = naive(attn="attention_bool", flags=("q_dh_symbolic", "k_unshaped"))
+    sites = sp.find_sites(g.gs())
+    assert len(sites) == 1 and sites[0].scale == pytest.approx(1 / math.sqrt(DH))
+
+
+def test_an_attention_site_tries_the_count_its_mask_reads_first():
+    g = naive(attn="attention_bool", length="n_hist", extra_inputs=[("a_flag", I64)])
+    site = sp.find_sites(g.gs())[0]
+    assert sp.count_choices(g.gs(), site)[0] == ("n_hist", "n_hist")
+
+
+def test_count_choices_are_capped():
+    g = naive(extra_inputs=[(f"flag_{i:02d}", I64) for i in range(14)])
+    site = sp.find_sites(g.gs())[0]
+    choices = sp.count_choices(g.gs(), site)
+    assert len(choices) == sp.MAX_TRIALS and choices[0][0] == "user_hist_len" and choices[-1] == ("", None)
+    flags = [c for c, _ in choices[1:-1] if c.startswith("flag_")]
+    inner = [c for c, _ in choices[1:-1] if not c.startswith("flag_")]  # tensors of the mask computed from it
+    assert inner and flags == [f"flag_{i:02d}" for i in range(sp.MAX_TRIALS - 2 - len(inner))]
+
+
+def test_why_not_lists_each_choice_tried():
+    g = naive(padding="right", extra_inputs=[("a_flag", I64)])
+    sp.shared_prefix(g.gs())
+    parts = sp.last_report()[0]["why_not"].split("; ")
+    names = [c or "whole prefix" for c, _ in sp.count_choices(g.gs(), sp.find_sites(g.gs())[0])]
+    assert [p.split(": ", 1)[0] for p in parts] == names
+
+
+@pytest.mark.parametrize("op", ["Reshape", "Expand", "Tile", "Slice", "Squeeze", "Unsqueeze"])
+def test_a_copy_whose_shape_comes_from_kv_values_is_no_kv_copy(op):
+    """Only the data input of these ops carries K/V; their shape/index inputs do not (structure only)."""
+    g = G(opset=23)
+    q = g.input("ns_q", ["candidates", H, T, DH])
+    g.input("user_k_0", [1, H, "kv_len_0", DH])
+    uv = g.input("user_v_0", [1, H, "kv_len_0", DH])
+    bias = g.input("ns_bias", [1, H, "kv_len_0", DH])
+    ko, vo = g.input("ns_k", ["candidates", H, T, DH]), g.input("ns_v", ["candidates", H, T, DH])
+    how = g.op("Cast", g.op("ReduceMax", "user_k_0", keepdims=0), to=7, dtype=I64)  # a value of K, as an index
+    copy_shape = g.op("Concat", g.op("Shape", q, start=0, end=1), g.const([1, 1, 1], np.int64), axis=0)
+    if op in ("Expand", "Tile"):
+        kb = g.op(op, bias, how, shape=["candidates", H, "kv_len_0", DH])
+    else:
+        extra = [how, how] if op == "Slice" else [how]
+        kb = g.op("Expand", g.op(op, bias, *extra), copy_shape, shape=["candidates", H, "kv_len_0", DH])
+    vb = g.op("Expand", uv, copy_shape, shape=["candidates", H, "kv_len_0", DH])
+    K = g.op("Concat", kb, ko, axis=2)
+    V = g.op("Concat", vb, vo, axis=2)
+    s = g.op("MatMul", q, g.op("Transpose", K, perm=[0, 1, 3, 2]))
+    g.op("MatMul", g.op("Softmax", s, axis=-1), V, out="att")
+    g.output("att", None)
+    assert sp.find_sites(g.gs()) == []
