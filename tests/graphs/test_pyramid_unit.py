@@ -425,3 +425,45 @@ def test_a_matmul_with_an_unshaped_operand_stays():
         return g.op("MatMul", g.op("Relu", x, out="r"), g.const(np.ones((D, D))), out="mm", shape=["b", T, D])
 
     _check(_chain(build, ["b", KEEP, D]), {"mm"})
+
+
+def test_a_slice_pushed_onto_a_tensor_of_unknown_shape():
+    def build(g, x):
+        return g.op("Softmax", g.op("Relu", x, out="r"), axis=-1, out="sm", shape=["b", T, D])
+
+    _check(_chain(build, ["b", KEEP, D]), {"r"})
+
+
+def test_two_slices_of_one_tensor_get_two_names():
+    g = G()
+    x = g.input("x", ["b", T, D])
+    _tail(g, g.op("Relu", x, out="r", shape=["b", T, D]), "out1", ["b", KEEP, D], name="t1")
+    _tail(g, g.op("Neg", x, out="n", shape=["b", T, D]), "out2", ["b", 3, D], start=-3, name="t2")
+    g.output("out1", ["b", KEEP, D])
+    g.output("out2", ["b", 3, D])
+    after = _check(g, {"x"})
+    names = [n.outputs[0].name for n in after.nodes if n.op == "Slice"]
+    assert len(names) == 2 and len(set(names)) == 2
+
+
+def test_the_pass_stops_once_nothing_moves(monkeypatch):
+    calls = []
+    real = gs.Graph.cleanup
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(gs.Graph, "cleanup", counting)
+    g = G()  # a slice that cannot move (its producer has two outputs)
+    x = g.input("x", ["b", T, D])
+    g.nodes.append(helper.make_node("Split", [x, g.const([2, 2], np.int64)], ["s0", "s1"], axis=2, name="split"))
+    g.infos.append(helper.make_tensor_value_info("s0", F32, ["b", T, 2]))
+    _tail(g, "s0", "out", ["b", KEEP, 2])
+    g.output("out", ["b", KEEP, 2])
+    g.output("s1", ["b", T, 2])
+    pyramid(g.gs())
+    assert len(calls) == 1
+    calls.clear()
+    pyramid(_layer().gs())  # a slice that moves step by step: one cleanup per step, then one more
+    assert 2 <= len(calls) <= 30
