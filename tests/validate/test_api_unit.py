@@ -134,8 +134,10 @@ def test_validate_build_report(fx, model):
         assert b["verdict"] == "pass" and b["precision"] == "fp32" and b["tolerance"] == DEFAULT_POLICY["fp32"]
         assert b["divergence"] is None and b["error"] is None
         assert list(b["graphs"]["user_encoder"]) == names
-        for s in b["graphs"]["user_encoder"].values():
-            assert s["pass"] is True and s["max_abs"] <= 1e-4
+        for k, s in b["graphs"]["user_encoder"].items():
+            assert s["pass"] is True and s["max_abs"] <= 1e-4 and s["name"] == k
+        assert b["graphs"]["candidate_scorer"]["logits"]["name"] == "logits"
+        assert b["end_to_end"]["logits"]["name"] == "end_to_end_logits"
         lg = b["graphs"]["candidate_scorer"]["logits"]
         assert lg["pass"] is True and lg["count"] == 4 * 6 * 2 if "count" in lg else lg["pass"] is True
         e2e = b["end_to_end"]
@@ -391,6 +393,8 @@ def test_goldens_round_trip(fx, tmp_path):
         assert all(v["pass"] for gr in b["graphs"].values() for v in gr.values())
         assert set(b["graphs"]["user_encoder"]) == {k for k in ue_in and load_json(
             str(g / "user_encoder_outputs.json"))[0]}
+        assert all(v["name"] == k for k, v in b["graphs"]["user_encoder"].items())
+        assert b["graphs"]["candidate_scorer"]["logits"]["name"] == "logits"
     only = api.validate_goldens(fx / "build", g, backends=["ort-fp16"])
     assert list(only["backends"]) == ["ort-fp16"]
 
