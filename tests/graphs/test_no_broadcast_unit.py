@@ -241,3 +241,14 @@ def test_the_message_joins_copies_with_semicolons():
     assert str(e.value) == ("no-broadcast: the candidate scorer copies the user's K/V per candidate "
                             "(Expand e0 (user_k_0 -> Expand); Tile t1 (user_v_0 -> Tile)); "
                             "attend the shared K/V as one batch instead")
+
+
+def test_a_node_is_judged_once_on_its_shortest_route():
+    def late_plain_route(g):  # Add reached first through the copy (already a copy), later through plain K
+        e = g.op("Expand", "user_k_0", g.copy_shape, shape=CKV, name="copy")
+        m1 = g.op("Mul", "user_k_0", g.const(1.0), shape=KV, name="m1")
+        m2 = g.op("Mul", m1, g.const(1.0), shape=KV, name="m2")
+        g.op("Add", e, m2, out="extra", shape=CKV, name="add")
+
+    found = kv_broadcasts(_extra(late_plain_route))
+    assert [f.node.name for f in found] == ["copy"]
