@@ -71,6 +71,8 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
             K = g.op("Div", K, g.const(2.0), shape=cat)
         if "sub_const_first" in flags:  # c - K: not replayed
             K = g.op("Sub", g.const(1.0), K, shape=cat)
+        if "div_const_first" in flags:  # c / K: not replayed
+            K = g.op("Div", g.const(1.0), K, shape=cat)
         if layout != "bhld":
             K = g.op("Transpose", K, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
             V = g.op("Transpose", V, perm=[0, 2, 1, 3], shape=["candidates", H, f"{kvlen} + {T}", DH])
@@ -101,7 +103,12 @@ def naive(*, layout="bhld", attn="matmul_add", copy="expand", own="causal", padd
         else:
             s = g.op("MatMul", x, g.op("Transpose", K, perm=[0, 1, 3, 2]))
             s = g.op("Div", s, g.const(math.sqrt(DH))) if scale == "div" else g.op("Mul", g.const(1 / math.sqrt(DH)), s)
-            if attn == "matmul_add":
+            if "mask_from_product" in flags:  # the same mask, through a product and a cast
+                mf = g.op("Cast", mask, to=F32)
+                mask = g.op("Cast", g.op("MatMul", g.const(np.eye(T)), mf), to=BOOL)
+            if "sub_mask" in flags:  # scores minus (0 | inf)
+                s = g.op("Sub", s, g.op("Where", mask, g.const(0.0), g.const(np.inf)))
+            elif attn == "matmul_add":
                 s = g.op("Add", s, g.op("Where", mask, g.const(0.0), g.const(NINF)))
             else:
                 s = g.op("Where", mask, s, g.const(NINF))
@@ -385,7 +392,7 @@ def test_scales_around_the_copy_are_replayed(flags):
     _same(g, after)
 
 
-@pytest.mark.parametrize("flags", [("sub_const_first",), ("zeros_like_k",)], ids=lambda f: f[0])
+@pytest.mark.parametrize("flags", [("sub_const_first",), ("div_const_first",), ("zeros_like_k",)], ids=lambda f: f[0])
 def test_what_is_not_a_replayable_copy_of_kv_is_no_site(flags):
     g = naive(flags=flags)
     assert sp.find_sites(g.gs()) == []
@@ -421,6 +428,8 @@ def test_scores_root_through_eight_scale_ops():
         x = g.op("Mul", x, g.const(2.0))
     root = sp._scores_root(g.gs().tensors()[x])
     assert root is not None and root[0].name == "qk" and root[1] == 2.0 ** 8
+    nine = g.op("Mul", x, g.const(2.0))
+    assert sp._scores_root(g.gs().tensors()[nine]) is None  # nine: too deep
 
 
 @pytest.mark.parametrize("kw", [{"flags": ("noise_first",)}, {"attn": "attention_bool", "flags": ("noise_first",)}],
@@ -435,6 +444,7 @@ def test_nodes_that_are_no_site_ahead_of_the_site(kw):
 
 
 @pytest.mark.parametrize("kw", [{"flags": ("softmax_no_axis",)}, {"flags": ("post_constant_node",)},
+                                {"flags": ("sub_mask",)}, {"attn": "matmul_where", "flags": ("mask_from_product",)},
                                 {"attn": "attention_bool", "flags": ("attention_empty_tail",)}],
                          ids=lambda kw: kw["flags"][0])
 def test_more_forms_are_rewritten(kw):
