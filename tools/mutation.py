@@ -336,6 +336,22 @@ def run_module(mod: str, deadline: float, python: str, jobs: int = 1) -> dict:
     return res
 
 
+def recollect(mod: str, python: str) -> dict:
+    """The last run of ``mod`` re-read (its seconds and tests kept from report.json)."""
+    work = OUT / "work" / mod.rstrip("/").replace("/", "_")
+    if not (work / "mutants").is_dir():
+        return {"module": mod, "error": "not run yet"}
+    prev = {}
+    if (OUT / "report.json").exists():
+        prev = next((r for r in json.loads((OUT / "report.json").read_text()).get("modules", [])
+                     if r["module"] == mod), {})
+    res = collect(mod, work, load_exclusions(), python)
+    res.update({k: prev[k] for k in ("seconds", "tests", "unmutated_nested_decorated", "incomplete") if k in prev})
+    rate = "n/a" if res["kill_rate"] is None else f"{100 * res['kill_rate']:.1f}%"
+    log(f"{mod}: {res['mutants']} mutants, {res['counts']}, kill rate {rate} (re-read)")
+    return res
+
+
 def write_report(results: list[dict], total_s: float) -> dict:
     ok = [r for r in results if "error" not in r]
     killed = sum(r["killed"] for r in ok)
@@ -382,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=180.0,
                     help="overall time budget; a module still running when it is spent is reported incomplete")
     ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once (mutmut --max-children)")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: re-read the last run's results in runs/mutation/work/ with the current "
+                         "tools/mutation_equivalent.toml and rewrite the report (after adding equivalents)")
     ap.add_argument("--fail-under", type=float, default=None,
                     help="exit 1 if the overall kill rate (percent) is below this")
     args = ap.parse_args(argv)
@@ -397,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     deadline = t0 + 60 * args.max_minutes
     OUT.mkdir(parents=True, exist_ok=True)
-    results = [run_module(mod, deadline, python, args.jobs) for mod in mods]
+    if args.collect_only:
+        results = [recollect(mod, python) for mod in mods]
+    else:
+        results = [run_module(mod, deadline, python, args.jobs) for mod in mods]
     prev = {}
     if (OUT / "report.json").exists() and args.module:  # keep the other modules' last results
         prev = {r["module"]: r for r in json.loads((OUT / "report.json").read_text()).get("modules", [])
