@@ -508,3 +508,9 @@ def test_inputs_that_do_not_fit_the_graphs(fx, model, tmp_path):
     msg, path = run(disagree)
     assert msg.startswith(f"--inputs {path}: request 3's candidate inputs disagree on the number of candidates (")
     assert msg.endswith("[2, 6])")
+
+
+def test_movielens_is_the_default_data(fx):
+    r = api.validate_build(fx / "build", backends=["torch-split"], n_requests=1, ckpt=fx / "ckpt")
+    assert r["requests"]["source"].startswith("ml-100k test requests (1 requests")
+    assert r["requests"]["labelled"] >= 1
