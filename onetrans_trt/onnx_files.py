@@ -22,6 +22,7 @@ whole copy to leave the caller's model unchanged).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -33,6 +34,9 @@ PROTOBUF_LIMIT = 2 << 30
 DEFAULT_THRESHOLD = 1536 << 20  # leave room under 2 GiB for the graph itself and the functions
 MIN_EXTERNAL_TENSOR = 1024  # smaller tensors stay in the graph file (shapes, scalars, small biases)
 ALIGN = 4096  # each tensor starts on a page: ONNX Runtime can map it without copying
+ON_DISK_BYTES = 256 << 20  # load_model(on_disk_above=...) in export: tensors this large stay in their file
+ON_DISK_KEY = "basepath"  # the external-data entry (one ONNX knows) naming a left-on-disk tensor's directory
+_ON_DISK_MARK = f"onetrans-{secrets.token_hex(8)}:"  # per process: a graph file cannot forge a left-on-disk tensor
 
 
 def threshold() -> int:
@@ -136,10 +140,33 @@ def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
             setattr(dst, fd.name, value)
 
 
-def _externalized(model, path: Path):
-    """A copy of ``model`` whose initializers of at least MIN_EXTERNAL_TENSOR bytes point at
-    ``<path>.data`` (written here): the weights are never held twice (one tensor at a time
-    is, while it is written) and ``model`` itself is not changed."""
+def _on_disk_source(tensor) -> tuple[Path, int, int] | None:
+    """``(file, offset, length)`` of a tensor :func:`load_model` left on disk, else None."""
+    info = external_info(tensor)
+    mark = info.get(ON_DISK_KEY, "")
+    if not mark.startswith(_ON_DISK_MARK) or not is_external(tensor):
+        return None
+    return Path(mark[len(_ON_DISK_MARK):]) / info["location"], int(info.get("offset") or 0), int(info["length"])
+
+
+def _copy_range(src: Path, offset: int, length: int, fh) -> None:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, 64 << 20))
+            if not chunk:
+                raise ValueError(f"{src}: shorter than the {offset}+{length} bytes a tensor names")
+            fh.write(chunk)
+            left -= len(chunk)
+
+
+def _prepared(model, path: Path, external: bool):
+    """A copy of ``model`` to serialize: with ``external``, its initializers of at least
+    MIN_EXTERNAL_TENSOR bytes point at ``<path>.data`` (written here, under a temporary name
+    that the caller renames); tensors left on disk by :func:`load_model` are copied from their
+    file in chunks (into the data file, or inline without ``external``). The weights are never
+    held twice (one tensor at a time is, while it is written); ``model`` is not changed."""
     import onnx
 
     side = data_file(path)
@@ -147,28 +174,48 @@ def _externalized(model, path: Path):
     _copy_fields(model, out, skip=("graph",))
     _copy_fields(model.graph, out.graph, skip=("initializer",))
     offset = 0
-    with open(side, "wb") as fh:
+    fh = open(side.with_name(side.name + ".part"), "wb") if external else None
+    try:
         for t in model.graph.initializer:
             nt = out.graph.initializer.add()
-            if is_external(t) or not t.HasField("raw_data") or t.ByteSize() < MIN_EXTERNAL_TENSOR:
+            source = _on_disk_source(t)
+            if source is None and (not external or is_external(t) or not t.HasField("raw_data")
+                                   or t.ByteSize() < MIN_EXTERNAL_TENSOR):
                 nt.CopyFrom(t)
                 continue
             _copy_fields(t, nt, skip=("raw_data", "external_data", "data_location"))
+            if fh is None:  # a tensor left on disk, saved inline
+                with open(source[0], "rb") as f:
+                    f.seek(source[1])
+                    nt.raw_data = f.read(source[2])
+                continue
             pad = (-offset) % ALIGN
             if pad:
                 fh.write(b"\0" * pad)
                 offset += pad
-            raw = t.raw_data  # one tensor's bytes, released after the write
-            fh.write(raw)
-            length = len(raw)
-            del raw
+            if source is not None:
+                _copy_range(*source, fh)
+                length = source[2]
+            else:
+                raw = t.raw_data  # one tensor's bytes, released after the write
+                fh.write(raw)
+                length = len(raw)
+                del raw
             for key, value in (("location", side.name), ("offset", str(offset)), ("length", str(length))):
                 e = nt.external_data.add()
                 e.key, e.value = key, value
             nt.data_location = onnx.TensorProto.EXTERNAL
             offset += length
-        fh.flush()
-        os.fsync(fh.fileno())
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        if fh is not None:
+            fh.close()
+            Path(fh.name).unlink(missing_ok=True)
+        raise
+    if fh is not None:
+        fh.close()
     return out
 
 
@@ -179,19 +226,23 @@ def save_model(model, path: str | os.PathLike, *, check: bool = True) -> list[Pa
     :func:`save_model_atomic`): the data file's location recorded in the graph is the final
     name. A stale data file from an earlier, larger save is removed. ``check`` runs the ONNX
     checker on the written file (by path, so external data is checked where it lies, never
-    loaded). ``model`` is not changed, and its weights are never copied whole.
-    ``model`` must not already refer to external data (load it with :func:`load_model`).
+    loaded). ``model`` is not changed, and its weights are never copied whole. Tensors that
+    :func:`load_model` left on disk are copied from their file (after which, if that file was
+    this ``path``'s own data file, the in-memory ``model`` no longer matches it: reload).
+    Any other external reference is refused (load the model with :func:`load_model`).
     """
     import onnx
 
     path = Path(path)
     side = data_file(path)
-    if has_external(model):
-        raise ValueError(f"{path}: the model still refers to external data; load it with load_model() first")
-    if side.exists() or side.is_symlink():
-        side.unlink()
+    loose = [t.name for t in all_tensors(model) if is_external(t) and _on_disk_source(t) is None]
+    if loose:
+        raise ValueError(f"{path}: the model still refers to external data ({loose[0]!r}); load it with "
+                         f"load_model() first")
+    on_disk = any(_on_disk_source(t) is not None for t in model.graph.initializer)
     if needs_external(model):
-        skeleton = _externalized(model, path)
+        skeleton = _prepared(model, path, external=True)
+        os.replace(side.with_name(side.name + ".part"), side)
         with open(path, "wb") as fh:
             fh.write(skeleton.SerializeToString())
             fh.flush()
@@ -199,7 +250,9 @@ def save_model(model, path: str | os.PathLike, *, check: bool = True) -> list[Pa
         del skeleton
         written = [path, side]
     else:
-        onnx.save_model(model, str(path))
+        onnx.save_model(_prepared(model, path, external=False) if on_disk else model, str(path))
+        if side.exists() or side.is_symlink():
+            side.unlink()
         written = [path]
     if check:
         onnx.checker.check_model(str(path))
@@ -230,18 +283,43 @@ def save_model_atomic(model, final: str | os.PathLike, *, check: bool = True) ->
 
 # ---------------------------------------------------------------- reading
 
-def load_model(path: str | os.PathLike, *, external: bool = True):
+def load_model(path: str | os.PathLike, *, external: bool = True, on_disk_above: int | None = None):
     """Load ``path``; its external data (``external``) is read from the file's own directory
-    (never the working directory), and ONNX's own loader refuses a location outside it."""
+    (never the working directory), and ONNX's own loader refuses a location outside it.
+
+    ``on_disk_above``: initializers of at least this many bytes are NOT read; they stay
+    references to their file (recorded with its directory) that :func:`save_model`,
+    :func:`session_source` and :func:`check_model` resolve. Graph passes and graphsurgeon
+    carry them along untouched (graphsurgeon cannot even copy a tensor over 2 GiB in memory),
+    and the weights never enter this process. A pass that reads such a tensor's values fails
+    (it is not there): only an embedding table or a weight matrix is ever that large.
+    """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    if external and has_external(model):
-        from onnx.external_data_helper import load_external_data_for_model
+    if not external:
+        return model
+    base = str(path.parent)
+    for t in all_tensors(model):
+        if not is_external(t):
+            continue
+        if on_disk_above is not None and int(external_info(t).get("length") or 0) >= on_disk_above:
+            from onnx.external_data_helper import _open_external_data_fd
 
-        load_external_data_for_model(model, str(path.parent))
+            # confined like a load (ONNX's own check: relative, inside the directory, no symlink)
+            os.close(_open_external_data_fd(base, external_info(t)["location"], t.name, True))
+            e = t.external_data.add()
+            e.key, e.value = ON_DISK_KEY, _ON_DISK_MARK + str(path.parent.resolve())
+        else:
+            load_external_data_for_tensor(t, base)
     return model
+
+
+def on_disk(model) -> list[str]:
+    """Names of the tensors :func:`load_model` left on disk."""
+    return [t.name for t in model.graph.initializer if _on_disk_source(t) is not None]
 
 
 def graph_files(path: str | os.PathLike) -> list[Path]:
@@ -264,7 +342,7 @@ def check_model(model) -> None:
     """The ONNX checker on an in-memory model of any size (large ones via a temporary file)."""
     import onnx
 
-    if _fits_one_protobuf(model) and not has_external(model):
+    if _fits_one_protobuf(model) and not has_external(model):  # (tensors left on disk are external)
         onnx.checker.check_model(model)
         return
     with tempfile.TemporaryDirectory(prefix="onetrans-check-") as tmp:

@@ -30,7 +30,8 @@ def _model() -> onnx.ModelProto:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [N])
     w1 = numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "w2")
-    nodes = [helper.make_node("Add", ["x", "w1"], ["h"], name="add"), helper.make_node("Mul", ["h", "w2"], ["y"], name="mul")]
+    nodes = [helper.make_node("Add", ["x", "w1"], ["h"], name="add"),
+             helper.make_node("Mul", ["h", "w2"], ["y"], name="mul")]
     m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=[w1, w2]),
                           opset_imports=[helper.make_opsetid("", 18)])
     m.ir_version = 9

@@ -81,12 +81,12 @@ def _ort_work(graph: str, dims: dict[str, int]) -> Callable[[], Any]:
     """Setup for one ORT run of ``graph`` at ``dims``: session, a warm-up run at one candidate,
     the inputs; returns the run to measure."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
 
     from onetrans_trt.graphs.flops import placeholder_feeds
+    from onetrans_trt.onnx_files import load_model
 
-    model = onnx.load(graph)
+    model = load_model(graph, external=False)  # the inputs only: ORT reads the weights (and any <file>.data)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.enable_mem_pattern = False

@@ -116,7 +116,15 @@ def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path
                                      dynamic_shapes=shapes, external_data=False, verbose=False)
         finally:
             os.chdir(cwd)
-    prog.save(str(path))
+    from onetrans_trt.onnx_files import data_file, threshold
+
+    size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
+    # above the threshold the weights go to <file>.data beside the graph (the exporter's own layout:
+    # one file, relative location), streamed from the module's tensors without another copy
+    if data_file(path).exists():
+        data_file(path).unlink()
+    prog.save(str(path), external_data=size > threshold())
+    del prog
 
 
 def _io_spec(graph_path: Path) -> dict[str, list[dict]]:
@@ -151,15 +159,33 @@ def _dynamic_dims(model) -> dict[str, dict[str, int]]:
     return dims
 
 
-def _save_graph(graph, path: Path) -> None:
-    import onnx
+def _graph_model(graph):
+    """A graphsurgeon graph as a ModelProto with our ops' functions attached."""
     import onnx_graphsurgeon as gs
 
     from onetrans_trt.plugins import attach_op_functions
 
-    model = attach_op_functions(gs.export_onnx(graph))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    return attach_op_functions(gs.export_onnx(graph))
+
+
+def _save_graph(graph, path: Path) -> None:
+    """``graph`` to ``path`` (and ``<path>.data`` above the external-data threshold), checked."""
+    from onetrans_trt.onnx_files import save_model
+
+    save_model(_graph_model(graph), path)
+
+
+def graph_entry(build: Path, fname: str) -> dict[str, Any]:
+    """A manifest ``graphs`` entry: the file, its sha256 and bytes, its external data file (when
+    it has one: ``data`` with its own sha256 and bytes) and its inputs and outputs."""
+    from onetrans_trt.onnx_files import data_file
+
+    path = build / fname
+    entry: dict[str, Any] = {"file": fname, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    side = data_file(path)
+    if side.is_file():
+        entry["data"] = {"file": side.name, "sha256": sha256_file(side), "bytes": side.stat().st_size}
+    return {**entry, **_io_spec(path)}
 
 
 def load_onetrans_config(build: str | Path):
@@ -279,9 +305,10 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
         say("trace serving graph")
         serving = ServingGraph(model)
         trace_onnx(serving, {**hist, **ns}, tmp / SERVING, opset)
-        import onnx
+        from onetrans_trt import onnx_files
 
-        graph = gs.import_onnx(onnx.load(str(tmp / SERVING)))
+        # tensors of ON_DISK_BYTES or more (embedding tables) stay in serving.onnx.data, never read here
+        graph = gs.import_onnx(onnx_files.load_model(tmp / SERVING, on_disk_above=onnx_files.ON_DISK_BYTES))
         say("split at K/V")
         ue, cs = user_encoder(graph), candidate_scorer(graph)
         records += [{"pass": "split-kv", "graph": "serving", "nodes_before": len(graph.nodes),
@@ -306,8 +333,7 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
         graphs = {}
         for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER),
                            ("serving", SERVING)) + ((("unified", UNIFIED),) if unified else ()):
-            graphs[key] = {"file": fname, "sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size,
-                           **_io_spec(tmp / fname)}
+            graphs[key] = graph_entry(tmp, fname)
         manifest = {
             "format": "onetrans-trt/build/1",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -359,17 +385,16 @@ def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes
 
     The two graphs and the manifest are replaced atomically, one file at a time.
     """
-    from onetrans_trt.io import atomic_path
+    from onetrans_trt.onnx_files import save_model_atomic
 
     build = Path(build)
     manifest = read_manifest(build)
     ue, cs, records = split_with_passes(build, user_passes, scorer_passes)
 
     for key, fname, g in (("user_encoder", USER_ENCODER, ue), ("candidate_scorer", CANDIDATE_SCORER, cs)):
-        with atomic_path(build / fname) as tmp:
-            _save_graph(g, tmp)
-        manifest["graphs"][key].update({"sha256": sha256_file(build / fname), "bytes": (build / fname).stat().st_size,
-                                        **_io_spec(build / fname)})
+        save_model_atomic(_graph_model(g), build / fname)  # with its <file>.data when large
+        manifest["graphs"][key].pop("data", None)
+        manifest["graphs"][key].update(graph_entry(build, fname))
     manifest["passes"] = records
     atomic_write_json(build / MANIFEST, manifest)
     return manifest
@@ -377,16 +402,16 @@ def rerun_passes(build: str | Path, user_passes: list[str] | None, scorer_passes
 
 def split_with_passes(build: str | Path, user_passes: list[str] | None, scorer_passes: list[str] | None):
     """``(user_encoder, candidate_scorer, records)`` graphs cut from ``BUILD/serving.onnx``."""
-    import onnx
     import onnx_graphsurgeon as gs
 
     from onetrans_trt.graphs import run_passes
     from onetrans_trt.graphs.split_kv import candidate_scorer, user_encoder
+    from onetrans_trt import onnx_files
 
     build = Path(build)
     if not (build / SERVING).is_file():
         raise BuildError(f"{build}: missing {SERVING}; re-run `onetrans-trt export`")
-    graph = gs.import_onnx(onnx.load(str(build / SERVING)))
+    graph = gs.import_onnx(onnx_files.load_model(build / SERVING, on_disk_above=onnx_files.ON_DISK_BYTES))
     ue, cs = user_encoder(graph), candidate_scorer(graph)
     records = [{"pass": "split-kv", "graph": "serving", "nodes_before": len(graph.nodes),
                 "nodes_after": len(ue.nodes) + len(cs.nodes)}]

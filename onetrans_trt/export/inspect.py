@@ -6,10 +6,9 @@ import collections
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from onetrans_trt.export.api import CANDIDATE_SCORER, UNIFIED, USER_ENCODER, read_manifest
 from onetrans_trt.graphs.flops import graph_flops
+from onetrans_trt.onnx_files import data_file, load_model
 
 
 def kv_lengths(schedule: list[int | None], history: int) -> list[int]:
@@ -24,6 +23,10 @@ def kv_lengths(schedule: list[int | None], history: int) -> list[int]:
 
 def state_lengths(manifest: dict, history: int) -> list[int]:
     """K/V tokens per state slot for a history of ``history`` S-tokens (either family)."""
+    if manifest["model"]["family"] == "module":  # a user's module: the K/V lengths it was traced with
+        dims = manifest["dynamic_dims"]
+        n = len([k for k in dims if k.startswith("kv_len_")])
+        return [min(history, dims[f"kv_len_{i}"]["max"]) for i in range(n)]
     hy = manifest.get("hyformer")
     if hy:  # every sequence is laid out at the stream's length; LONGER keeps its window
         n = min(hy["longer_window"], history) if hy["seq_encoder"] == "longer" else history
@@ -45,10 +48,13 @@ def inspect_build(build: str | Path, *, candidates: int = 128, history: int | No
     dims = request_dims(m, candidates, history)
     graphs = {}
     for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
-        model = onnx.load(str(build / fname))
+        model = load_model(build / fname, external=False)  # the nodes; graph_flops reads the weights itself
         ops = collections.Counter(n.op_type for n in model.graph.node)
+        side = data_file(build / fname)
         graphs[key] = {"file": fname, "bytes": (build / fname).stat().st_size, "nodes": len(model.graph.node),
-                       "ops": dict(ops.most_common()), "flops": graph_flops(model, dims)["flops"]}
+                       **({"data_bytes": side.stat().st_size} if side.is_file() else {}),
+                       "ops": dict(ops.most_common()), "flops": graph_flops(build / fname, dims)["flops"]}
+        del model
     split = graphs["user_encoder"]["flops"] + graphs["candidate_scorer"]["flops"]
     if (build / UNIFIED).is_file():
         unified = graph_flops(build / UNIFIED, {**dims, "users": candidates})["flops"]

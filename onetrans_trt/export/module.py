@@ -267,13 +267,13 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
     ``example``: ``(user_inputs, candidate_inputs)`` as torch tensors (user inputs batched over
     users); random inputs from the spec when None. ``source``: what the module and weights were
     (recorded in the manifest)."""
-    import onnx
     import onnx_graphsurgeon as gs
     import torch
 
-    from onetrans_trt.export.api import CANDIDATE_SCORER, MANIFEST, UNIFIED, USER_ENCODER, _io_spec, _save_graph, \
-        _versions, sha256_file, trace_onnx
+    from onetrans_trt.export.api import CANDIDATE_SCORER, MANIFEST, UNIFIED, USER_ENCODER, _save_graph, _versions, \
+        graph_entry, trace_onnx
     from onetrans_trt.graphs import run_passes
+    from onetrans_trt import onnx_files
 
     say = progress or (lambda msg: None)
     spec = SplitSpec.parse(spec)
@@ -304,19 +304,26 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
                    {**_dynamic(spec, "candidate"), **_state_dims(spec)})
         records = []
         say("graph passes")
-        ue, r1 = run_passes(gs.import_onnx(onnx.load(str(tmp / USER_ENCODER))), USER_PASSES, graph_name="user_encoder")
         from onetrans_trt.graphs import available_passes
 
         scorer_passes = [p for p in SCORER_PASSES if p in available_passes()]
+        # one graph at a time, rewritten in place; tensors of ON_DISK_BYTES or more (embedding
+        # tables) are never read into this process: they stay in the traced graph's data file
+        # and are copied from there into the rewritten graph's
+        big = onnx_files.ON_DISK_BYTES
+        ue, r1 = run_passes(gs.import_onnx(onnx_files.load_model(tmp / USER_ENCODER, on_disk_above=big)),
+                            USER_PASSES, graph_name="user_encoder")
+        _save_graph(ue, tmp / USER_ENCODER)
+        del ue
         try:
-            cs, r2 = run_passes(gs.import_onnx(onnx.load(str(tmp / CANDIDATE_SCORER))), scorer_passes,
-                                graph_name="candidate_scorer")
+            cs, r2 = run_passes(gs.import_onnx(onnx_files.load_model(tmp / CANDIDATE_SCORER, on_disk_above=big)),
+                                scorer_passes, graph_name="candidate_scorer")
         except BuildError as e:
             raise BuildError(f"the candidate scorer copies the user's K/V per candidate and the copy could not be "
                              f"rewritten into one shared read: {e}") from None
-        records += r1 + r2
-        _save_graph(ue, tmp / USER_ENCODER)
         _save_graph(cs, tmp / CANDIDATE_SCORER)
+        del cs
+        records += r1 + r2
         if unified:
             say("trace unified graph")
             trace_onnx(_unified_graph(module, spec), unified_inputs(tu, tc, 0), tmp / UNIFIED, opset,
@@ -327,8 +334,7 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
         graphs = {}
         for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)) + \
                 ((("unified", UNIFIED),) if unified else ()):
-            graphs[key] = {"file": fname, "sha256": sha256_file(tmp / fname), "bytes": (tmp / fname).stat().st_size,
-                           **_io_spec(tmp / fname)}
+            graphs[key] = graph_entry(tmp, fname)
         kv_len = _kv_lengths(spec, one)
         dims = {d: dict(zip(("min", "typical", "max"), spec.dim_range(d))) for d in ("users", "candidates", "history")}
         dims.update({k: {"min": 1, "typical": n, "max": n} for k, n in kv_len.items()})

@@ -44,8 +44,13 @@ def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dic
     """``{"flops": total, "matmuls": count}`` for one run of the graph at ``dims``."""
     import onnxruntime as ort
 
-    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    from onetrans_trt.onnx_files import load_model, session_source
+
+    if isinstance(path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(path)  # outputs are added below; the caller's model stays as it was
+    else:
+        model = load_model(path)  # external data read beside the file
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     consts = {}
     for n in model.graph.node:
@@ -66,7 +71,8 @@ def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dic
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    with session_source(model) as source:  # bytes, or a temporary file with external data when large
+        sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     outs = sess.run(wanted, placeholder_feeds(model, dims)) if wanted else []
     shapes = {**inits, **consts, **{n: o.shape for n, o in zip(wanted, outs)}}
     total = 0

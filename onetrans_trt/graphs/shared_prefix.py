@@ -442,7 +442,10 @@ def _session(model: onnx.ModelProto):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    from onetrans_trt.onnx_files import session_source
+
+    with session_source(model) as source:  # bytes, or a temporary file with external data when large
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _lengths(model: onnx.ModelProto) -> list[int]:

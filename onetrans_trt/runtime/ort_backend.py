@@ -44,16 +44,27 @@ def default_providers() -> list[str]:
 def ort_session(path: Any, providers: list[str] | None = None, threads: int | None = None,
                 simulate_qdq: bool = False):
     """An ORT session on a graph file (or an in-memory ``onnx.ModelProto``); ``simulate_qdq`` runs Q/DQ
-    graphs as float math (no integer kernels)."""
-    import onnxruntime as ort
+    graphs as float math (no integer kernels). A file's external data (``<file>.data``) is read by
+    ONNX Runtime beside the file, whatever the working directory, after :func:`check_onnx` has
+    confined it to the file's directory; an in-memory model over 2 GiB (or the external-data
+    threshold) goes to ONNX Runtime through a temporary file (:func:`session_source`)."""
+    import os
 
-    if not isinstance(path, Path):
-        path, source = Path("<in-memory model>"), path.SerializeToString()
-    else:
+    from onetrans_trt.onnx_files import session_source
+
+    if isinstance(path, (str, os.PathLike)):
         from onetrans_trt.trust import check_onnx
 
+        path = Path(path)
         check_onnx(path)  # a regular file, external data confined to its directory, ops we know
-        source = str(path)
+        return _session_from(path, str(path), providers, threads, simulate_qdq)
+    with session_source(path) as source:
+        return _session_from(Path("<in-memory model>"), source, providers, threads, simulate_qdq)
+
+
+def _session_from(path: Path, source, providers, threads, simulate_qdq):
+    import onnxruntime as ort
+
     _quiet_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
@@ -99,12 +110,11 @@ class OrtSplitBackend:
         """A session that can run the graph. ORT's CPU integer kernels reject per-channel
         zero points on batched (3-D) weights; such Q/DQ graphs then run as simulated
         quantization (exactly TensorRT's arithmetic, without the integer speed-up)."""
-        import onnx
-
         from onetrans_trt.graphs.flops import placeholder_feeds
+        from onetrans_trt.onnx_files import load_model
 
         sess = ort_session(path, providers, threads)
-        model = onnx.load(str(path))
+        model = load_model(path, external=False)  # nodes and inputs only: the weights are ORT's
         if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
             return sess
         sizes = {d.dim_param: 2 for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}

@@ -27,7 +27,9 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def module_scopes(serving: str | Path) -> dict[str, str]:
     """Node name -> innermost module path (``layers.0.ns_o``) from the exporter's metadata."""
     out = {}
-    for n in onnx.load(str(serving)).graph.node:
+    from onetrans_trt.onnx_files import load_model
+
+    for n in load_model(serving, external=False).graph.node:  # node metadata only, never the weights
         meta = {p.key: p.value for p in n.metadata_props}
         try:
             scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
@@ -88,9 +90,11 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     import onnxruntime as ort
     import torch
 
+    from onetrans_trt.onnx_files import load_model, session_source
+
     scopes = module_scopes(serving)
     leaves = _leaf_modules(torch_model)
-    model = onnx.load(str(graph_path))
+    model = load_model(graph_path)  # with its external data, read beside the file
     checkpoints: list[tuple[int, str, str, str]] = []  # (node index, tensor, module, node)
     last: dict[str, tuple[int, str, str]] = {}
     for i, n in enumerate(model.graph.node):
@@ -113,7 +117,8 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     opts.log_severity_level = 3
     if simulate_qdq:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    with session_source(model) as source:  # bytes, or a temporary file with external data when large
+        sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     wanted = [t for _, t, _, _ in checkpoints]
     try:
