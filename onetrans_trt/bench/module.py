@@ -38,7 +38,7 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
     import torch
 
     from onetrans_trt.bench.timing import interleaved
-    from onetrans_trt.calibrate.module import _np
+    from onetrans_trt.calibrate.module import to_numpy
     from onetrans_trt.export.api import read_manifest
     from onetrans_trt.kv import from_state, state_arrays
     from onetrans_trt.protocol import random_inputs, unified_inputs
@@ -65,7 +65,7 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
     if unknown:
         raise InputError(f"--backends: unknown {unknown}; choose from {','.join(PEERS)}")
     user, cand = random_inputs(spec, users=1, candidates=C, lengths=[L], rng=np.random.default_rng(0))
-    user_np, cand_np = {k: _np(v) for k, v in user.items()}, {k: _np(v) for k, v in cand.items()}
+    user_np, cand_np = {k: to_numpy(v) for k, v in user.items()}, {k: to_numpy(v) for k, v in cand.items()}
     precisions = m.get("precisions") or {}
     fns: dict[str, Callable[[], np.ndarray]] = {}
     skipped: dict[str, str] = {}

@@ -37,7 +37,7 @@ def kv_graph_names(spec) -> set[str]:
     return {spec.graph_name(s.name) for s in spec.state if s.kind in ("key", "value")}
 
 
-def _np(t) -> np.ndarray:
+def to_numpy(t) -> np.ndarray:
     """A torch tensor as the numpy array a graph input takes (bfloat16 travels as float32)."""
     import torch
 
@@ -125,9 +125,9 @@ def calibration_set(build: str | Path, spec, requests: list[tuple[dict, dict]], 
     arrays: dict[str, np.ndarray] = {"source": np.array(source)}
     i = 0
     for k, (u_in, c_in) in enumerate(requests):
-        cand = {n: _np(t) for n, t in c_in.items()}
+        cand = {n: to_numpy(t) for n, t in c_in.items()}
         for u in range(_users(u_in)):
-            feed = {n: _np(u_in[n][u:u + 1]) for n in user_inputs}
+            feed = {n: to_numpy(u_in[n][u:u + 1]) for n in user_inputs}
             state = dict(zip(state_names, user.run(state_names, feed)))
             for n, v in feed.items():
                 arrays[f"user/{i}/{n}"] = v
@@ -181,8 +181,8 @@ def evaluate_module_variant(build: str | Path, variant: str, module, requests: l
     per = {t: {"abs": 0.0, "rel": 0.0, "overlap": [], "tau": []} for t in tasks}
     users = 0
     for k, (user, cand) in enumerate(requests):
-        full = state_arrays(be.encode_user({n: _np(v) for n, v in user.items()}))
-        cand_np = {n: _np(v) for n, v in cand.items()}
+        full = state_arrays(be.encode_user({n: to_numpy(v) for n, v in user.items()}))
+        cand_np = {n: to_numpy(v) for n, v in cand.items()}
         for u in range(_users(user)):
             one = from_state({n: np.asarray(v)[u:u + 1] for n, v in full.items()}, None)
             got = np.asarray(be.score(one, cand_np), np.float64)

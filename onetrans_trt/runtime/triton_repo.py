@@ -175,25 +175,25 @@ def module_models(manifest: dict, io: dict[str, dict], user_max_batch: int) -> d
     for t in cs_io["inputs"]:
         if t["name"] in produced:  # one user's state: the encoder's client-facing rank, batch 1
             p = produced[t["name"]]
-            want = [1] + list(p["dims"])
+            want = [1] + list(p["dims"])  # the encoder's client-facing row for a batch of one
             got = _wild(t["shape"])
-            if len(got) + (1 if not got else 0) > len(want) + 1 or (got and got[0] not in (1, -1)):
-                raise InputError(f"candidate_scorer input {t['name']}: shape {t['shape']} is not one user's row of "
-                                 f"the user encoder's output; a Triton ensemble cannot feed it")
+            if not got or got[0] not in (1, -1):
+                raise InputError(f"candidate_scorer input {t['name']}: shape {t['shape']} is not one user's row "
+                                 "([1, ...]) of the user encoder's output; a Triton ensemble cannot feed it")
             if _triton_dtype(t, "candidate_scorer input") != p["type"]:
                 raise InputError(f"{t['name']}: the user encoder emits {p['type']}, the candidate scorer reads "
                                  f"{_triton_dtype(t, 'candidate_scorer input')}; an ensemble tensor has one dtype")
-            n_want = _count(want)
-            n_got = _count(got)
-            if n_want is not None and n_got is not None and n_want != n_got:
-                raise InputError(f"{t['name']}: one user's row has {n_want} elements, the candidate scorer reads "
-                                 f"{n_got}")
-            entry = {"name": t["name"], "type": p["type"], "dims": want,
-                     "reshape": None if got == want else [max(d, -1) for d in got]}
-            if entry["reshape"] is not None and -1 in entry["reshape"] and -1 in want and \
-                    entry["reshape"].count(-1) != want.count(-1):
-                raise InputError(f"{t['name']}: the scorer's shape {t['shape']} and the encoder's row {want} differ "
-                                 "in their dynamic axes; Triton's reshape cannot map them")
+            dims, reshape = want, None
+            if len(got) == len(want) and all(-1 in (g, w) or g == w for g, w in zip(got, want)):
+                # the same axes: dynamic wherever either side is (the scorer's kv_len vs a fixed window)
+                dims = [-1 if -1 in (g, w) else g for g, w in zip(got, want)]
+            else:  # the same elements in another shape: Triton's reshape, static sizes only
+                n_want, n_got = _count(want), _count(got)
+                if n_want is None or n_got is None or n_want != n_got:
+                    raise InputError(f"{t['name']}: the user encoder's row is {want}, the candidate scorer reads "
+                                     f"{t['shape']}; Triton's reshape maps only equal static sizes")
+                reshape = got
+            entry = {"name": t["name"], "type": p["type"], "dims": dims, "reshape": reshape}
             cs_in.append(entry)
             state.append(t["name"])
         else:
