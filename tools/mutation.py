@@ -43,7 +43,7 @@ REQUIREMENT = "mutmut==3.8.1"  # installed by `make mutation` (not part of the d
 # module (or package folder) -> the test files that cover it (found with coverage + grep)
 MODULES: dict[str, list[str]] = {
     "onetrans_trt/io.py": ["tests/mutation_kills/test_io.py", "tests/mutation_kills/test_io_pause.py"],
-    "onetrans_trt/trust.py": ["tests/mutation_kills/test_trust.py"],
+    "onetrans_trt/trust.py": ["tests/mutation_kills/test_trust.py", "tests/mutation_kills/test_trust_external.py"],
     "onetrans_trt/runtime/cache.py": ["tests/mutation_kills/test_cache.py"],  # tests/runtime/test_cache.py: 150 s (trains a model)
     "onetrans_trt/data/requests.py": ["tests/data/test_requests.py", "tests/data/test_limits.py",
                                       "tests/mutation_kills/test_requests.py"],
