@@ -491,6 +491,12 @@ def test_external_data_build_through_convert_and_serve_repo(build, tmp_path, mon
                                   ort_session(orig / "candidate_scorer.onnx").run(["logits"], feeds)[0])
     half = ort_session(build / "fp16" / "candidate_scorer.onnx").run(["logits"], feeds)[0]
     np.testing.assert_allclose(half, sc.run(["logits"], feeds)[0], atol=1e-2)
+    # calibrate too: ModelOpt reads and writes the external data, the int8 graphs keep it beside them
+    assert run("calibrate", build, "--synthetic", "--samples", "4", "--quality-requests", "0").exit_code == 0
+    assert data_file(build / "int8" / "candidate_scorer.onnx").is_file()
+    assert "data" in _manifest(build)["precisions"]["int8"]["graphs"]["candidate_scorer"]
+    q8 = ort_session(build / "int8" / "candidate_scorer.onnx", simulate_qdq=True).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(q8, sc.run(["logits"], feeds)[0], atol=0.2)
 
 
 # ------------------------------------------------------------------ the three examples, end to end
