@@ -77,7 +77,7 @@ def test_two_tensors_share_one_file(tmp_path, monkeypatch):
 
 def test_is_sha256():
     assert _is_sha256("0123456789abcdef" * 4)
-    for x in ("0" * 63, "0" * 65, "A" * 64, "g" * 64, 7, None, b"0" * 64):
+    for x in ("0" * 63, "0" * 65, "A" * 64, "g" * 64, "X" * 64, 7, None, b"0" * 64):
         assert not _is_sha256(x), x
 
 
