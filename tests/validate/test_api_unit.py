@@ -81,7 +81,7 @@ def test_backend_by_name(fx, model):
     ort = api._backend(fx / "build", "ort", None)
     fp16 = api._backend(fx / "build", "ort-fp16", None)
     assert type(ort).__name__ == type(fp16).__name__ != "TorchSplitBackend"
-    assert fp16.note != ort.note or getattr(fp16, "precision", "fp16") != getattr(ort, "precision", "fp32")
+    assert (ort.name, fp16.name) == ("ort", "ort-fp16")
 
 
 def test_load_requests_for_a_file_and_the_refusals(fx, tmp_path):
@@ -383,6 +383,12 @@ def test_goldens_round_trip(fx, tmp_path):
                        save_goldens=g)
     rep = api.validate_goldens(fx / "build", g)
     assert list(rep["backends"]) == ["ort", "ort-fp16"] and rep["verdict"] == "pass"
+    assert (g / "meta.json").read_text() == json.dumps(meta, indent=2)
+    assert rep["backends"]["ort"]["note"] == "" and rep["backends"]["ort-fp16"]["note"] == ""
+    tight = json.loads(json.dumps(DEFAULT_POLICY))
+    tight["fp16"].update(atol=1e-5, rtol=1e-5)  # FP32 arithmetic would pass this; FP16's does not
+    fp16 = api.validate_goldens(fx / "build", g, backends=["ort-fp16"], policy=tight)
+    assert fp16["verdict"] == "fail"
     assert rep["format"] == "onetrans-trt/validate/1" and rep["build"] == str(fx / "build")
     assert rep["goldens"] == str(g) and rep["policy"] == DEFAULT_POLICY and rep["goldens_meta"] == meta
     assert rep["requests"] == {"source": "goldens", "count": 5}
@@ -514,3 +520,50 @@ def test_movielens_is_the_default_data(fx):
     r = api.validate_build(fx / "build", backends=["torch-split"], n_requests=1, ckpt=fx / "ckpt")
     assert r["requests"]["source"].startswith("ml-100k test requests (1 requests")
     assert r["requests"]["labelled"] >= 1
+
+
+def test_the_fp16_variant_is_what_runs(fx):
+    tight = json.loads(json.dumps(DEFAULT_POLICY))
+    tight["fp16"].update(atol=1e-5, rtol=1e-5)  # FP32 arithmetic would pass this; FP16's does not
+    r = api.validate_build(fx / "build", backends=["ort-fp16"], data=None, requests_file=fx / "requests.json",
+                           n_requests=2, ckpt=fx / "ckpt", policy=tight)
+    assert r["backends"]["ort-fp16"]["verdict"] == "fail"
+    assert not r["backends"]["ort-fp16"]["graphs"]["candidate_scorer"]["logits"]["pass"]
+
+
+def test_a_long_error_line_is_cut_at_300(fx, monkeypatch):
+    class Broken:
+        def encode_user(self, hist):
+            raise ValueError("x" * 400 + "\nmore")
+
+    monkeypatch.setattr(api, "_backend", lambda build, name, m: Broken())
+    r = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
+                           n_requests=1, ckpt=fx / "ckpt")
+    assert r["backends"]["torch-split"]["error"] == "ValueError: " + "x" * 300
+    assert r["backends"]["torch-split"]["note"] == ""
+
+
+def test_the_bars_are_inclusive(fx, model, monkeypatch):
+    from onetrans_trt.data.requests import load_requests
+
+    reqs = load_requests(fx / "requests.json")
+    labels = json.loads((fx / "labels.json").read_text())
+    monkeypatch.setattr(api, "load_requests_for", lambda *a, **k: (reqs, labels, "fake"))
+    first = api.validate_build(fx / "build", backends=["ort"], ckpt=fx / "ckpt")
+    worst = max(abs(m["delta_auc"]) for m in first["backends"]["ort"]["end_to_end"]["metrics"].values())
+    overlap = first["backends"]["ort"]["end_to_end"]["ranking"]["top10_overlap_mean"]
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp32"].update(max_delta_auc=worst, min_top10_overlap=overlap)  # exactly at both bars
+    again = api.validate_build(fx / "build", backends=["ort"], ckpt=fx / "ckpt", policy=policy)
+    assert again["backends"]["ort"]["verdict"] == "pass"
+
+
+def test_the_scatter_keeps_600_points(fx, tmp_path):
+    q = _reqs(fx)[0]
+    q["candidates"] = (q["candidates"] * 60)[:310]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([q]))
+    r = api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=path, ckpt=fx / "ckpt")
+    ref, got = r["plots"]["torch-split"]["scatter"]
+    assert len(ref) == len(got) == 600 and r["backends"]["torch-split"]["graphs"]["candidate_scorer"]["logits"][
+        "count"] == 620
