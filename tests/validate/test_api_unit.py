@@ -412,6 +412,7 @@ def test_goldens_round_trip(fx, tmp_path):
     save_json(bad, str(g / "candidate_scorer_outputs.json"))
     rep = api.validate_goldens(fx / "build", g, backends=["ort"])
     assert rep["verdict"] == "fail" and not rep["backends"]["ort"]["graphs"]["candidate_scorer"]["logits"]["pass"]
+    assert rep["backends"]["ort"]["verdict"] == "fail"
     policy = json.loads(json.dumps(DEFAULT_POLICY))
     policy["fp32"]["min_top10_overlap"] = 1.5
     shutil.copy(g / "candidate_scorer_outputs.json", tmp_path / "bad.json")
@@ -567,3 +568,22 @@ def test_the_scatter_keeps_600_points(fx, tmp_path):
     ref, got = r["plots"]["torch-split"]["scatter"]
     assert len(ref) == len(got) == 600 and r["backends"]["torch-split"]["graphs"]["candidate_scorer"]["logits"][
         "count"] == 620
+
+
+def test_goldens_cover_every_variant_present(fx, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(fx / "build", b)
+    shutil.copytree(b / "fp16", b / "int8")  # a stand-in int8 variant (the graphs only need to load)
+    g = tmp_path / "g"
+    api.validate_build(b, backends=["torch-split"], data=None, requests_file=fx / "requests.json", n_requests=1,
+                       ckpt=fx / "ckpt", save_goldens=g)
+    rep = api.validate_goldens(b, g)
+    assert list(rep["backends"]) == ["ort", "ort-fp16", "ort-int8"]
+    assert rep["backends"]["ort-int8"]["precision"] == "int8"
+
+
+def test_inputs_missing_an_input_name_the_file(fx, model, tmp_path):
+    path = _npz(fx, model, tmp_path, lambda a: a.pop("0/s_length"))
+    with pytest.raises(InputError) as e:
+        api.validate_build(fx / "build", backends=["ort"], inputs=path, ckpt=fx / "ckpt")
+    assert str(e.value).startswith(f"--inputs {path}: request 0 lacks ")
