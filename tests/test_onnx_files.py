@@ -292,3 +292,25 @@ def test_load_model_confines_tensors_left_on_disk(tmp_path, external):
     (d / "h.onnx").write_bytes(raw.SerializeToString())
     with pytest.raises(Exception, match="outside"):
         load_model(d / "h.onnx", on_disk_above=1)
+
+
+def test_graph_flops_on_a_file_whose_weights_stay_on_disk(tmp_path, external, monkeypatch):
+    """graph_flops reads a graph with external data by path; tensors over ON_DISK_BYTES are not
+    read into the process (the session gets a temporary copy) and the count is the same."""
+    from onetrans_trt.graphs.flops import graph_flops
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                                            initializer=[w]), opset_imports=[helper.make_opsetid("", 18)])
+    save_model(m, tmp_path / "g.onnx")
+    want = graph_flops(m, {"n": 5})
+    assert want == {"flops": 2 * 5 * 64 * 32, "matmuls": 1}
+    monkeypatch.setattr(onnx_files, "ON_DISK_BYTES", 1024)
+    seen = []
+    real = onnx_files.load_model
+    monkeypatch.setattr(onnx_files, "load_model", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert graph_flops(tmp_path / "g.onnx", {"n": 5}) == want
+    assert seen == [{"on_disk_above": 1024}]  # the 8 KiB weight stayed in g.onnx.data

@@ -8,6 +8,8 @@
       unified.onnx             (--unified) the naive model: full sequence per candidate
       samples/                 real requests, their inputs (npz + polygraphy JSON) and
                                the PyTorch outputs
+      <graph>.onnx.data        a graph's weights when they exceed the external-data
+                               threshold (1.5 GiB; see onetrans_trt.onnx_files), beside it
 
 The directory is assembled in a temporary sibling and renamed into place, so an
 interrupted export never leaves a partial build.

@@ -44,13 +44,15 @@ def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dic
     """``{"flops": total, "matmuls": count}`` for one run of the graph at ``dims``."""
     import onnxruntime as ort
 
-    from onetrans_trt.onnx_files import load_model, session_source
+    from onetrans_trt.onnx_files import ON_DISK_BYTES, load_model, session_source
 
     if isinstance(path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(path)  # outputs are added below; the caller's model stays as it was
     else:
-        model = load_model(path)  # external data read beside the file
+        # external data read beside the file; tensors of ON_DISK_BYTES or more stay there (the
+        # session below gets a temporary copy of the graph with them beside it)
+        model = load_model(path, on_disk_above=ON_DISK_BYTES)
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     consts = {}
     for n in model.graph.node:

@@ -90,11 +90,11 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     import onnxruntime as ort
     import torch
 
-    from onetrans_trt.onnx_files import load_model, session_source
+    from onetrans_trt.onnx_files import ON_DISK_BYTES, load_model, session_source
 
     scopes = module_scopes(serving)
     leaves = _leaf_modules(torch_model)
-    model = load_model(graph_path)  # with its external data, read beside the file
+    model = load_model(graph_path, on_disk_above=ON_DISK_BYTES)  # tables of 256 MiB+ stay in their file
     checkpoints: list[tuple[int, str, str, str]] = []  # (node index, tensor, module, node)
     last: dict[str, tuple[int, str, str]] = {}
     for i, n in enumerate(model.graph.node):
