@@ -64,7 +64,9 @@ def evaluate_variant(build: str | Path, variant: str, *, n_requests: int = 200, 
     y, pv, pr = np.asarray(ys, np.float32), np.asarray(pv), np.asarray(pr)
     mv, mr = binary_metrics(y, pv, tasks), binary_metrics(y, pr, tasks)
     return {
-        "variant": variant, "backend": VARIANT_BACKENDS[variant], "requests": len(reqs),
+        "variant": variant, "backend": VARIANT_BACKENDS[variant],
+        "data": f"MovieLens-100K test requests ({len(reqs)}, {n_candidates} candidates each, seed 2024)",
+        "requests": len(reqs),
         "candidates_per_request": n_candidates, "labelled": int(len(y)),
         "metrics": {t: {"auc": mv[t]["auc"], "logloss": mv[t]["logloss"], "torch_auc": mr[t]["auc"],
                         "torch_logloss": mr[t]["logloss"], "delta_auc": mv[t]["auc"] - mr[t]["auc"],

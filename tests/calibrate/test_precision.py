@@ -21,6 +21,7 @@ def test_fp16_quality(small_build):
         assert abs(m["delta_auc"]) <= 0.0005, (task, m)
     assert rep["ranking"]["top10_overlap_mean"] >= 0.9
     assert json.loads((build / "fp16" / "quality.json").read_text())["variant"] == "fp16"
+    assert rep["data"] == "MovieLens-100K test requests (200, 50 candidates each, seed 2024)"  # every report names its data
 
 
 def test_int8_quality(small_build):
