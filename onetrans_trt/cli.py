@@ -406,6 +406,12 @@ def _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only
     if ckpt is not None:
         raise InputError(f"give either a checkpoint ({ckpt}) or --module, not both")
     module, spec, source = load_user_module(module_ref, weights, spec_path)
+    # the manifest records where the code and weights are for later stages run from anywhere
+    file_part, sep, factory_name = module_ref.rpartition(":")
+    if sep and file_part.endswith(".py"):
+        source["module"] = f"{Path(file_part).resolve()}:{factory_name}"
+    if isinstance(source.get("weights"), dict) and source["weights"].get("path"):
+        source["weights"]["path"] = str(Path(source["weights"]["path"]).resolve())
     example = load_inputs(inputs_path, spec) if inputs_path is not None else None
     with _progress() as prog:
         task = prog.add_task("export", total=None, status="")
