@@ -52,11 +52,14 @@ def test_available_backends(tmp_path, monkeypatch):
         (b / "engines" / p).mkdir(parents=True)
         (b / "engines" / p / "candidate_scorer.engine").write_text("x")
     (b / "engines" / "fp16").mkdir()
+    (b / "engines" / "fp16" / "user_encoder.engine").write_text("x")  # no scorer engine: not listed
     import torch
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert api.available_backends(b) == ["torch-split", "ort", "ort-fp16", "ort-int8", "trt", "trt-int8"]
+    (b / "engines" / "fp16" / "candidate_scorer.engine").write_text("x")
+    assert api.available_backends(b)[-3:] == ["trt", "trt-fp16", "trt-int8"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert api.available_backends(b)[-1] == "ort-int8"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
