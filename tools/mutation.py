@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 if r["module"] not in mods}
     merged = [prev.get(m) or next(r for r in results if r["module"] == m) for m in MODULES
               if m in prev or any(r["module"] == m for r in results)]
-    summary = write_report(merged, time.monotonic() - t0)
+    total = sum(r.get("seconds") or 0 for r in merged) if args.collect_only else time.monotonic() - t0
+    summary = write_report(merged, total)
     rate = summary["kill_rate"]
     log(f"overall: {summary['killed']}/{summary['scored']} killed"
         + ("" if rate is None else f" = {100 * rate:.1f}%") + f"; report {OUT / 'report.md'}")
