@@ -69,10 +69,12 @@ def candidate_scorer(graph: gs.Graph) -> gs.Graph:
     length = next((i for i in g.inputs if i.name == "s_length"), None)
     if length is not None:
         length.shape = [1]
+    history = [i.name for i in g.inputs if i.name.startswith("s_") and i.name != "s_length"]
     g.inputs = [i for i in g.inputs if i.name.startswith("ns_")] + ([length] if length is not None else []) + kv
     g.outputs = outs
     g.cleanup(remove_unused_graph_inputs=True).toposort()
-    s_side = [i.name for i in g.inputs if i.name.startswith("s_") and i.name != "s_length"]
+    tensors = g.tensors()  # a history input still read after the cut is left dangling: refuse it
+    s_side = [n for n in history if n in tensors and tensors[n].outputs]
     if s_side:
         raise BuildError(f"split at K/V: the candidate scorer still reads history inputs {s_side}")
     return g

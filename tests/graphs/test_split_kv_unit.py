@@ -111,9 +111,6 @@ def test_an_encoder_that_reads_candidates_is_refused():
     assert str(e.value) == "split at K/V: the user encoder still reads candidate inputs ['ns_x']"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: split_kv.candidate_scorer checks g.inputs for s_* names after it has "
-                   "replaced g.inputs with ns_*/s_length/K/V, so the check never fires; the scorer keeps a "
-                   "dangling s_x (an invalid graph) instead of raising BuildError")
 def test_a_scorer_that_reads_history_is_refused():
     with pytest.raises(BuildError) as e:
         candidate_scorer(_serving(logits_read_s=True).gs())

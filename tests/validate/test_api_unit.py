@@ -443,9 +443,6 @@ def test_goldens_refusals(fx, tmp_path):
         assert str(e.value) == f"--goldens validates ONNX Runtime backends; {name!r} is not one"
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="bug: validate_goldens scores every golden request, also one without candidates "
-                          "(validate_build skips those): ONNX Runtime fails on 0 candidates")
 def test_goldens_with_a_request_without_candidates(fx, tmp_path):
     g = tmp_path / "goldens"
     api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=fx / "requests.json",
