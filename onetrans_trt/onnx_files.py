@@ -361,3 +361,40 @@ def session_source(model) -> Iterator[bytes | str]:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, check=False)
         yield str(path)
+
+
+def tensor_bytes(tensor) -> int:
+    """A tensor's size from its dims and data type (no data read)."""
+    import numpy as np
+    import onnx
+
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:  # noqa: BLE001 - string or unknown types: count their stored bytes
+        return len(tensor.raw_data)
+    return n * item
+
+
+def tensors_over(path: str | os.PathLike, limit: int = PROTOBUF_LIMIT) -> list[tuple[str, int]]:
+    """``(name, bytes)`` of the tensors of the graph at ``path`` holding ``limit`` bytes or more,
+    read from the graph alone (external data is not loaded)."""
+    model = load_model(path, external=False)
+    return [(t.name, tensor_bytes(t)) for t in all_tensors(model) if tensor_bytes(t) >= limit]
+
+
+def refuse_tensors_over_2gib(paths, command: str) -> None:
+    """Stages that still carry whole graphs through onnx-graphsurgeon (``convert``,
+    ``calibrate``) cannot hold one tensor of 2 GiB or more: say so before any work."""
+    from onetrans_trt.errors import MissingCapabilityError
+
+    for path in paths:
+        big = tensors_over(path)
+        if big:
+            name, size = max(big, key=lambda x: x[1])
+            raise MissingCapabilityError(
+                f"{path}: tensor {name!r} holds {size / 2**30:.2f} GiB; `{command}` handles tensors under 2 GiB "
+                "only (export, validate, serve-repo and build handle any size): shard that table into "
+                "several smaller ones")

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
+from onetrans_trt.onnx_files import load_model
 
 
 def random_build(out: Path, *, preset: str, history: int, n_layers: int | None = None, fuse: bool = True,
@@ -51,7 +51,7 @@ def bench_fused(*, preset: str = "small", candidates: int = 1024, history: int =
         result[f"{name}_peak_mb"] = peak_growth(str(path), dims) / 1e6
         sessions[name] = ort_session(path)
         if feeds is None:
-            feeds = placeholder_feeds(onnx.load(str(path)), dims)
+            feeds = placeholder_feeds(load_model(path, external=False), dims)
     lat = interleaved({k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}, rounds=rounds)
     result["latency"] = lat
     result["fused_over_unfused_latency"] = lat["fused"]["p50_ms"] / lat["unfused"]["p50_ms"]
@@ -81,7 +81,7 @@ def bench_int8(*, preset: str = "small", candidates: int = 256, history: int = 5
     fp32 = OrtSplitBackend(build)
     int8 = OrtSplitBackend(build, name="ort-int8", user_graph="int8/user_encoder.onnx",
                            scorer_graph="int8/candidate_scorer.onnx")
-    feeds = placeholder_feeds(onnx.load(str(build / "candidate_scorer.onnx")), dims)
+    feeds = placeholder_feeds(load_model(build / "candidate_scorer.onnx", external=False), dims)
     lat = interleaved({"fp32": lambda: fp32.scorer.run(["logits"], feeds),
                        "int8": lambda: int8.scorer.run(["logits"], feeds)}, rounds=rounds)
     return {"preset": preset, "candidates": candidates, "history": history, "latency": lat,

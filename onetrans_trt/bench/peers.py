@@ -189,20 +189,17 @@ def bench_peers(build: str | Path | None = None, *, preset: str | None = None, q
     rankers.clear()
 
     # -- scorer alone at a large C --------------------------------------------------------
-    import onnx
-
     from onetrans_trt.export.inspect import request_dims
     from onetrans_trt.graphs.flops import graph_flops, placeholder_feeds
+    from onetrans_trt.onnx_files import load_model
     from onetrans_trt.runtime.ort_backend import OrtSplitBackend
 
     SC = p["scorer_candidates"]
     say(f"candidate scorer alone at C={SC}")
     ort_split = OrtSplitBackend(build, threads=threads)
     dims = request_dims(m, SC, L)
-    scorer_model = onnx.load(str(build / "candidate_scorer.onnx"))
-    sflops = graph_flops(scorer_model, dims)["flops"]
-    feeds = placeholder_feeds(scorer_model, dims)
-    del scorer_model
+    sflops = graph_flops(build / "candidate_scorer.onnx", dims)["flops"]  # reads any external data beside it
+    feeds = placeholder_feeds(load_model(build / "candidate_scorer.onnx", external=False), dims)
     slat = interleaved({"scorer": lambda: ort_split.scorer.run(["logits"], feeds)}, rounds=p["rounds"],
                        warmup=1, budget_s=p["budget_s"])["scorer"]
     sres = _stats(slat, SC, sflops)

@@ -241,7 +241,7 @@ def graph_record(directory: Path, fname: str, rel: str) -> dict[str, Any]:
 def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_fp16: bool = False) -> dict[str, Any]:
     """Write ``BUILD/fp16/`` (both graphs) and record it in the manifest. On a build from
     ``export --module`` the K/V to recast under ``kv_fp16`` are the spec's key/value state."""
-    from onetrans_trt.onnx_files import load_model, save_model
+    from onetrans_trt.onnx_files import load_model, refuse_tensors_over_2gib, save_model
 
     build = Path(build)
     manifest = read_manifest(build)
@@ -253,11 +253,12 @@ def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_f
 
         kv_names = kv_graph_names(read_spec(build))
     sources = {}
+    for fname in (USER_ENCODER, CANDIDATE_SCORER):
+        if not (build / fname).is_file():
+            raise BuildError(f"{build / fname}: missing; re-run `onetrans-trt export`")
+    refuse_tensors_over_2gib([build / USER_ENCODER, build / CANDIDATE_SCORER], "convert")
     for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
-        src = build / fname
-        if not src.is_file():
-            raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
-        sources[role] = load_model(src)
+        sources[role] = load_model(build / fname)
     keep_ops, keep_nodes = resolve_keep(keep_fp32, {f"{r}.onnx": m for r, m in sources.items()})
     info: dict[str, Any] = {"kv_dtype": "float16" if kv_fp16 else "float32",
                             "fp32_ops": DEFAULT_FP32_OPS + [k for k in keep_ops if k not in DEFAULT_FP32_OPS],

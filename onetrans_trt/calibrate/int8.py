@@ -237,6 +237,9 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
     say = progress or (lambda stage, i, n: None)
     build = Path(build)
     manifest = read_manifest(build)
+    from onetrans_trt.onnx_files import refuse_tensors_over_2gib
+
+    refuse_tensors_over_2gib([p for p in (build / USER_ENCODER, build / CANDIDATE_SCORER) if p.is_file()], "calibrate")
     if "protocol" in manifest:
         return _calibrate_module(build, manifest, n_samples=n_samples, keep_float=keep_float, say=say,
                                  inputs=inputs, synthetic=synthetic)

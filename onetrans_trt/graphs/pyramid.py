@@ -109,7 +109,7 @@ class _Pusher:
         return True
 
     def _broadcast_input(self, t: gs.Tensor, out_rank: int, axis: int, start: int, end: int, dim):
-        if isinstance(t, gs.Constant) and t.values.ndim == 0:
+        if isinstance(t, gs.Constant) and len(t.shape) == 0:
             return t
         shape = t.shape if t.shape is not None else None
         if shape is None:

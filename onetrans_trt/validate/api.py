@@ -265,7 +265,9 @@ def _find_divergence(build: Path, name: str, model, ref: dict, tol: dict, locali
         return found
     import onnx
 
-    dtypes = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(paths["candidate_scorer"])).graph.input}
+    from onetrans_trt.onnx_files import load_model
+
+    dtypes = {i.name: i.type.tensor_type.elem_type for i in load_model(paths["candidate_scorer"], external=False).graph.input}
     scorer_feeds = {k: v for k, v in {**ref["ns"], "s_length": ref["hist"]["s_length"], **ref["state"]}.items()
                     if k in dtypes}
     for k in kv_names:
