@@ -20,6 +20,7 @@ VARIANTS = [  # (preset, pyramid, ns_tokenizer, merge_mode, pyramid_impl)
     ("tiny", "off", "group", "timestamp_agnostic", "slice_first"),
     ("tiny", "linear", "group", "timestamp_agnostic", "compute_then_slice"),
     ("small", "linear", "group", "timestamp_aware", "slice_first"),
+    # 80 s (a small model over 200 requests of a second MovieLens merge): make test-heavy
     ("small", "off", "auto_split", "timestamp_agnostic", "slice_first"),
 ]
 
@@ -40,7 +41,8 @@ def _ckpt(movielens, tmp: Path, preset, pyramid, tok, merge, impl, seed: int | N
     return save_checkpoint(model, tmp / "ckpt")
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["-".join(v) for v in VARIANTS])
+@pytest.mark.parametrize("variant", [pytest.param(v, id="-".join(v), marks=[pytest.mark.heavy] * (v == VARIANTS[-1]))
+                                     for v in VARIANTS])
 def test_ort_equals_pytorch_unified_on_200_real_requests(variant, movielens, tmp_path):
     from tests.helpers import stable_seed
 
