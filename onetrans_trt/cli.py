@@ -753,17 +753,11 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
 
 def _validate_module(build, module_ref, weights, inputs_path, count, json_path) -> None:
     """``validate`` on a build from ``export --module``: ORT split vs the module's unified forward."""
-    from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.export.module import load_user_module
+    from onetrans_trt.calibrate.module import load_module_for
     from onetrans_trt.io import atomic_write_json
     from onetrans_trt.validate.module import read_spec, validate_module_build
 
-    m = read_manifest(build)
-    ref = module_ref or m["checkpoint"].get("module")
-    if not ref or ":" not in str(ref):
-        raise InputError(f"{build}: give --module FILE.py:FACTORY (the manifest names none)")
-    recorded = (m["checkpoint"].get("weights") or {}).get("path")
-    module, _, _ = load_user_module(ref, weights or (recorded if module_ref is None else None))
+    module = load_module_for(build, module_ref, weights)
     spec = read_spec(build)
     if inputs_path is None:
         report = validate_module_build(build, module, count=count, progress=lambda msg: click.echo(msg, err=True))

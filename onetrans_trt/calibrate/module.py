@@ -48,16 +48,10 @@ def to_numpy(t) -> np.ndarray:
 
 def read_requests(path: str | Path, spec) -> tuple[list[tuple[dict, dict]], str]:
     """The user's ``--inputs`` file as requests ``(user inputs, candidate inputs)`` (torch
-    tensors) and a label naming it. Read with ``protocol.checks.inputs_from_file`` (npz with
-    ``<i>/<name>`` or bare keys, or Polygraphy JSON) where that reader exists, else as one
-    request of bare npz keys (``export.module.load_inputs``)."""
-    try:
-        from onetrans_trt.protocol.checks import inputs_from_file
-    except ImportError:  # pragma: no cover - an older protocol package
-        from onetrans_trt.export.module import load_inputs
+    tensors) and a label naming it (``protocol.checks.inputs_from_file``: npz with ``<i>/<name>``
+    or bare keys, or Polygraphy JSON)."""
+    from onetrans_trt.protocol.checks import inputs_from_file
 
-        user, cand = load_inputs(path, spec)
-        return [(user, cand)], f"--inputs {path}"
     requests, source = inputs_from_file(path, spec)
     if not requests:
         raise InputError(f"--inputs {path}: holds no request")
