@@ -10,12 +10,12 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test test-heavy demo clean browser fuzz gpu-check doctor mutation
+.PHONY: venv data test test-heavy serve-test demo clean browser fuzz gpu-check doctor mutation readme-figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,kernels]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,kernels,cpu]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,15 +29,24 @@ browser:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
 	   apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: the report-rendering test will skip")
 
+# the fast subset of the Triton server tests runs here (one real tritonserver on the tiny build:
+# raw JSON over HTTP and gRPC, tensors, start/stop with no process left); `make serve-test` runs all
 test: venv data browser
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(BIN)/python -m pytest -q -m "not heavy and not serve_full"
 
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside
 # export/calibrate writes, the three example modules exported and validated, bench suites)
 test-heavy: venv data browser
 	$(BIN)/python -m pytest -q -m heavy
 
-# the hardening suite at full strength: 10x the fuzz inputs (21,000), 20 SIGKILL trials per command
+# the whole Triton server suite: a real tritonserver (the nvidia-pytriton 0.7.0 wheel, fetched with
+# `pip download` into ~/.cache/onetrans-trt/tritonserver on first use) on loopback; both families,
+# FP16/INT8 variants, request limits, concurrent users. Fails (instead of skipping) without a server.
+serve-test: venv data
+	ONETRANS_TRT_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q tests/serving
+
+# the hardening suite at full strength: 10x the fuzz inputs (33,000: 22,000 requests, 3,000 of them
+# through the CLI; checkpoints, manifests, ONNX files), 20 SIGKILL trials per command
 fuzz: venv data
 	FUZZ_SCALE=10 KILL_TRIALS=20 $(BIN)/python -m pytest -q tests/hardening
 
@@ -54,6 +63,11 @@ MUTATION_MINUTES ?= 240
 mutation: venv data
 	$(BIN)/python -m pip install -q --disable-pip-version-check mutmut==3.8.1
 	nice -n 19 $(BIN)/python tools/mutation.py --max-minutes $(MUTATION_MINUTES)
+
+# the README's figures (test counts, the tiny build's node counts, `info`'s output, the demo
+# checkpoint's FP16/INT8 quality table) rewritten from runs of the code; tests check they match
+readme-figures: venv data
+	$(BIN)/python tools/readme_figures.py --heavy
 
 doctor: venv
 	$(BIN)/onetrans-trt doctor
@@ -72,11 +86,11 @@ demo: venv data
 	$(BIN)/onetrans-trt calibrate $(RUNS)/build-small --data ml-100k --samples 128
 	-$(BIN)/onetrans-trt build $(RUNS)/build-small --precision int8
 	$(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
-	  --json $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
+	  --json-out $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
 	@echo "validation report: $(RUNS)/build-small/reports/validate.html"
 	$(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --unified --force
 	$(BIN)/onetrans-trt validate $(RUNS)/build-hyformer-small --data ml-100k --count 100 --backends torch-split,ort \
-	  --json $(RUNS)/build-hyformer-small/reports/validate.json
+	  --json-out $(RUNS)/build-hyformer-small/reports/validate.json
 	@echo
 	@echo "== bench --quick: the serving path against the naive peers, on the demo build =="
 	$(BIN)/onetrans-trt bench $(RUNS)/build-small --quick --out $(RUNS)/build-small/reports/bench.json

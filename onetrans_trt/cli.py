@@ -14,7 +14,14 @@ from typing import Any
 import click
 
 from onetrans_trt import __version__
+from onetrans_trt.contracts import SCHEMAS
 from onetrans_trt.errors import InputError, OneTransError
+from onetrans_trt.trust import DEFAULT_OPSET, OPSETS
+
+
+# ONNX Runtime comes from an extra: onnxruntime (CPU) and onnxruntime-gpu ship the same module
+ORT_MISSING = ("ONNX Runtime is not installed: pip install 'onetrans-trt[cpu]', or on a CUDA host "
+               "'onetrans-trt[gpu]' (onnxruntime-gpu; never both: they overwrite each other's files)")
 
 
 def _usage_error(e: click.UsageError) -> click.exceptions.Exit:
@@ -45,15 +52,27 @@ class _Group(click.Group):
         except click.UsageError as e:
             raise _usage_error(e) from None
         except OneTransError as e:
-            click.echo(f"error: {e}", err=True)
+            # one line whatever the message quotes (a path may hold a newline): escaped as repr would
+            click.echo("error: " + str(e).replace("\r", "\\r").replace("\n", "\\n"), err=True)
             ctx.exit(e.exit_code)
+        except ModuleNotFoundError as e:
+            if (e.name or "").partition(".")[0] != "onnxruntime":
+                raise
+            click.echo(f"error: {ORT_MISSING}", err=True)
+            ctx.exit(3)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
 
 
 def _emit(obj: Any, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(obj, indent=2) if as_json else human)
+    """JSON when asked for (always printed); the human summary unless -q."""
+    from onetrans_trt import log
+
+    if as_json:
+        click.echo(json.dumps(obj, indent=2))
+    elif not log.quiet():
+        click.echo(human)
 
 
 def _progress():
@@ -61,13 +80,33 @@ def _progress():
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                    transient=False, disable=not sys.stderr.isatty(), console=_stderr_console())
+                    transient=False, disable=not sys.stderr.isatty() or _quiet(), console=_stderr_console())
+
+
+def _human(text: str) -> None:
+    """A command's human-readable result on stdout (not under -q; JSON and data always print)."""
+    if not _quiet():
+        click.echo(text)
+
+
+def _note(msg: str) -> None:
+    """A progress line on stderr (not under -q)."""
+    if not _quiet():
+        click.echo(msg, err=True)
+
+
+def _quiet() -> bool:
+    from onetrans_trt import log
+
+    return log.quiet()
 
 
 def _stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    from onetrans_trt import log
+
+    return Console(stderr=True, quiet=log.quiet())
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -100,13 +139,14 @@ def _out_file(ctx: click.Context, param: click.Parameter, value: Path | None) ->
 
 
 def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    """An opset the installed onnx knows (a newer one fails only after the trace)."""
-    import onnx
+    """An opset export can write here (trust.export_opsets: the toolkit's range, capped by the
+    installed onnx and ONNX Runtime), refused before any work rather than after the trace."""
+    from onetrans_trt.trust import check_opset
 
-    newest = onnx.defs.onnx_opset_version()
-    if value > newest:
-        raise click.BadParameter(f"{value} is newer than the installed onnx knows ({newest})", ctx, param)
-    return value
+    try:
+        return check_opset(value)
+    except InputError as e:
+        raise click.BadParameter(str(e).removeprefix("--opset "), ctx, param) from None
 
 
 def _goldens_out(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
@@ -118,15 +158,56 @@ def _goldens_out(ctx: click.Context, param: click.Parameter, value: Path | None)
     return value
 
 
+def _given(*names: str) -> list[str]:
+    """Of the current command's parameters ``names``, those given on the command line, spelt
+    as given (``--no-fuse-attention``, not ``fuse_attention``)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    out = []
+    for name in names:
+        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        p = params[name]
+        off = getattr(p, "secondary_opts", None) and ctx.params.get(name) is False
+        out.append(p.secondary_opts[0] if off else p.opts[0])
+    return out
+
+
+def _refuse(names: tuple[str, ...] | list[str], where: str, instead: str) -> None:
+    """Options that would be silently ignored ``where`` are refused (exit 2), in one line that
+    says what applies instead; never accepted and dropped."""
+    given = _given(*names)
+    if given:
+        raise InputError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply {where}: {instead}")
+
+
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                         callback=_out_dir,
                         help="Where datasets are cached (default: $ONETRANS_TRT_DATA or ~/.cache/onetrans-trt).")
 JSON_OUT = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+def _log_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is None:
+        return None
+    if value.is_dir():
+        raise click.BadParameter(f"{value} is a directory; give a file path", ctx=ctx, param=param)
+    if not _nearest_existing(value.parent).is_dir() or not value.parent.is_dir():
+        raise click.BadParameter(f"{value.parent} does not exist", ctx=ctx, param=param)
+    return value
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="onetrans-trt")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True,
+              help="More to the console: -v our progress notes and what the libraries we drive said "
+                   "(exporter, ONNX Runtime, ModelOpt, TensorRT, Python warnings); -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors (and JSON asked for with --json, and rank's result).")
+@click.option("--log-file", type=click.Path(dir_okay=True, path_type=Path), default=None, callback=_log_file,
+              help="Also write everything (debug level, ours and the libraries') to this file.")
+def cli(verbose: int, quiet: bool, log_file: Path | None) -> None:
     """Take trained OneTrans / HyFormer rankers to fast, numerically trusted inference.
 
     \b
@@ -149,6 +230,11 @@ def cli() -> None:
     Every command takes --help. Exit codes: 0 ok, 1 check failed, 2 bad input,
     3 missing optional capability (TensorRT/GPU).
     """
+    from onetrans_trt import log
+
+    if verbose and quiet:
+        raise click.UsageError("-v and -q exclude each other")
+    log.configure(-1 if quiet else verbose, log_file)
 
 
 @cli.command("fetch-data")
@@ -161,6 +247,18 @@ def fetch_data(data_dir: Path | None) -> None:
     from onetrans_trt.data.movielens import fetch_movielens
 
     click.echo(str(fetch_movielens(data_dir)))
+
+
+# train: the options a model family does not read -> (parameters, where, what applies instead)
+TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "onetrans": (("seq_encoder",), "to --model onetrans",
+                 "--seq-encoder is HyFormer's; OneTrans's S-token queries are set with --pyramid"),
+    "hyformer": (("pyramid",), "to --model hyformer",
+                 "--pyramid is OneTrans's; HyFormer's sequence encoder is set with --seq-encoder"),
+    "baseline": (("pyramid", "seq_encoder", "ns_tokenizer"), "to --model baseline",
+                 "the DIN-style baseline has no pyramid, sequence encoder or NS-tokenizer; --preset sets "
+                 "its width"),
+}
 
 
 @cli.command()
@@ -186,11 +284,12 @@ def fetch_data(data_dir: Path | None) -> None:
 @click.option("--merge", type=click.Choice(["timestamp_aware", "timestamp_agnostic"]),
               default="timestamp_aware", show_default=True, help="How behaviour sequences are merged.")
 @click.option("--ns-tokenizer", type=click.Choice(["auto_split", "group"]), default="auto_split",
-              show_default=True)
+              show_default=True, help="OneTrans, HyFormer: how the non-sequential features become tokens "
+                                      "(refused for the baseline, which has none).")
 @click.option("--pyramid", type=click.Choice(["linear", "off"]), default="linear", show_default=True,
-              help="OneTrans: S-token queries shrink layer by layer (linear) or not (off).")
+              help="OneTrans only: S-token queries shrink layer by layer (linear) or not (off).")
 @click.option("--seq-encoder", type=click.Choice(["transformer", "longer", "swiglu"]), default="transformer",
-              show_default=True, help="HyFormer: the per-layer sequence encoder.")
+              show_default=True, help="HyFormer only: the per-layer sequence encoder.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training samples (quick runs, tests).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -214,6 +313,7 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
     from onetrans_trt.models.config import ModelConfig
     from onetrans_trt.models.training import train_model
 
+    _refuse(*TRAIN_NOT_FOR[family])
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")
     ml = MovieLens(data_dir, max_history=max_history, merge_mode=merge)
@@ -281,11 +381,14 @@ def info(ckpt: Path, as_json: bool) -> None:
                      f"{cfg.seq_encoder} sequence encoder, mixer tokens "
                      f"{len(s.sequences) * cfg.hy_queries + cfg.num_ns_tokens}")
     if d["pyramid_schedule"] is not None:
-        lines.append(f"  pyramid S-queries per layer: {d['pyramid_schedule']} (None = all)")
+        per_layer = ", ".join("all" if q is None else str(q) for q in d["pyramid_schedule"])
+        lines.append(f"  pyramid ({cfg.pyramid if isinstance(cfg.pyramid, str) else 'custom'}): S-tokens kept as "
+                     f"queries per layer: {per_layer} (of {s.s_max_len}; the last layer only gives K/V)")
     m = d["metrics"]
     if m and "test_mean" in m:
         for t, v in m["test_mean"].items():
             lines.append(f"  test {t}: AUC {v['auc']:.4f}, logloss {v['logloss']:.4f}")
+    lines.append(f"  sha256 {d['sha256']} (config.json + model.safetensors)")
     _emit(d, as_json, "\n".join(lines))
 
 
@@ -323,6 +426,42 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
 
 
+@cli.command("schema")
+@click.argument("name", metavar="NAME", type=click.Choice(list(SCHEMAS)))
+@click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_file,
+              help="Write the schema to this file (atomically: whole or not at all) instead of stdout.")
+def schema_cmd(name: str, out: Path | None) -> None:
+    """Print the JSON Schema (draft 2020-12) of a JSON document the toolkit reads.
+
+    \b
+    NAME:
+      request   one serving request (a request file holds one, a list of them, or JSON
+                lines): rank --request, validate --requests, Ranker.rank
+      limits    request limits: rank --limits, Ranker(limits=...)
+      policy    tolerances per precision: validate --policy
+      manifest  a build's manifest.json (export writes it; every command that reads a
+                build checks it)
+
+    The schema is the one the toolkit checks with: a document it refuses fails the schema,
+    except for what JSON Schema cannot say (a request's integers beyond 64 bits or values
+    nested deeper than 16 levels; a manifest's rules per model family) and what depends on
+    a model (feature names and values, checked when a request is encoded).
+
+    \b
+    onetrans-trt schema request                          # to stdout
+    onetrans-trt schema request --out request.schema.json
+    """
+    from onetrans_trt.contracts import json_schema
+    from onetrans_trt.io import atomic_write_json
+
+    schema = json_schema(name)
+    if out is None:
+        click.echo(json.dumps(schema, indent=2))
+        return
+    atomic_write_json(out, schema)
+    _human(f"wrote {out}")
+
+
 @cli.command("export")
 @click.argument("ckpt", type=click.Path(path_type=Path), required=False)
 @click.option("--module", "module_ref", default=None,
@@ -338,8 +477,9 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
 @click.option("--check-only", is_flag=True, help="With --module: run the protocol checks and stop.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_dir,
               help="Build directory to write (required unless --check-only).")
-@click.option("--opset", type=click.IntRange(18), default=23, show_default=True, callback=_opset,
-              help="ONNX opset (18 up to the newest the installed onnx knows).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, callback=_opset,
+              help=f"ONNX opset: {OPSETS[0]}..{OPSETS[1]} (the range every stage loads), capped by what the "
+                   "installed onnx and ONNX Runtime support.")
 @click.option("--no-passes", is_flag=True, help="Keep the raw split graphs (debugging): no pyramid, "
                                                  "no-broadcast check or cleanup.")
 @click.option("--fuse-attention/--no-fuse-attention", default=True, show_default=True,
@@ -371,6 +511,22 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
       polygraphy run BUILD/candidate_scorer.onnx --onnxrt \\
           --load-inputs BUILD/samples/candidate_scorer_inputs.json
     """
+    if module_ref is not None:
+        _refuse(("no_passes", "fuse_attention", "n_samples", "data_dir"), "to --module",
+                "a module build runs the passes its protocol needs (shared-prefix, no-broadcast, cleanup) and "
+                "saves one sample from --inputs or its spec")
+        if check_only:
+            _refuse(("out", "opset", "unified", "force"), "with --check-only",
+                    "it runs the protocol checks and writes nothing; drop --check-only to export")
+    elif no_passes:
+        _refuse(("fuse_attention",), "with --no-passes", "no graph pass runs, fuse-attention included")
+    elif ckpt is not None and _given("fuse_attention"):
+        from onetrans_trt.models.config import read_config
+
+        if read_config(ckpt).family == "hyformer":
+            _refuse(("fuse_attention",), "to a HyFormer checkpoint",
+                    "fuse-attention rewrites OneTrans's shared-prefix and causal-tail attention; HyFormer's graphs "
+                    "keep their attention as exported")
     if out is None and not check_only:
         raise InputError("--out BUILD is required (the build directory to write)")
     if module_ref is not None:
@@ -418,7 +574,7 @@ def _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only
 
         def say(msg: str) -> None:
             prog.update(task, status=msg)
-            if not sys.stderr.isatty():
+            if not sys.stderr.isatty() and not _quiet():
                 click.echo(msg, err=True)
 
         if check_only:
@@ -439,7 +595,7 @@ def _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only
 
 
 @cli.command("graphs")
-@click.argument("build", type=click.Path(path_type=Path))
+@click.argument("build", type=click.Path(path_type=Path), required=False)
 @click.option("--passes", default=None, help="Comma-separated passes for both graphs, in order "
                                              "(default: pyramid,cleanup for the user encoder and "
                                              "no-broadcast,cleanup for the scorer).")
@@ -449,19 +605,25 @@ def _export_module(ckpt, module_ref, weights, spec_path, inputs_path, check_only
 def graphs_cmd(build, passes, no_passes, list_passes, as_json) -> None:
     """Re-run the graph passes on a build (re-split from BUILD/serving.onnx)."""
     from onetrans_trt.export.api import rerun_passes
-    from onetrans_trt.graphs import PASSES, available_passes
+    from onetrans_trt.graphs import describe_passes
 
     if list_passes:
-        names = available_passes()
-        _emit(names, as_json, "\n".join(f"{n}: {(PASSES[n].__module__)}" for n in names))
+        desc = describe_passes()
+        _emit([{"pass": n, "description": t} for n, t in desc.items()], as_json,
+              "\n".join(f"{n:15s} {t}" for n, t in desc.items()))
         return
+    if build is None:
+        raise InputError("give a BUILD directory (or --list to list the passes)")
     if no_passes and passes:
         raise InputError("give --passes or --no-passes, not both")
     chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
     manifest = rerun_passes(build, chosen, chosen)
-    human = "\n".join(f"{r['pass']:14s} {r['graph']:18s} nodes {r['nodes_before']} -> {r['nodes_after']}"
-                      for r in manifest["passes"])
-    _emit(manifest["passes"], as_json, human)
+    from onetrans_trt.lineage import survey
+
+    derived = survey(build, manifest)  # variants/engines made from the graphs just replaced: stale
+    human = "\n".join([f"{r['pass']:14s} {r['graph']:18s} nodes {r['nodes_before']} -> {r['nodes_after']}"
+                       for r in manifest["passes"]] + [f"{k}: {msg}" for k, v in derived.items() for msg in v.values()])
+    _emit({"passes": manifest["passes"], **derived}, as_json, human)
 
 
 @cli.command("inspect")
@@ -469,7 +631,8 @@ def graphs_cmd(build, passes, no_passes, list_passes, as_json) -> None:
 @click.option("--candidates", type=click.IntRange(1), default=128, show_default=True,
               help="Candidates per request for the FLOP count.")
 @click.option("--history", type=click.IntRange(1), default=None,
-              help="S-tokens in the history for the FLOP count (default: the maximum).")
+              help="S-tokens in the history for the FLOP count (default and most: the model's maximum; "
+                   "a larger value is clamped to it, with a note).")
 @JSON_OUT
 def inspect_cmd(build, candidates, history, as_json) -> None:
     """Describe a build: manifest, node counts by op, sizes, theoretical FLOPs per request
@@ -477,6 +640,8 @@ def inspect_cmd(build, candidates, history, as_json) -> None:
     from onetrans_trt.export.inspect import describe, inspect_build
 
     info = inspect_build(build, candidates=candidates, history=history)
+    for note in info["notes"]:  # a clamped --history is said, as bench says it
+        click.echo(f"note: {note}", err=True)
     _emit(info, as_json, describe(info))
 
 
@@ -585,6 +750,23 @@ def _checkpoint_only(build: Path, **given: Any) -> None:
                          f"{'is' if len(named) == 1 else 'are'} for builds from `export --module`")
 
 
+def _unread_quality_options(module_build: bool, n: int, inputs_path, reads_data: bool, *,
+                            data_only_for_quality: tuple[str, ...] = (),
+                            no_data: str = "with --quality-requests 0") -> None:
+    """convert/calibrate: refuse the options nothing would read (exit 2, one line)."""
+    if module_build:
+        _refuse(("data_dir",), "to a build from `export --module`",
+                "it has no dataset here; give --inputs FILE or --synthetic")
+        if n == 0:
+            _refuse((*data_only_for_quality, "module_ref", "weights"), "with --quality-requests 0",
+                    "only the quality report reads them; drop them or ask for the report")
+        elif inputs_path is not None:
+            _refuse(("quality_requests",), "with --inputs on a module build",
+                    "the quality report uses every request of the file (--quality-requests 0 skips it)")
+    elif not reads_data:
+        _refuse(("data_dir",), no_data, "nothing reads MovieLens, so no data directory is used")
+
+
 @cli.command("convert")
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16"]), default="fp16", show_default=True)
@@ -619,6 +801,8 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
     from onetrans_trt.calibrate.fp16 import convert_build
 
     module_build = _module_build(build)
+    _unread_quality_options(module_build, quality_requests, inputs_path, quality_requests > 0,
+                            data_only_for_quality=("inputs_path", "synthetic"))
     plan = None
     if module_build:
         plan = _module_quality_plan(build, quality_requests, inputs_path, synthetic, module_ref, weights)
@@ -683,7 +867,18 @@ def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_pat
 
     if inputs_path is not None and synthetic:
         raise InputError("--inputs and --synthetic exclude each other: calibrate on one source")
+    if inputs_path is not None or synthetic:
+        _refuse(("data",), f"with {'--inputs' if inputs_path is not None else '--synthetic'}",
+                "calibrate on one source of requests")
+    if inputs_path is not None:
+        if not inputs_path.is_file():  # the file first: it is what the user has to fix
+            raise InputError(f"--inputs {inputs_path}: missing or not a file")
+        _refuse(("samples",), "with --inputs", "every request of the file is used")
     module_build = _module_build(build)
+    _unread_quality_options(module_build, quality_requests, inputs_path,
+                            (inputs_path is None and not synthetic) or quality_requests > 0,
+                            no_data=f"with {'--inputs' if inputs_path is not None else '--synthetic'} and "
+                                    "--quality-requests 0")
     plan = None
     if module_build:
         if data is not None:
@@ -744,14 +939,15 @@ def build_cmd(build, precision, profile_specs, workspace_mb, tf32, as_json) -> N
 
     def facts() -> None:  # once the inputs are valid: the machine a TensorRT build is read against
         for line in doctor.lines():
-            click.echo(line, err=True)
+            if not _quiet():
+                click.echo(line, err=True)
 
     plan = build_engines(build, precision, overrides=parse_overrides(list(profile_specs)),
                          workspace_mb=workspace_mb, tf32=tf32, before_tensorrt=facts)
     _emit(plan, as_json, f"built engines in {build}/engines/{precision}/")
 
 
-def _validate_module(build, module_ref, weights, inputs_path, count, json_path) -> None:
+def _validate_module(build, module_ref, weights, inputs_path, count, json_path, as_json=False) -> None:
     """``validate`` on a build from ``export --module``: ORT split vs the module's unified forward."""
     from onetrans_trt.calibrate.module import load_module_for
     from onetrans_trt.io import atomic_write_json
@@ -760,7 +956,7 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
     module = load_module_for(build, module_ref, weights)
     spec = read_spec(build)
     if inputs_path is None:
-        report = validate_module_build(build, module, count=count, progress=lambda msg: click.echo(msg, err=True))
+        report = validate_module_build(build, module, count=count, progress=_note)
     else:  # exactly the user's requests, each validated as given
         from onetrans_trt.protocol.checks import inputs_from_file
 
@@ -769,13 +965,16 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
         for k, (user, cand) in enumerate(requests[:count]):
             parts.append(validate_module_build(build, module, inputs=(user, cand)))
             if (k + 1) % 10 == 0:
-                click.echo(f"{k + 1}/{min(count, len(requests))} requests", err=True)
+                _note(f"{k + 1}/{min(count, len(requests))} requests")
         rows = [dict(r, request=k) for k, p in enumerate(parts) for r in p["rows"]]
         report = {**parts[0], "data": source, "cases": len(rows), "rows": rows,
                   "max_abs": max(p["max_abs"] for p in parts)}
     if json_path:
         atomic_write_json(json_path, report)
-    click.echo(f"verdict: PASS ({report['cases']} cases, data: {report['data']}; ORT split vs the module's unified "
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))
+        return
+    _human(f"verdict: PASS ({report['cases']} cases, data: {report['data']}; ORT split vs the module's unified "
                f"forward: max abs {report['max_abs']:.2e} <= {report['tolerance']:g})")
 
 
@@ -790,11 +989,12 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
                                                "torch-split, ort, ort-fp16, ort-int8, trt-* with TensorRT).")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
               help="JSON file overriding tolerances per precision (fp32/fp16/int8: atol, rtol, min_cosine, "
-                   "max_delta_auc, min_top10_overlap).")
+                   "max_delta_auc, min_top10_overlap, min_kendall_tau).")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="The source checkpoint (default: the one the manifest names).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, callback=_out_file,
-              help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout instead of the summary.")
+@click.option("--json-out", "json_path", type=click.Path(path_type=Path), default=None, callback=_out_file,
+              help="Write the JSON report to this file.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, callback=_out_file,
               help="Write the HTML report here.")
 @click.option("--save-goldens", type=click.Path(path_type=Path), default=None, callback=_goldens_out,
@@ -812,14 +1012,18 @@ def _validate_module(build, module_ref, weights, inputs_path, count, json_path) 
                    "checkpoints also request JSON/JSONL (like --requests). A module build without it uses "
                    "--count random cases drawn from the spec.")
 @DATA_DIR
-def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt, json_path, html_path,
+def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt, as_json, json_path, html_path,
                  save_goldens, goldens, module_ref, weights, inputs_path, data_dir) -> None:
     """Compare every backend against the float32 PyTorch model; exit 0 when all pass,
-    1 when any fails (the report names the first diverging layer and node), 2 on bad input.
+    1 when any fails (each failed check named with its value and limit; the first diverging
+    layer and node when a graph is out of tolerance), 2 on bad input, 3 when a backend asked
+    for with --backends cannot run here (TensorRT or a GPU missing). Backends not asked for
+    and not available are listed as skipped, with the reason. delta AUC is judged only on
+    enough labels (P positives x N negatives >= 10 / max_delta_auc) and says so otherwise.
 
     \b
     Examples:
-      onetrans-trt validate BUILD --data ml-100k --json report.json --html report.html
+      onetrans-trt validate BUILD --data ml-100k --json-out report.json --html report.html
       onetrans-trt validate BUILD --data ml-100k --save-goldens goldens/
       onetrans-trt validate BUILD --goldens goldens/        # on a host without torch
     """
@@ -830,7 +1034,7 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
     from onetrans_trt.export.api import read_manifest
 
     if "protocol" in read_manifest(build):
-        return _validate_module(build, module_ref, weights, inputs_path, count, json_path)
+        return _validate_module(build, module_ref, weights, inputs_path, count, json_path, as_json)
     if module_ref or weights:
         raise InputError(f"{build} was exported from a checkpoint: --module/--weights are for builds "
                          "from `export --module`")
@@ -863,48 +1067,58 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
         write_json(report, json_path)
     if html_path:
         write_html(report, html_path)
-    lines = [f"verdict: {report['verdict'].upper()} ({report['requests']['count']} requests; data: "
-             f"{report['requests']['source']})"]
-    for name, b in report["backends"].items():
-        worst = max((s["max_abs"] for g in b["graphs"].values() for s in g.values()), default=0.0)
-        line = f"  {name:12s} {b['verdict'].upper():4s}  max |error| {worst:.3g}"
-        m = b.get("end_to_end", {}).get("metrics")
-        if m:
-            line += "  delta AUC " + ", ".join(f"{t} {v['delta_auc']:+.5f}" for t, v in m.items())
-        lines.append(line)
-        d = b.get("divergence")
-        if d and d.get("module"):
-            lines.append(f"    first divergence: layer {d['layer']}, {d['module']} (node {d['node']}, "
-                         f"{d['role']}), max |error| {d['max_abs']:.3g}"
-                         + (f", shape {d['shape_mismatch']}" if d.get("shape_mismatch") else ""))
-    for p in (json_path, html_path):
-        if p:
-            lines.append(f"report: {p}")
-    click.echo("\n".join(lines))
+    from onetrans_trt.validate.summary import failure_message, summary_lines
+
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))
+    else:
+        _human("\n".join(summary_lines(report, [json_path, html_path])))
     if report["verdict"] != "pass":
-        raise ValidationFailed("validation failed: see the report for the first divergence")
+        raise ValidationFailed(failure_message(report))
 
 
 @cli.command("serve-repo")
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, callback=_out_dir,
               help="Model repository to write.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="onnxruntime: the ONNX graphs; tensorrt: the engines from `onetrans-trt build`.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default="onnxruntime",
+              show_default=True,
+              help="onnxruntime: the ONNX graphs; tensorrt: the engines from `onetrans-trt build`; python: Python-"
+                   "backend models running the ONNX graphs with ONNX Runtime (any Triton, CPU included), plus the "
+                   "`preprocess` model and `rank` ensemble that take the raw request JSON.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --backend python: JSON file of request limits for raw requests (as `rank --limits`).")
+@click.option("--threads", type=click.IntRange(0), default=None,
+              help="With --backend python: ONNX Runtime intra-op threads per model [0: its default].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
-def serve_repo_cmd(build, out, backend, precision, force, as_json) -> None:
+def serve_repo_cmd(build, out, backend, precision, limits_path, threads, force, as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
-    users), candidate_scorer, and the `onetrans` ensemble (history + candidates -> logits,
-    probs). Every config.pbtxt is parsed with Triton's ModelConfig protobuf first.
+    users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
+    + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
+    `rank` ensemble: the request JSON (one BYTES element) -> logits, probs. Every config.pbtxt
+    is parsed with Triton's ModelConfig protobuf first.
 
     \b
     Serve it:  tritonserver --model-repository REPO
+    (--backend python: the server's Python needs onetrans-trt, onnxruntime and numpy<2; see README)
     """
-    from onetrans_trt.runtime.triton_repo import write_repository
+    if backend != "python":
+        _refuse(("limits_path", "threads"), f"to --backend {backend}", "they configure the python backend's models")
+        from onetrans_trt.runtime.triton_repo import write_repository
 
-    res = write_repository(build, out, backend=backend, precision=precision, force=force)
+        res = write_repository(build, out, backend=backend, precision=precision, force=force)
+    else:
+        from onetrans_trt.data.requests import RequestLimits
+        from onetrans_trt.serving.repository import write_python_repository
+
+        limits = None
+        if limits_path is not None:
+            lim = RequestLimits.load(limits_path)
+            limits = {k: getattr(lim, k) for k in ("max_history", "max_candidates", "max_request_bytes", "over_limit")}
+        res = write_python_repository(build, out, precision=precision, force=force, limits=limits,
+                                      threads=threads or 0)
     _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
 
 
@@ -972,6 +1186,9 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
                              weights, as_json)
     if module_ref is not None or weights is not None:
         raise InputError("--module/--weights are for a BUILD from `export --module`")
+    if build is not None and suite == "peers":
+        _refuse(("preset",), "with a BUILD", "the build's own model is measured; --preset picks a random-weight "
+                                            "model when no BUILD is given")
     if suite != "peers":
         only = {"--quick": quick, "--scorer-candidates": scorer_candidates, "--cache-history": cache_history,
                 "--cache-candidates": cache_candidates, "--backends": backends, "--no-pyramid": no_pyramid,
@@ -1066,7 +1283,48 @@ def _bench_module(build, suite, preset, quick, candidates, history, scorer_candi
     _emit(res, as_json, table(res))
 
 
+# ---- the door: every command's artifacts go through trust before the command sees them ----
+_DOOR_DIRS = ("build", "ckpt")  # a build (manifest + graphs) or a checkpoint directory
+_DOOR_FILES = {"request_path": "--request", "requests_file": "--requests", "inputs_path": "--inputs",
+               "policy_path": "--policy", "limits_path": "--limits", "spec_path": "--spec", "weights": "--weights"}
+
+
+def _guarded(cmd: click.Command) -> click.Command:
+    """Wrap ``cmd``'s callback so that every directory and file it is given is checked first
+    (``trust.check_artifact_dir``, ``check_goldens_dir``, ``check_input_file``): one door for
+    every command, whatever the command does next."""
+    import functools
+
+    inner = cmd.callback
+
+    @functools.wraps(inner)
+    def door(*args: Any, **kw: Any) -> Any:
+        from onetrans_trt import trust
+
+        for key in _DOOR_DIRS:
+            if kw.get(key) is not None:
+                trust.check_artifact_dir(kw[key])
+        if kw.get("goldens") is not None:
+            trust.check_goldens_dir(kw["goldens"])
+        for key, flag in _DOOR_FILES.items():
+            if kw.get(key) is not None:
+                trust.check_input_file(kw[key], flag)
+        return inner(*args, **kw)
+
+    cmd.callback = door
+    return cmd
+
+
+for _cmd in cli.commands.values():
+    _guarded(_cmd)
+
+
 def main() -> None:
+    from onetrans_trt import interrupts
+    from onetrans_trt.provenance import set_command
+
+    set_command(["onetrans-trt", *sys.argv[1:]])
+    interrupts.install()  # Ctrl-C and SIGTERM unwind (every finally runs), with a watchdog behind them
     cli(prog_name="onetrans-trt")
 
 

@@ -109,9 +109,12 @@ def facts() -> dict[str, Any]:
         out["onnxruntime"] = {"ok": True, "version": ort.__version__, "providers": prov,
                               "detail": f"{ort.__version__}, providers {', '.join(prov)}",
                               "fix": "" if "CUDAExecutionProvider" in prov else
-                              "pip install 'onetrans-trt[gpu]' (onnxruntime-gpu) for the CUDA execution provider"}
+                              "pip uninstall -y onnxruntime && pip install 'onetrans-trt[gpu]' (onnxruntime-gpu "
+                              "replaces onnxruntime: both ship the onnxruntime module) for the CUDA execution "
+                              "provider"}
     except Exception as e:  # noqa: BLE001
-        out["onnxruntime"] = {"ok": False, "detail": _first_line(e), "fix": "pip install onnxruntime"}
+        out["onnxruntime"] = {"ok": False, "detail": _first_line(e),
+                              "fix": "pip install 'onetrans-trt[cpu]' (or 'onetrans-trt[gpu]' on a CUDA host)"}
 
     # ModelOpt (INT8 calibration), Polygraphy, kernel launchers for gpu-check
     for key, dist, fix in (("modelopt", "nvidia-modelopt", "pip install nvidia-modelopt lief cppimport"),

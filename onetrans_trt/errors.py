@@ -41,6 +41,11 @@ class BuildError(InputError):
     """A build directory is missing, incomplete or would be overwritten."""
 
 
+class StaleArtifact(BuildError):
+    """A derived artifact (fp16/, int8/, engines, goldens) was made from graphs that are not
+    the build's graphs any more; the message names the command that remakes it."""
+
+
 class MissingCapabilityError(OneTransError):
     """An optional capability (TensorRT, a GPU, Triton) is not available here."""
 

@@ -162,7 +162,10 @@ def _launcher():
     def launch(kernel, grid, ptrs_in, extras, ptrs_out, n_trailing):
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(kernel.ptx)
-        fn = cupy.RawModule(path=f.name).get_function(kernel.name)
+        try:
+            fn = cupy.RawModule(path=f.name).get_function(kernel.name)  # loads the module: the file is read
+        finally:
+            os.unlink(f.name)  # one file per launch otherwise left in the temporary directory
         args = ([cupy.uint64(p) for p in ptrs_in] + [np.int32(e) for e in extras]
                 + [cupy.uint64(p) for p in ptrs_out] + [cupy.uint64(0)] * n_trailing)
         fn(tuple(grid), (kernel.threads,), tuple(args), shared_mem=kernel.shared)
@@ -404,7 +407,8 @@ def part_ort_cuda(state: dict) -> str:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise Skip("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+        raise Skip("onnxruntime has no CUDAExecutionProvider (pip uninstall -y onnxruntime && "
+                   "pip install 'onetrans-trt[gpu]': onnxruntime-gpu replaces it)")
     if "build" not in state:
         raise Skip("the tiny build did not get made")
     from onetrans_trt.data.requests import encode_request

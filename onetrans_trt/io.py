@@ -2,7 +2,10 @@
 
 Every artifact goes through these helpers: the bytes are written to a temporary file in
 the destination's own directory, flushed and fsynced, then renamed over the final name
-(``os.replace`` is atomic on POSIX within one file system).
+(``os.replace`` is atomic on POSIX within one file system). The temporary files and
+directories get the modes a plain ``open``/``mkdir`` would give under the process umask
+(0644/0755 under umask 022), not mkstemp's 0600 or mkdtemp's 0700: artifacts are read by
+other users (a Triton container running as another user reads a model repository).
 """
 
 from __future__ import annotations
@@ -14,6 +17,60 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from onetrans_trt import interrupts
+
+
+class TooBig(Exception):
+    """A file over the bound :func:`read_regular_file` was given (``size``: what was seen)."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
+class NotRegular(OSError):
+    """A device, pipe or socket where a file was expected."""
+
+
+def read_regular_file(path: str | os.PathLike, bound: int) -> bytes:
+    """The bytes of a regular file of at most ``bound`` bytes. A device, pipe or socket raises
+    :class:`NotRegular` without blocking (O_NONBLOCK: a FIFO with no writer included); a larger
+    file (or one that grows while read, or a /proc file that reports size 0) raises
+    :class:`TooBig` with the size seen; the rest is the OSError of the open (a path holding a NUL
+    byte included: EINVAL, not the ValueError ``os.open`` raises)."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except ValueError as e:  # a NUL byte in the path (no file has that name): an OSError like the rest
+        raise OSError(errno.EINVAL, str(e), str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(f"{path}: not a regular file (a device, pipe or socket)")
+        if st.st_size > bound:
+            raise TooBig(st.st_size)
+        # in steps of the size the file reports (at least 1 MiB), never one read of bound + 1
+        # bytes: read(n) allocates n bytes first (a MemoryError for a bound of 64 GiB, a
+        # 64 MiB request limit times 1024 requests; an OverflowError past sys.maxsize)
+        want, step = bound + 1, max(st.st_size + 1, 1 << 20)
+        parts, got = [], 0
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while got < want:
+                chunk = f.read(min(step, want - got))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        if got > bound:
+            raise TooBig(got)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 PAUSE_ENV = "ONETRANS_TRT_PAUSE_IN_WRITE"
@@ -47,6 +104,50 @@ def _pause_in_write(point: str, final: Path, tmp: Path) -> None:
         time.sleep(0.002)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it
+    (``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_mkdtemp(prefix: str, suffix: str, dir: str | os.PathLike) -> Path:
+    """``tempfile.mkdtemp`` with the mode ``mkdir`` would give (0755 under umask 022), not
+    0700: for a directory that becomes an artifact (renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=dir))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the read bits (and for
+    directories and owner-executable files the search/execute bits) that the umask allows:
+    a library that writes 0600 (safetensors) leaves 0644 under umask 022, a 0700 script
+    0755. Write bits stay as they are; symbolic links are not followed."""
+    import stat
+
+    mask = current_umask()
+    path = Path(path)
+    todo = [path]
+    if path.is_dir() and not path.is_symlink():
+        todo += list(path.rglob("*"))
+    for p in todo:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        add = (0o555 if stat.S_ISDIR(st.st_mode) or mode & 0o100 else 0o444) & ~mask
+        if mode & add != add:
+            os.chmod(p, mode | add)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -70,18 +171,24 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would give
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
+    interrupts.register(tmp_path)  # removed also if a Ctrl-C's unwinding is swallowed
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        make_readable(tmp_path)  # the writer may have replaced the file with a 0600 one
         _pause_in_write("file", final, tmp_path)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        interrupts.unregister(tmp_path)
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> Path:
@@ -107,9 +214,11 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False) -> Iterat
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = readable_mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    interrupts.register(tmp)  # removed also if a Ctrl-C's unwinding is swallowed
     try:
         yield tmp
+        make_readable(tmp)  # what a library wrote 0600 (safetensors) is readable too
         _pause_in_write("directory", final, tmp)
         if final.exists():
             if not force:
@@ -125,6 +234,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        interrupts.unregister(tmp)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from onetrans_trt import interrupts
+
 THRESHOLD_ENV = "ONETRANS_TRT_EXTERNAL_DATA_BYTES"
 PROTOBUF_LIMIT = 2 << 30
 DEFAULT_THRESHOLD = 1536 << 20  # leave room under 2 GiB for the graph itself and the functions
@@ -268,6 +270,7 @@ def save_model_atomic(model, final: str | os.PathLike, *, check: bool = True) ->
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    interrupts.register(tmp)  # removed also if a Ctrl-C's unwinding is swallowed
     try:
         written = save_model(model, tmp / final.name, check=check)
         if len(written) == 2:
@@ -279,6 +282,7 @@ def save_model_atomic(model, final: str | os.PathLike, *, check: bool = True) ->
         return [final] + ([data_file(final)] if len(written) == 2 else [])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        interrupts.unregister(tmp)
 
 
 # ---------------------------------------------------------------- reading
@@ -345,7 +349,7 @@ def check_model(model) -> None:
     if _fits_one_protobuf(model) and not has_external(model):  # (tensors left on disk are external)
         onnx.checker.check_model(model)
         return
-    with tempfile.TemporaryDirectory(prefix="onetrans-check-") as tmp:
+    with interrupts.temporary_directory(prefix="onetrans-check-") as tmp:
         save_model(model, Path(tmp) / "model.onnx", check=True)
 
 
@@ -357,7 +361,7 @@ def session_source(model) -> Iterator[bytes | str]:
     if _fits_one_protobuf(model) and not needs_external(model) and not has_external(model):
         yield model.SerializeToString()
         return
-    with tempfile.TemporaryDirectory(prefix="onetrans-session-") as tmp:
+    with interrupts.temporary_directory(prefix="onetrans-session-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, check=False)
         yield str(path)

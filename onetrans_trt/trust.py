@@ -8,8 +8,9 @@
   tensor's byte range, opsets and domains ones we produce, and ``onnx.checker`` passing on
   the file (by path: external data is checked beside the graph, whatever the working
   directory, and never loaded). Only then does ONNX Runtime see it.
-- :func:`check_manifest`: ``manifest.json`` against its schema (required keys and types;
-  unknown keys are reported, not ignored).
+- :func:`check_manifest`: ``manifest.json`` against its model (:mod:`onetrans_trt.manifest`:
+  required keys and types; unknown keys are reported, not ignored; a variant's lineage
+  record, where it has one, maps graph names to sha256).
 
 Each failure is a :class:`~onetrans_trt.errors.BuildError` naming the file and what to do.
 """
@@ -20,10 +21,67 @@ import os
 from pathlib import Path
 from typing import Any
 
-from onetrans_trt.errors import BuildError
+from onetrans_trt.errors import BuildError, InputError
 
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit, for the graph file; its external data may be larger
-SUPPORTED_DOMAINS = {"": (18, 23), "ai.onnx": (18, 23), "onetrans": (1, 1)}
+# The default-domain opsets a build may carry: the one range both `export` (refused before the
+# trace) and every load (``check_onnx``) read. 18: the oldest the exporter's ops and our ONNX
+# functions need. 23: the newest the whole chain is tested at (SDPA exports to Attention-23,
+# which the fuse-attention pass matches and onnxruntime>=1.23 runs; TensorRT's ONNX parser).
+# ``export_opsets`` caps it further by what the installed onnx knows and ONNX Runtime loads.
+OPSETS = (18, 23)
+DEFAULT_OPSET = 23
+SUPPORTED_DOMAINS = {"": OPSETS, "ai.onnx": OPSETS, "onetrans": (1, 1)}
+
+
+def _ort_loads(opset: int) -> bool:
+    """Whether the installed ONNX Runtime loads a one-node model stamped with ``opset``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = min(model.ir_version, 10)  # what every supported ONNX Runtime reads
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001 - ORT raises its own untyped errors for an unknown opset
+        return False
+
+
+def export_opsets() -> tuple[int, int, str]:
+    """``(lowest, highest, why)``: the opsets `export` writes here, ``OPSETS`` capped by the
+    newest the installed onnx knows and the newest the installed ONNX Runtime loads; ``why``
+    names what sets the highest."""
+    import onnx
+
+    lo, hi = OPSETS
+    why = "the newest every stage of this toolkit is tested at"
+    newest = onnx.defs.onnx_opset_version()
+    if newest < hi:
+        hi, why = newest, f"the newest the installed onnx {onnx.__version__} knows"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return lo, hi, why  # the missing runtime is reported where it is needed
+    top = hi
+    while hi >= lo and not _ort_loads(hi):
+        hi -= 1
+    if hi < top:
+        why = f"the newest the installed onnxruntime {ort.__version__} loads"
+    return lo, hi, why
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if `export` can write it here (see :func:`export_opsets`); else an InputError
+    before any work."""
+    lo, hi, why = export_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise InputError(f"--opset {opset} is outside {lo}..{hi}, the opsets a build loads with here "
+                         f"({hi}: {why})")
+    return opset
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -71,6 +129,20 @@ def check_onnx(path: str | os.PathLike, root: str | os.PathLike | None = None):
     own directory)."""
     import onnx
 
+    model = check_graph_file(path, root)
+    try:
+        onnx.checker.check_model(str(path))  # by path: external data is checked where it lies, not loaded
+    except Exception as e:  # noqa: BLE001 - the checker raises its own ValidationError and others
+        raise BuildError(f"{path}: fails the ONNX checker ({str(e).splitlines()[0][:200]})") from None
+    return model
+
+
+def check_graph_file(path: str | os.PathLike, root: str | os.PathLike | None = None):
+    """:func:`check_onnx` without ``onnx.checker`` (the cheap part every command's door runs
+    on every graph of a build): where it lies, its size, that it parses, where its external
+    data points, its opsets and domains. Returns the parsed ``ModelProto``."""
+    import onnx
+
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     if path.is_symlink() and not _inside(path, root):
@@ -97,78 +169,157 @@ def check_onnx(path: str | os.PathLike, root: str | os.PathLike | None = None):
     for node in model.graph.node:
         if node.domain not in known and node.domain not in SUPPORTED_DOMAINS:
             raise BuildError(f"{path}: node {node.name!r} uses domain {node.domain!r}, which is not supported")
-    try:
-        onnx.checker.check_model(str(path))  # by path: external data is checked where it lies, not loaded
-    except Exception as e:  # noqa: BLE001 - the checker raises its own ValidationError and others
-        raise BuildError(f"{path}: fails the ONNX checker ({str(e).splitlines()[0][:200]})") from None
     return model
 
 
+# ---- the door: every command's artifact directories --------------------------------------
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """``manifest.json`` read (a regular file of at most ``MAX_MANIFEST_BYTES``, never a device),
+    parsed (deep nesting, integers of thousands of digits: refused) and checked."""
+    import json
+
+    from onetrans_trt.io import NotRegular, TooBig, read_regular_file
+
+    path = Path(path)
+    try:
+        text = read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
+    except TooBig:
+        raise BuildError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; not a manifest this toolkit wrote") from None
+    except NotRegular:
+        raise BuildError(f"{path}: not a regular file (a device, pipe or socket); re-run `onetrans-trt export`") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"{path}: cannot read ({str(e)[:120]})") from None
+    try:
+        m = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, the int/str digit limit, deep nesting
+        raise BuildError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    return check_manifest(m, path)
+
+
+def _no_link_out(root: Path) -> None:
+    """No symbolic link anywhere under ``root`` may point outside it (a graph, its data, a
+    variant directory...): what a command reads through the build is the build's."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not _inside(p, root):
+                raise BuildError(f"{p}: a symbolic link out of {root} (to {os.readlink(p)}); refusing to use it")
+
+
+def check_build(build: str | os.PathLike) -> dict[str, Any]:
+    """The door every command that takes a build goes through before it reads anything in
+    it: the manifest (:func:`load_manifest`), no symbolic link out of the build, and every
+    ONNX graph under it (the graphs, the fp16/int8 variants, unified and serving graphs)
+    passing :func:`check_graph_file` confined to its own directory. Returns the manifest."""
+    build = Path(build)
+    if not build.is_dir():
+        raise BuildError(f"{build}: not a build directory (it does not exist)")
+    if not (build / "manifest.json").exists() and not (build / "manifest.json").is_symlink():
+        raise BuildError(f"{build}: missing manifest.json; run `onetrans-trt export CKPT --out {build}`")
+    _no_link_out(build)
+    manifest = load_manifest(build / "manifest.json")
+    for dirpath, _dirs, files in os.walk(build, followlinks=False):
+        for name in sorted(files):
+            if name.endswith(".onnx"):
+                check_graph_file(Path(dirpath) / name)
+    return manifest
+
+
+def check_checkpoint(ckpt: str | os.PathLike) -> None:
+    """The door for a checkpoint directory: no symbolic link out of it; ``config.json`` a
+    regular file of sane size (the weights are checked by the loader, header first)."""
+    from onetrans_trt.errors import CheckpointError
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return  # the loader says what is missing
+    try:
+        _no_link_out(ckpt)
+    except BuildError as e:
+        raise CheckpointError(str(e)) from None
+    cfg = ckpt / "config.json"
+    if cfg.exists() or cfg.is_symlink():
+        from onetrans_trt.io import NotRegular, TooBig, read_regular_file
+
+        try:
+            read_regular_file(cfg, MAX_CONFIG_BYTES)
+        except TooBig as e:
+            raise CheckpointError(f"{cfg}: {e.size} bytes is too big for a config") from None
+        except NotRegular:
+            raise CheckpointError(f"{cfg}: not a regular file (a device, pipe or socket)") from None
+        except OSError as e:
+            raise CheckpointError(f"{cfg}: cannot read ({str(e)[:120]})") from None
+
+
+def check_artifact_dir(path: str | os.PathLike) -> None:
+    """A directory a command was given as CKPT or BUILD: a build (it has a manifest) through
+    :func:`check_build`, anything else through :func:`check_checkpoint`."""
+    path = Path(path)
+    m = path / "manifest.json"
+    if m.exists() or m.is_symlink():
+        check_build(path)
+    else:
+        check_checkpoint(path)
+
+
+def check_goldens_dir(goldens: str | os.PathLike) -> None:
+    """``validate --goldens DIR``: no symbolic link out of it, every file in it regular (a
+    device named like a goldens file would never finish reading)."""
+    from onetrans_trt.errors import InputError
+
+    goldens = Path(goldens)
+    if not goldens.is_dir():
+        return  # validate says it is missing
+    try:
+        _no_link_out(goldens)
+    except BuildError as e:
+        raise InputError(str(e)) from None
+    for p in sorted(goldens.iterdir()):
+        check_input_file(p, "--goldens")
+
+
+def check_input_file(path: str | os.PathLike, what: str, max_bytes: int = 4 << 30) -> None:
+    """A file a command reads (requests, inputs, policy, limits, spec, weights): a regular file
+    (never a device, a pipe or a socket, which could block or never end) of at most
+    ``max_bytes``. Missing files are left to the reader, which says what was expected."""
+    import stat
+
+    from onetrans_trt.errors import InputError
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read ({str(e)[:120]})") from None
+    if stat.S_ISDIR(st.st_mode):
+        return  # options that take directories say so themselves
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{what} {path}: not a regular file (a device, pipe or socket); give a file")
+    if st.st_size > max_bytes:
+        raise InputError(f"{what} {path}: {st.st_size} bytes is over the {max_bytes} byte limit")
+
+
 # ---- manifest ---------------------------------------------------------------------------
-_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "created": str, "checkpoint": dict, "versions": dict, "opset": int, "model": dict,
-    "pyramid": dict, "graphs": dict, "dynamic_dims": dict, "passes": list, "samples": dict,
-}
-_OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {"hyformer": dict, "precisions": dict, "engines": dict,
-                                                     "protocol": dict}
-_MODEL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "family": str, "d_model": int, "n_heads": int, "n_layers": int, "tasks": list, "s_max_len": int,
-}
-_GRAPH_FILES = {"user_encoder", "candidate_scorer"}
-
-
-def _is_sha256(x: Any) -> bool:
-    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
-
-
 def check_manifest(m: Any, path: Path) -> dict[str, Any]:
-    """Validate a parsed ``manifest.json``; returns it."""
-    def bad(msg: str) -> BuildError:
-        return BuildError(f"{path}: {msg}; re-run `onetrans-trt export`")
+    """Validate a parsed ``manifest.json`` against :class:`onetrans_trt.manifest.Manifest`;
+    returns it. A variant's bad lineage names the command that records it again."""
+    from onetrans_trt.contracts import refused
+    from onetrans_trt.manifest import FORMAT, Manifest, Variant
 
-    if not isinstance(m, dict) or m.get("format") != "onetrans-trt/build/1":
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BuildError(f"{path}: not an onetrans-trt build manifest")
-    unknown = sorted(set(m) - set(_MANIFEST_KEYS) - set(_OPTIONAL_KEYS))
-    if unknown:
-        raise bad(f"unknown keys {unknown}")
-    for key, typ in _MANIFEST_KEYS.items():
-        if key not in m:
-            raise bad(f"missing key {key!r}")
-        if isinstance(m[key], bool) or not isinstance(m[key], typ):
-            raise bad(f"{key!r} must be a {getattr(typ, '__name__', typ)}, got {type(m[key]).__name__}")
-    for key, typ in _OPTIONAL_KEYS.items():
-        if key in m and not isinstance(m[key], typ):
-            raise bad(f"{key!r} must be a {typ.__name__}")
-    for key, typ in _MODEL_KEYS.items():
-        v = m["model"].get(key)
-        if isinstance(v, bool) or not isinstance(v, typ):
-            raise bad(f"model.{key} must be a {typ.__name__}, got {v!r}")
-    for key in ("d_model", "n_heads", "n_layers", "s_max_len"):
-        if not 0 < m["model"][key] <= 1 << 20:
-            raise bad(f"model.{key} = {m['model'][key]} is out of range")
-    missing = _GRAPH_FILES - set(m["graphs"])
-    if missing:
-        raise bad(f"graphs {sorted(missing)} are not listed")
-    for key, g in m["graphs"].items():
-        if not isinstance(g, dict) or not isinstance(g.get("file"), str):
-            raise bad(f"graphs.{key} must name its file")
-        f = g["file"]
-        if "/" in f or "\\" in f or f.startswith(".") or not f.endswith(".onnx"):
-            raise bad(f"graphs.{key}.file {f!r} is not a plain .onnx file name in the build directory")
-        if "data" in g:  # the graph's external data (a model over the threshold): <file>.data beside it
-            d = g["data"]
-            if not (isinstance(d, dict) and isinstance(d.get("file"), str) and _is_sha256(d.get("sha256"))
-                    and isinstance(d.get("bytes"), int) and not isinstance(d.get("bytes"), bool) and d["bytes"] >= 0):
-                raise bad(f"graphs.{key}.data must give the file, its sha256 and its bytes")
-            if d["file"] != f + ".data":
-                raise bad(f"graphs.{key}.data.file {d['file']!r} is not {f + '.data'!r}")
-    sched = m["pyramid"].get("schedule")
-    if m["model"]["family"] == "onetrans" and not (isinstance(sched, list) and
-                                                    all(x is None or (isinstance(x, int) and x >= 0) for x in sched)):
-        raise bad("pyramid.schedule must be a list of non-negative counts")
-    hy = m.get("hyformer")
-    if m["model"]["family"] == "hyformer":
-        if not isinstance(hy, dict) or not all(isinstance(hy.get(k), int) and hy[k] > 0 for k in
-                                               ("sequences", "state_slots", "longer_window")):
-            raise bad("a HyFormer manifest needs hyformer.sequences/state_slots/longer_window")
+    variants = m["precisions"] if isinstance(m.get("precisions"), dict) else {}
+    for v, info in variants.items():
+        how = {"fp16": "convert", "int8": "calibrate"}.get(v, "export")
+        with refused(BuildError, info, f"precisions.{v}", prefix=f"{path}: ", suffix=f"; re-run `onetrans-trt {how}`"):
+            Variant.model_validate(info)
+    with refused(BuildError, m, "", prefix=f"{path}: ", suffix="; re-run `onetrans-trt export`"):
+        Manifest.model_validate(m)
     return m

@@ -82,9 +82,9 @@ def test_export_graphs_inspect_rank_on_a_build(tmp_path, tiny_build, movielens):
     assert info["flops"]["unified"] > info["flops"]["split_total"] > 0
     assert "FLOPs per request" in run("inspect", build).output
     r = run("graphs", build, "--no-passes", "--json")
-    assert r.exit_code == 0 and [p["pass"] for p in json.loads(r.output)] == ["split-kv"]
+    assert r.exit_code == 0 and [p["pass"] for p in json.loads(r.output)["passes"]] == ["split-kv"]
     r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
-    assert [(p["pass"], p["graph"]) for p in json.loads(r.output)][1:] == [
+    assert [(p["pass"], p["graph"]) for p in json.loads(r.output)["passes"]][1:] == [
         ("pyramid", "user_encoder"), ("cleanup", "user_encoder"),
         ("pyramid", "candidate_scorer"), ("cleanup", "candidate_scorer")]
     assert run("graphs", build, "--passes", "nonsense").exit_code == 2
@@ -236,7 +236,7 @@ def test_export_opset_and_no_fuse_attention_then_validate_requests_and_ckpt(tiny
     m["checkpoint"]["path"] = str(tmp_path / "gone")
     manifest_path.write_text(json.dumps(m))
     args = ("validate", build, "--requests", tmp_path / "reqs.jsonl", "--backends", "torch-split,ort",
-            "--json", tmp_path / "report.json")
+            "--json-out", tmp_path / "report.json")
     r = run(*args)
     assert r.exit_code == 2 and "--ckpt" in r.stderr
     r = run(*args, "--ckpt", tiny_ckpt)

@@ -32,6 +32,7 @@ BASE: dict[str, tuple[dict[str, str], list[str]]] = {
     "train": ({}, ["--out", "{OUT}", "--preset", "tiny", "--epochs", "1", "--limit", "50"]),
     "info": ({"ckpt": "{CKPT}"}, []),
     "rank": ({"ckpt": "{CKPT}"}, ["--request", "{REQ}"]),
+    "schema": ({"name": "request"}, []),
     "export": ({"ckpt": "{CKPT}"}, ["--out", "{OUT}", "--samples", "1"]),
     "graphs": ({"build": "{BUILD}"}, []),
     "inspect": ({"build": "{BUILD}"}, []),
@@ -69,6 +70,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("rank", "request_path"): ("{MISSING}", "missing"),
     ("rank", "backend"): ("gpu", "--backend"),
     ("rank", "limits_path"): ("{MISSING}", "missing"),
+    ("schema", "name"): ("requests", "'requests' is not one of 'request', 'limits', 'policy', 'manifest'"),
+    ("schema", "out"): ("{DIR}", "--out"),
     ("export", "ckpt"): ("{MISSING}", "missing"),
     ("export", "out"): ("{FILE}/b", "--out"),
     ("export", "opset"): ("17", "--opset"),
@@ -111,7 +114,7 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("validate", "backends"): ("ort,nope", "nope"),
     ("validate", "policy_path"): ("{MISSING}", "missing"),
     ("validate", "ckpt"): ("{MISSING}", "missing"),
-    ("validate", "json_path"): ("{DIR}", "--json"),
+    ("validate", "json_path"): ("{DIR}", "--json-out"),
     ("validate", "html_path"): ("{DIR}", "--html"),
     ("validate", "save_goldens"): ("{BUILD}", "--save-goldens"),  # would replace the build
     ("validate", "goldens"): ("{MISSING}", "missing"),
@@ -123,6 +126,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("serve-repo", "out"): ("{FILE}/repo", "--out"),
     ("serve-repo", "backend"): ("vllm", "--backend"),
     ("serve-repo", "precision"): ("fp64", "--precision"),
+    ("serve-repo", "limits_path"): ("{MISSING}", "--limits"),  # refused for --backend onnxruntime
+    ("serve-repo", "threads"): ("-1", "--threads"),
     ("bench", "build"): ("{MISSING}", "missing"),
     ("bench", "suite"): ("nope", "--suite"),
     ("bench", "preset"): ("huge", "--preset"),
@@ -152,13 +157,14 @@ MORE_BAD = [
     ("calibrate", "keep_float", ",NoSuchOp,", "NoSuchOp"),
     ("build", "profile_specs", "candidates=8,4,2", "--profile"),
     ("validate", "backends", "trt-fp64", "trt-fp64"),
-    ("validate", "json_path", "{FILE}/report.json", "--json"),
+    ("validate", "json_path", "{FILE}/report.json", "--json-out"),
     ("validate", "policy_path", "{FILE}", "{FILE}"),
     ("rank", "limits_path", "{FILE}", "limits"),
     ("rank", "request_path", "{DIR}", "--request"),
     ("bench", "backends", "torch", "torch"),
     ("bench", "out", "{FILE}/x.json", "--out"),
     ("fetch-data", "data_dir", "{FILE}/sub", "--data-dir"),
+    ("schema", "out", "{FILE}/request.schema.json", "--out"),
 ]
 
 

@@ -58,7 +58,7 @@ def test_cli_chain(family, tmp_path, movielens):
     assert flops["unified"] > flops["split_total"] > 0
     r = run("graphs", build, "--json")
     assert r.exit_code == 0, r.output
-    assert "no-broadcast" in [p["pass"] for p in json.loads(r.output)]
+    assert "no-broadcast" in [p["pass"] for p in json.loads(r.output)["passes"]]
     req, _ = movielens.requests(1, n_candidates=5, seed=3)[0]
     (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
     logits = {}
@@ -74,7 +74,7 @@ def test_cli_chain(family, tmp_path, movielens):
     assert r.exit_code == 0, r.output
     check_build_by_capability(run("build", build, "--json"), build)
     r = run("validate", build, "--data", "ml-100k", "--count", "15", "--backends", "torch-split,ort,ort-fp16",
-            "--json", tmp_path / "report.json")
+            "--json-out", tmp_path / "report.json")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"] == "pass" and set(report["backends"]) == {"torch-split", "ort", "ort-fp16"}
@@ -82,7 +82,7 @@ def test_cli_chain(family, tmp_path, movielens):
     # may fail on 15 requests; what must hold is that it validates to a verdict with the
     # per-graph numbers inside the INT8 tolerances
     r = run("validate", build, "--data", "ml-100k", "--count", "15", "--backends", "ort-int8",
-            "--json", tmp_path / "int8.json")
+            "--json-out", tmp_path / "int8.json")
     assert r.exit_code in (0, 1), r.output
     int8 = json.loads((tmp_path / "int8.json").read_text())["backends"]["ort-int8"]
     assert all(v["pass"] for g in int8["graphs"].values() for v in g.values())

@@ -155,17 +155,17 @@ def test_a_manifest_graph_may_name_its_data_file():
 
 
 @pytest.mark.parametrize("data,why", [
-    ({"file": "../x.data", "sha256": "0" * 64, "bytes": 1}, "graphs.user_encoder.data.file '../x.data' is not "
+    ({"file": "../x.data", "sha256": "0" * 64, "bytes": 1}, "graphs.user_encoder: data.file '../x.data' is not "
                                                               "'user_encoder.onnx.data'"),
-    ({"file": "other.onnx.data", "sha256": "0" * 64, "bytes": 1}, "graphs.user_encoder.data.file "
+    ({"file": "other.onnx.data", "sha256": "0" * 64, "bytes": 1}, "graphs.user_encoder: data.file "
                                                                   "'other.onnx.data' is not 'user_encoder.onnx.data'"),
-    ({"file": "user_encoder.onnx.data", "sha256": "zz", "bytes": 1}, "graphs.user_encoder.data must give the "
-                                                                     "file, its sha256 and its bytes"),
-    ({"file": "user_encoder.onnx.data", "sha256": "0" * 64, "bytes": -1}, "graphs.user_encoder.data must give the "
-                                                                          "file, its sha256 and its bytes"),
-    ({"file": "user_encoder.onnx.data", "sha256": "0" * 64, "bytes": True}, "graphs.user_encoder.data must give "
-                                                                            "the file, its sha256 and its bytes"),
-    ("user_encoder.onnx.data", "graphs.user_encoder.data must give the file, its sha256 and its bytes"),
+    ({"file": "user_encoder.onnx.data", "sha256": "zz", "bytes": 1}, "graphs.user_encoder.data.sha256: expected a "
+                                                                     "sha256 (64 lowercase hex digits), got 'zz'"),
+    ({"file": "user_encoder.onnx.data", "sha256": "0" * 64, "bytes": -1}, "graphs.user_encoder.data.bytes: expected "
+                                                                          "greater than or equal to 0, got -1"),
+    ({"file": "user_encoder.onnx.data", "sha256": "0" * 64, "bytes": True}, "graphs.user_encoder.data.bytes: "
+                                                                            "expected a valid integer, got True"),
+    ("user_encoder.onnx.data", "graphs.user_encoder.data: expected an object"),
 ])
 def test_a_bad_data_entry_is_refused(data, why):
     with pytest.raises(BuildError) as e:

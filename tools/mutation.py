@@ -58,7 +58,8 @@ MODULES: dict[str, list[str]] = {
     # validates whole trained builds: minutes per run)
     "onetrans_trt/validate/": ["tests/mutation_kills/test_validate.py", "tests/mutation_kills/test_validate_more.py",
                                "tests/validate/test_compare_empty.py",
-                               "tests/validate/test_api_unit.py", "tests/validate/test_module_unit.py",
+                               "tests/validate/test_api_unit.py", "tests/validate/test_checks_unit.py",
+                               "tests/validate/test_module_unit.py",
                                "tests/validate/test_diverge_unit.py"],
 }
 

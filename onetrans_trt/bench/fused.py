@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,15 @@ def random_build(out: Path, *, preset: str, history: int, n_layers: int | None =
 
 def bench_fused(*, preset: str = "small", candidates: int = 1024, history: int = 1024, rounds: int = 10,
                 work: Path | None = None) -> dict[str, Any]:
+    """Fused vs unfused scorer; scratch builds in ``work``, else in a temporary directory removed
+    when this returns, fails or is interrupted."""
+    from onetrans_trt.bench.scratch import scratch_dir
+
+    with scratch_dir(work) as tmp:
+        return _bench_fused(tmp, preset=preset, candidates=candidates, history=history, rounds=rounds)
+
+
+def _bench_fused(tmp: Path, *, preset: str, candidates: int, history: int, rounds: int) -> dict[str, Any]:
     from onetrans_trt.bench.memory import peak_growth
     from onetrans_trt.bench.timing import interleaved
     from onetrans_trt.export.api import default_passes, read_manifest, rerun_passes
@@ -36,7 +44,6 @@ def bench_fused(*, preset: str = "small", candidates: int = 1024, history: int =
     from onetrans_trt.graphs.flops import placeholder_feeds
     from onetrans_trt.runtime.ort_backend import ort_session
 
-    tmp = Path(work or tempfile.mkdtemp(prefix="onetrans-bench-"))
     fused = random_build(tmp / "fused", preset=preset, history=history)
     plain = tmp / "plain"
     shutil.rmtree(plain, ignore_errors=True)
@@ -62,7 +69,17 @@ def bench_fused(*, preset: str = "small", candidates: int = 1024, history: int =
 def bench_int8(*, preset: str = "small", candidates: int = 256, history: int = 512, rounds: int = 10,
                calibration: int = 16, work: Path | None = None) -> dict[str, Any]:
     """ORT CPU latency of the INT8 vs the FP32 candidate scorer (random weights, synthetic
-    calibration requests), measured interleaved."""
+    calibration requests), measured interleaved; scratch build in ``work``, else in a temporary
+    directory removed when this returns, fails or is interrupted."""
+    from onetrans_trt.bench.scratch import scratch_dir
+
+    with scratch_dir(work) as tmp:
+        return _bench_int8(tmp, preset=preset, candidates=candidates, history=history, rounds=rounds,
+                           calibration=calibration)
+
+
+def _bench_int8(tmp: Path, *, preset: str, candidates: int, history: int, rounds: int,
+                calibration: int) -> dict[str, Any]:
     import warnings
 
     from onetrans_trt.bench.timing import interleaved
@@ -72,7 +89,6 @@ def bench_int8(*, preset: str = "small", candidates: int = 256, history: int = 5
     from onetrans_trt.graphs.flops import placeholder_feeds
     from onetrans_trt.runtime.ort_backend import OrtSplitBackend
 
-    tmp = Path(work or tempfile.mkdtemp(prefix="onetrans-bench-"))
     build = random_build(tmp / "b", preset=preset, history=history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

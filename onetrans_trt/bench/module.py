@@ -95,6 +95,13 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
                 how = {"fp16": "convert", "int8": "calibrate"}[sub]
                 skipped[name] = f"no {sub} variant (onetrans-trt {how} {build})"
                 continue
+            if sub:
+                from onetrans_trt import lineage
+
+                state, why = lineage.variant_state(build, m, sub)
+                if state == "stale":  # made from graphs since rewritten: not measured as this build's
+                    skipped[name] = why
+                    continue
             prefix = f"{sub}/" if sub else ""
             be = OrtSplitBackend(build, name=name, user_graph=f"{prefix}user_encoder.onnx",
                                  scorer_graph=f"{prefix}candidate_scorer.onnx", threads=threads, device=None)

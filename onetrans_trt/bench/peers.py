@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,7 +100,22 @@ def bench_peers(build: str | Path | None = None, *, preset: str | None = None, q
                 cache_history: int | None = None, cache_candidates: int | None = None, rounds: int | None = None,
                 threads: int | None = None, backends: list[str] | None = None, pyramid: bool = True,
                 work: Path | None = None, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Every section of the module docstring; returns a JSON-able dict."""
+    """Every section of the module docstring; returns a JSON-able dict. Scratch files (the
+    random build, the pyramid-off twin) go to ``work``, else to a temporary directory removed
+    when this returns, fails or is interrupted."""
+    from onetrans_trt.bench.scratch import scratch_dir
+
+    with scratch_dir(work) as tmp:
+        return _bench_peers(build, tmp, preset=preset, quick=quick, history=history, candidates=candidates,
+                            scorer_candidates=scorer_candidates, cache_history=cache_history,
+                            cache_candidates=cache_candidates, rounds=rounds, threads=threads, backends=backends,
+                            pyramid=pyramid, say=say)
+
+
+def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, quick: bool, history: int | None,
+                 candidates: int | None, scorer_candidates: int | None, cache_history: int | None,
+                 cache_candidates: int | None, rounds: int | None, threads: int | None,
+                 backends: list[str] | None, pyramid: bool, say: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from onetrans_trt.bench.fused import random_build
@@ -118,7 +132,6 @@ def bench_peers(build: str | Path | None = None, *, preset: str | None = None, q
                      cache_history=cache_history, cache_candidates=cache_candidates, rounds=rounds).items():
         if v is not None:
             p[k] = v
-    tmp = Path(work or tempfile.mkdtemp(prefix="onetrans-bench-"))
     if build is None:
         preset = preset or ("small" if quick else "onetrans-s")
         say(f"export a random {preset} model (synthetic schema, history up to {max(p['history'], p['cache_history'])})")

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onetrans_trt import lineage
 from onetrans_trt.errors import BuildError, InputError
 from onetrans_trt.export.api import (
     CANDIDATE_SCORER,
@@ -136,9 +137,9 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     if model.ByteSize() < PROTOBUF_LIMIT - (64 << 20) and not has_external(model):
         return onnx.shape_inference.infer_shapes(model)
-    import tempfile
+    from onetrans_trt.interrupts import temporary_directory
 
-    with tempfile.TemporaryDirectory(prefix="onetrans-fp16-") as tmp:
+    with temporary_directory(prefix="onetrans-fp16-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path, check=False)
         onnx.shape_inference.infer_shapes_path(str(path))
@@ -265,6 +266,9 @@ def convert_build(build: str | Path, *, keep_fp32: list[str] | None = None, kv_f
                             "fp32_nodes": keep_nodes, "graphs": {}}
     if kv_names is not None:
         info["kv_tensors"] = sorted(kv_names)
+    # what fp16/ is made from (lineage): the two graphs as they are now, and how to make it again
+    info["lineage"] = lineage.record(manifest, command=["convert", "BUILD", *(["--kv-fp16"] if kv_fp16 else []),
+                                                       *(["--keep-fp32", ",".join(keep_fp32)] if keep_fp32 else [])])
     # the whole fp16/ directory is built aside and swapped in: never half old, half new
     with atomic_directory(out, force=True) as tmp_dir:
         for role, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):

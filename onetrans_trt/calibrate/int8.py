@@ -11,10 +11,7 @@ ModelOpt writes temporary files in the working directory, so it runs in a temp d
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +20,8 @@ import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
 
+from onetrans_trt import interrupts, lineage
+from onetrans_trt import log as logs
 from onetrans_trt.errors import MissingCapabilityError
 from onetrans_trt.io import locks_build
 
@@ -78,18 +77,17 @@ def quantize_graph(model: onnx.ModelProto, feed_list: list[dict[str, np.ndarray]
     model, fused = _inline_fused(model)
     node_excl = attention_matmuls(model) + node_excl
     cwd = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="onetrans-int8-") as tmp:
+    with interrupts.temporary_directory(prefix="onetrans-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         save_model(model, src, check=False)
         os.chdir(tmp)
-        buf = io.StringIO()
         try:
-            with contextlib.redirect_stdout(buf):
+            with logs.captured_output("modelopt") as buf:  # ModelOpt prints: into the log (-v shows it)
                 quantize(str(src), quantize_mode="int8", calibration_data_reader=FeedReader(feed_list),
                          calibration_method="max", calibration_eps=["cpu"], op_types_to_quantize=["MatMul", "Gemm"],
                          op_types_to_exclude=op_excl,
                          nodes_to_exclude=node_excl, high_precision_dtype=high_precision_dtype,
-                         disable_mha_qdq=True, output_path=str(dst), log_level="ERROR")
+                         disable_mha_qdq=True, output_path=str(dst), log_level=logs.modelopt_level())
         finally:
             os.chdir(cwd)
         if log:
@@ -274,9 +272,20 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
             info["graphs"][role] = {**graph_record(tmp_dir, fname, f"int8/{fname}"), "qdq": summary,
                                     "fused": count_fused(g)}
     say("done", 2, 2)
+    # lineage: serving.onnx is re-cut and quantized; the user encoder makes the scorer's calibration K/V
+    info["lineage"] = lineage.record(manifest, ("serving", "user_encoder", "candidate_scorer"),
+                                     _calibrate_command(n_samples, keep_float, inputs, synthetic))
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info
+
+
+def _calibrate_command(n_samples: int, keep_float, inputs, synthetic: bool) -> list[str]:
+    """``calibrate`` as it was run (for the re-run a stale int8/ names)."""
+    return ["calibrate", "BUILD", "--samples", str(n_samples),
+            *(["--inputs", str(Path(inputs).resolve())] if inputs is not None else []),
+            *(["--synthetic"] if synthetic else []),
+            *(["--keep-float", ",".join(keep_float)] if keep_float else [])]
 
 
 def calibration_source(spec, n_samples: int, inputs: str | Path | None, synthetic: bool):
@@ -335,6 +344,7 @@ def _calibrate_module(build: Path, manifest: dict, *, n_samples: int, keep_float
             info["graphs"][role] = {**graph_record(tmp_dir, fname, f"int8/{fname}"), "qdq": qdq_summary(q),
                                     "fused": count_fused(gs.import_onnx(q))}
     say("done", 2, 2)
+    info["lineage"] = lineage.record(manifest, command=_calibrate_command(n_samples, keep_float, inputs, synthetic))
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info

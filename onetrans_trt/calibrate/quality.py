@@ -19,13 +19,20 @@ VARIANT_BACKENDS = {"fp32": "ort", "fp16": "ort-fp16", "int8": "ort-int8"}
 
 
 def ranking_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> tuple[float, float]:
-    """(top-k overlap, Kendall tau) of two score vectors over the same candidates."""
+    """(top-k overlap, Kendall tau) of scores ``a`` (a backend's) against ``b`` (the
+    reference's) over the same candidates. A candidate of ``a``'s top k agrees when it is in
+    ``b``'s top k, or ties exactly with ``b``'s k-th score: which of several candidates the
+    reference scores the same (one item given twice) makes its top k is arbitrary, and a
+    backend's last-bit differences between such rows must not count as disagreement."""
     from scipy.stats import kendalltau
 
     k = min(k, len(a))
-    top_a, top_b = set(np.argsort(-a, kind="stable")[:k]), set(np.argsort(-b, kind="stable")[:k])
+    top_a = np.argsort(-a, kind="stable")[:k]
+    order_b = np.argsort(-b, kind="stable")
+    top_b, kth = set(order_b[:k].tolist()), b[order_b[k - 1]]
+    agree = sum(1 for j in top_a.tolist() if j in top_b or b[j] == kth)
     tau = kendalltau(a, b).statistic if len(a) > 1 else 1.0
-    return len(top_a & top_b) / k, float(1.0 if np.isnan(tau) else tau)
+    return agree / k, float(1.0 if np.isnan(tau) else tau)
 
 
 def evaluate_variant(build: str | Path, variant: str, *, n_requests: int = 200, n_candidates: int = 50,

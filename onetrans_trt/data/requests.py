@@ -31,49 +31,53 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from onetrans_trt.contracts import refused
 from onetrans_trt.data.schema import OOV, PAD, FeatureSchema
 from onetrans_trt.errors import RequestError
+from onetrans_trt.io import TooBig
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-@dataclass
-class RequestLimits:
+_POSITIVE = {"int_type": "expected a positive integer, got {input}",
+             "greater_than": "expected a positive integer, got {input}"}
+
+
+class RequestLimits(BaseModel):
     """What one request may hold. Over a limit the request is refused with the field named,
     never silently cut; with ``over_limit="truncate"`` the newest ``max_history`` events and
     the first ``max_candidates`` candidates are kept and the response records it."""
 
-    max_history: int = 10_000  # behaviour events per request
-    max_candidates: int = 10_000
-    max_request_bytes: int = 16 << 20  # of a request file / body
-    over_limit: str = "refuse"  # or "truncate"
+    model_config = ConfigDict(strict=True, extra="forbid", title="Limits")
 
-    def __post_init__(self) -> None:
-        for name in ("max_history", "max_candidates", "max_request_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RequestError(f"limits.{name}: expected a positive integer, got {v!r}")
-        if self.over_limit not in ("refuse", "truncate"):
-            raise RequestError(f"limits.over_limit: expected 'refuse' or 'truncate', got {self.over_limit!r}")
+    max_history: int = Field(10_000, gt=0, description="behaviour events per request")
+    max_candidates: int = Field(10_000, gt=0, description="candidates per request")
+    max_request_bytes: int = Field(16 << 20, gt=0, description="bytes of one request in a file or body")
+    over_limit: Literal["refuse", "truncate"] = Field(
+        "refuse", description="over a limit: refuse the request, or keep the newest events / first candidates")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        kw.update(zip(type(self).model_fields, args))  # positional, in the order above
+        with refused(RequestError, kw, "limits", _POSITIVE):
+            super().__init__(**kw)
 
     @classmethod
     def from_json(cls, obj: Any) -> "RequestLimits":
-        if not isinstance(obj, dict):
-            raise RequestError("limits: expected a JSON object")
-        unknown = sorted(set(obj) - {"max_history", "max_candidates", "max_request_bytes", "over_limit"})
-        if unknown:
-            raise RequestError(f"limits: unknown keys {unknown}")
-        return cls(**obj)
+        with refused(RequestError, obj, "limits", {**_POSITIVE, "limits:model_type": "expected a JSON object"}):
+            return cls.model_validate(obj)
 
     @classmethod
     def load(cls, path: str | Path) -> "RequestLimits":
         try:
-            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return cls.from_json(json.loads(read_regular_file(path, 1 << 16).decode("utf-8")))
+        except TooBig as e:
+            raise RequestError(f"{path}: {e.size} bytes is too big for a limits JSON file") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise RequestError(f"{path}: not a readable limits JSON file ({str(e)[:120]})") from None
 
     def apply(self, req: "Request") -> tuple["Request", dict[str, Any]]:
@@ -117,6 +121,71 @@ def _timestamp(ev: Any, i: int) -> float:
     return t
 
 
+MAX_DEPTH = 16  # a request is 4 levels deep (request.candidates[i].genres[j]); more is hostile
+_INT64 = 1 << 63
+
+
+def _where(path: list) -> str:
+    out = "request"
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def _plain(v: Any, path: list) -> Any:
+    """``v`` as plain JSON values (see :meth:`Request.from_json`); ``path`` names it in errors."""
+    if v is None or isinstance(v, (str, bool, float)):
+        return v
+    if isinstance(v, int):
+        if -_INT64 <= v < _INT64:
+            return v
+        raise RequestError(f"{_where(path)}: integer outside the 64-bit range")
+    if len(path) >= MAX_DEPTH:
+        raise RequestError(f"{_where(path[:MAX_DEPTH])}: nested more than {MAX_DEPTH} levels deep")
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise RequestError(f"{_where(path)}: keys must be strings, got {type(k).__name__}")
+            out[k] = _plain(x, path + [k])
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_plain(x, path + [i]) for i, x in enumerate(v)]
+    if isinstance(v, (np.ndarray, np.generic)) and v.dtype.kind in "biufUO":
+        return _plain(v.tolist(), path)
+    raise RequestError(f"{_where(path)}: a {type(v).__name__} is not a JSON value")
+
+
+Features = dict[str, Any]  # feature name -> a value, a list (multi-hot, dense) or null
+
+
+class EventJSON(BaseModel):
+    """One behaviour event: its sequence, when it happened, and that sequence's fields
+    (other keys are left alone)."""
+
+    model_config = ConfigDict(strict=True, title="Event", json_schema_extra={"additionalProperties": True})
+    sequence: str = Field(description="the name of one of the model's behaviour sequences")
+    timestamp: float = Field(allow_inf_nan=False, description="when it happened; the newest events are kept")
+
+
+class RequestJSON(BaseModel):
+    """A serving request: one user, their history, the context and the candidates to score.
+    Integers are 64-bit and values nest at most 16 levels deep; feature names and values are
+    checked against the model's feature schema when the request is encoded (unknown ids map
+    to the out-of-vocabulary row)."""
+
+    model_config = ConfigDict(strict=True, title="Request")
+    user: Features = Field(default_factory=dict, description="the user's features")
+    context: Features = Field(default_factory=dict, description="the request context's features")
+    history: list[EventJSON] = Field(default_factory=list, description="behaviour events, in any order")
+    candidates: list[Features] = Field(description="the items to score, each an object of item features")
+    user_key: str | int | None = Field(None, description="a cache key for the user's K/V (an integer becomes a string)")
+
+
+_REQUEST_SAY = {"request:model_type": "expected a JSON object at the top level",
+                "request.candidates:missing": "missing (a list of candidate items)"}
+
+
 @dataclass
 class Events:
     """A user's behaviour events, encoded: one entry per event, in any order."""
@@ -144,22 +213,13 @@ class Request:
 
     @classmethod
     def from_json(cls, obj: Any) -> "Request":
-        if not isinstance(obj, dict):
-            raise RequestError("request: expected a JSON object at the top level")
-        for key in ("user", "context"):
-            if key in obj and not isinstance(obj[key], dict):
-                raise RequestError(f"request.{key}: expected an object")
-        for key in ("history", "candidates"):
-            if key in obj and not isinstance(obj[key], list):
-                raise RequestError(f"request.{key}: expected a list")
-        if "candidates" not in obj:
-            raise RequestError("request.candidates: missing (a list of candidate items)")
-        for i, ev in enumerate(obj.get("history", [])):
-            if not isinstance(ev, dict):
-                raise RequestError(f"request.history[{i}]: expected an object")
-        for i, c in enumerate(obj["candidates"]):
-            if not isinstance(c, dict):
-                raise RequestError(f"request.candidates[{i}]: expected an object")
+        """A request from its JSON value (a dict as ``json.load`` gives it). Through the Python
+        API numpy arrays and scalars are taken as the lists and numbers they hold, tuples as
+        lists; anything that is not a JSON value (bytes, sets, objects), integers outside 64
+        bits, non-string keys and nesting deeper than ``MAX_DEPTH`` raise :class:`RequestError`."""
+        obj = _plain(obj, [])
+        with refused(RequestError, obj, "request", _REQUEST_SAY):
+            RequestJSON.model_validate(obj)
         key = obj.get("user_key")
         return cls(
             user=dict(obj.get("user", {})), context=dict(obj.get("context", {})),
@@ -175,22 +235,36 @@ class Request:
         return d
 
 
+def read_regular_file(path: str | Path, bound: int) -> bytes:
+    """:func:`onetrans_trt.io.read_regular_file`, a device or pipe refused as a RequestError."""
+    from onetrans_trt.io import NotRegular
+    from onetrans_trt.io import read_regular_file as read
+
+    try:
+        return read(path, bound)
+    except NotRegular:
+        raise RequestError(f"{path}: not a regular file (a device, pipe or socket); give a JSON file") from None
+
+
 def load_requests(path: str | Path, limits: RequestLimits | None = None) -> list[Request]:
     """Read one request (a JSON object) or many (a JSON list, or JSON lines); a file over
     ``limits.max_request_bytes`` times the number of requests it could hold is refused
-    before it is read."""
+    before it is read. Only regular files are read (a device, pipe or socket is refused), and
+    never more than that bound, even from a file that grows or lies about its size."""
     path = Path(path)
     limits = limits or RequestLimits()
+    bound = limits.max_request_bytes * 1024
     try:
-        size = path.stat().st_size
-        if size > limits.max_request_bytes * 1024:
-            raise RequestError(f"{path}: {size} bytes is over the limit of 1024 requests of "
-                               f"{limits.max_request_bytes} bytes (limits.max_request_bytes)")
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, bound).decode("utf-8")
+    except TooBig as e:
+        raise RequestError(f"{path}: {e.size} bytes is over the limit of 1024 requests of "
+                           f"{limits.max_request_bytes} bytes (limits.max_request_bytes)") from None
     except FileNotFoundError:
         raise RequestError(f"{path}: no such request file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RequestError(f"{path}: cannot read ({e})") from None
+    if not text.strip():
+        raise RequestError(f"{path}: holds no request (the file is empty)")
     try:
         obj = json.loads(text)
         lines = [text]
@@ -202,8 +276,12 @@ def load_requests(path: str | Path, limits: RequestLimits | None = None) -> list
             raise RequestError(f"{path}: not JSON or JSON lines ({e})") from None
         except RecursionError:
             raise RequestError(f"{path}: JSON nested too deeply") from None
+        except ValueError as e:  # an integer of thousands of digits (int/str conversion limit)
+            raise RequestError(f"{path}: not usable JSON ({str(e)[:100]})") from None
     except RecursionError:
         raise RequestError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise RequestError(f"{path}: not usable JSON ({str(e)[:100]})") from None
     items = obj if isinstance(obj, list) else [obj]
     if len(lines) == 1 and len(text.encode("utf-8")) > limits.max_request_bytes * max(1, len(items)):
         raise RequestError(f"{path}: over {limits.max_request_bytes} bytes per request (limits.max_request_bytes)")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import onnx
 
+from onetrans_trt import lineage
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.export.api import CANDIDATE_SCORER, USER_ENCODER, read_manifest
 from onetrans_trt.io import atomic_path, atomic_write_json, atomic_write_text, locks_build
@@ -152,6 +153,8 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     manifest = read_manifest(build)
     if precision not in SUBDIR:
         raise InputError(f"--precision {precision!r}: choose fp32, fp16 or int8")
+    if precision != "fp32":  # a variant made from graphs `graphs` has since rewritten: refused before any write
+        lineage.check_variant(build, manifest, precision)
     engine_dir = build / "engines" / precision
     engine_dir.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Any] = {"precision": precision, "workspace_mb": workspace_mb, "tf32": tf32, "graphs": {}}
@@ -187,6 +190,8 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
 
     register_trt_plugins()
     cache_path = engine_dir / "timing.cache"
+    # the old engines' record goes before any engine is replaced: never a record of other engines
+    (engine_dir / lineage.ENGINE_LINEAGE).unlink(missing_ok=True)
     for role, (path, model) in models.items():
         say(f"build {role}")
         t0 = time.time()
@@ -198,6 +203,9 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
             tmp.write_bytes(data)
         log.append(f"built {role}.engine ({len(data)} bytes) in {time.time() - t0:.1f}s")
     atomic_write_text(engine_dir / "build_log.txt", "\n".join(log) + "\n")
+    # lineage: the ONNX files these engines were built from (checked by serve-repo and the trt backends)
+    atomic_write_json(engine_dir / lineage.ENGINE_LINEAGE,
+                      lineage.engine_record(manifest, precision, ["build", "BUILD", "--precision", precision]))
     plan["built"] = True
     atomic_write_json(engine_dir / "profiles.json", plan)
     return plan

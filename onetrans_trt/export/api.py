@@ -21,25 +21,23 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from onetrans_trt import __version__
+from onetrans_trt import __version__, interrupts, log
 from onetrans_trt.data.requests import Request, encode_events, encode_request, merge_stream, pad_streams
 from onetrans_trt.errors import BuildError, CheckpointError, InputError
 from onetrans_trt.io import atomic_directory, atomic_write_json, locks_build
+from onetrans_trt.trust import DEFAULT_OPSET, check_opset
 
 MANIFEST = "manifest.json"
 USER_ENCODER = "user_encoder.onnx"
 CANDIDATE_SCORER = "candidate_scorer.onnx"
 SERVING = "serving.onnx"
 UNIFIED = "unified.onnx"
-MAX_MANIFEST_BYTES = 16 << 20
-DEFAULT_OPSET = 23
 USER_PASSES = ["pyramid", "cleanup", "fuse-attention"]
 SCORER_PASSES = ["no-broadcast", "cleanup", "fuse-attention"]
 
@@ -62,12 +60,17 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
+    """Every tool that can touch the graphs (``provenance.TOOLS``), plus Python."""
+    from onetrans_trt.provenance import versions
 
-    return {"onetrans_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {"onetrans_trt": __version__, **versions()}
+
+
+def _made_by() -> dict[str, Any]:
+    """The manifest's ``provenance``: the command line and the host (``versions`` is its own key)."""
+    from onetrans_trt.provenance import command_line, host
+
+    return {"command": command_line(), "host": host()}
 
 
 def _example(model, n_users: int = 2, n_candidates: int = 3) -> tuple[dict, dict]:
@@ -109,15 +112,17 @@ def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path
     module.eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) if isinstance(feeds[n], np.ndarray)
                  else feeds[n].contiguous() for n in module.input_names)
-    with tempfile.TemporaryDirectory() as tmp:  # the exporter may leave report files behind
+    with interrupts.temporary_directory(prefix="onetrans-export-") as tmp:  # the exporter may leave report files behind
         cwd = os.getcwd()
         os.chdir(tmp)
         try:
-            prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                     input_names=module.input_names, output_names=module.output_names,
-                                     dynamic_shapes=shapes, external_data=False, verbose=False)
+            with log.captured_output("torch.onnx"):  # the exporter's own printing: into the log (-v shows it)
+                prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                         input_names=module.input_names, output_names=module.output_names,
+                                         dynamic_shapes=shapes, external_data=False, verbose=False)
         finally:
             os.chdir(cwd)
+        interrupts.check()  # the exporter swallows a Ctrl-C raised inside it (then tries another strategy)
     from onetrans_trt.onnx_files import data_file, threshold
 
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
@@ -292,8 +297,7 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
     out = Path(out)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
-    if opset < 18:
-        raise InputError(f"--opset {opset} is too old; use 18 or newer (default {DEFAULT_OPSET})")
+    check_opset(opset)  # before any work: a build at an opset nothing here loads is never written
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out.parent, prefix=".probe-")
@@ -341,6 +345,7 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "checkpoint": {"path": str(Path(ckpt).resolve()), "sha256": checkpoint_hash(ckpt)},
             "versions": _versions(),
+            "provenance": _made_by(),
             "opset": opset,
             "model": {"family": cfg.family, "preset": cfg.preset, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
                       "head_dim": cfg.head_dim, "n_layers": cfg.n_layers, "ns_tokens": cfg.num_ns_tokens,
@@ -368,17 +373,11 @@ def read_manifest(build: str | Path) -> dict[str, Any]:
     path = build / MANIFEST
     if not build.is_dir():
         raise BuildError(f"{build}: not a build directory (it does not exist)")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise BuildError(f"{build}: missing {MANIFEST}; run `onetrans-trt export CKPT --out {build}`")
-    from onetrans_trt.trust import check_manifest
+    from onetrans_trt.trust import load_manifest
 
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BuildError(f"{path}: over {MAX_MANIFEST_BYTES} bytes; not a manifest this toolkit wrote")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise BuildError(f"{path}: not valid JSON ({str(e)[:120]})") from None
-    return check_manifest(m, path)
+    return load_manifest(path)
 
 
 @locks_build("graphs")

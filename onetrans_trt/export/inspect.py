@@ -44,7 +44,11 @@ def request_dims(manifest: dict, candidates: int, history: int) -> dict[str, int
 def inspect_build(build: str | Path, *, candidates: int = 128, history: int | None = None) -> dict[str, Any]:
     build = Path(build)
     m = read_manifest(build)
-    history = history or m["model"]["s_max_len"]
+    s_max = m["model"]["s_max_len"]
+    notes = []
+    if history is not None and history > s_max:  # the graphs hold no more: count what a request can be
+        notes.append(f"history {history} > the model's {s_max} S-tokens: using {s_max}")
+    history = min(history or s_max, s_max)
     dims = request_dims(m, candidates, history)
     graphs = {}
     for key, fname in (("user_encoder", USER_ENCODER), ("candidate_scorer", CANDIDATE_SCORER)):
@@ -65,6 +69,7 @@ def inspect_build(build: str | Path, *, candidates: int = 128, history: int | No
         how = "C x (user encoder + scorer for one candidate); export --unified to measure it"
     return {
         "build": str(build), "manifest": m, "request": {"candidates": candidates, "history": history},
+        "notes": notes,
         "dims": dims, "graphs": graphs,
         "flops": {"user_encoder_once": graphs["user_encoder"]["flops"],
                   "candidate_scorer": graphs["candidate_scorer"]["flops"], "split_total": split,

@@ -32,6 +32,7 @@ from onetrans_trt.errors import BuildError, InputError
 from onetrans_trt.io import atomic_directory, atomic_write_json, locks_build
 from onetrans_trt.protocol import SplitSpec, check_protocol, random_inputs, unified_inputs
 from onetrans_trt.protocol.checks import user_slice
+from onetrans_trt.trust import DEFAULT_OPSET, check_opset
 
 SPEC_FILE = "spec.json"
 SCORER_PASSES = ["shared-prefix", "no-broadcast", "cleanup"]
@@ -259,7 +260,7 @@ def _model_facts(spec: SplitSpec, state: dict) -> dict[str, Any]:
 
 @locks_build("export", arg="out")
 def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | None, out: str | Path, *,
-                  opset: int = 23, check: bool = True, unified: bool = False, force: bool = False,
+                  opset: int = DEFAULT_OPSET, check: bool = True, unified: bool = False, force: bool = False,
                   source: dict[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Prove the split (``check``), trace both graphs, run the passes, write the build.
@@ -270,7 +271,7 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
     import onnx_graphsurgeon as gs
     import torch
 
-    from onetrans_trt.export.api import CANDIDATE_SCORER, MANIFEST, UNIFIED, USER_ENCODER, _save_graph, _versions, \
+    from onetrans_trt.export.api import CANDIDATE_SCORER, MANIFEST, UNIFIED, USER_ENCODER, _made_by, _save_graph, _versions, \
         graph_entry, trace_onnx
     from onetrans_trt.graphs import run_passes
     from onetrans_trt import onnx_files
@@ -280,8 +281,7 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
     out = Path(out)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
-    if opset < 18:
-        raise InputError(f"--opset {opset} is too old; use 18 or newer")
+    check_opset(opset)  # before any work: a build at an opset nothing here loads is never written
     params = list(module.parameters())
     weight_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
     module = module.float().eval()  # export and prove in fp32, whatever the weights were stored in
@@ -344,6 +344,7 @@ def export_module(module, spec: SplitSpec | dict, example: tuple[dict, dict] | N
             "checkpoint": {"module": (source or {}).get("module", type(module).__name__),
                            "weights": (source or {}).get("weights"), "weight_dtypes": weight_dtypes},
             "versions": _versions(),
+            "provenance": _made_by(),
             "opset": opset,
             "model": _model_facts(spec, one),
             "pyramid": {"schedule": None, "mode": "module"},

@@ -30,6 +30,20 @@ def available_passes() -> list[str]:
     return list(PASSES)
 
 
+def describe_passes() -> dict[str, str]:
+    """Every registered pass with one line on what it does (its module's summary line,
+    ``"Title: what it does."`` -> ``"what it does."``)."""
+    import sys
+
+    _load_all()
+    out = {}
+    for name, fn in PASSES.items():
+        doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip()
+        first = doc.splitlines()[0] if doc else ""
+        out[name] = first.split(": ", 1)[1] if ": " in first else first
+    return out
+
+
 def run_passes(graph, names: list[str], *, graph_name: str = "graph"):
     """Apply passes in order; return ``(graph, records)``."""
     _load_all()
@@ -45,4 +59,8 @@ def run_passes(graph, names: list[str], *, graph_name: str = "graph"):
         if "fused_attention" in graph.__dict__:
             rec["fused"] = graph.__dict__["fused_attention"]
         records.append(rec)
+        from onetrans_trt.log import get_logger
+
+        get_logger("graphs").info("pass %s on %s: %d -> %d nodes%s", name, graph_name, before, len(graph.nodes),
+                                  f" ({rec['fused']} attention fused)" if "fused" in rec else "")
     return graph, records

@@ -1,29 +1,35 @@
 """Fuse attention: replace our exported attention subgraphs with the custom ops.
 
-Two patterns, each anchored on the matrix products that define it and checked on its
-structure before anything is rewritten:
+onnxscript rewriter rules (:mod:`onnxscript.rewriter.pattern`), each pattern written as the
+computation it matches; a rule's ``check`` confirms what a pattern cannot say (constants, the
+mask's source, K's layout) before anything is rewritten. A scale's Mul and a mask's Add take
+either operand order.
 
-- **TailCausalAttention** (user encoder): ``Softmax(Where(mask, Mul(MatMul(Q, Transpose(K)),
-  scale), -inf))`` followed by ``MatMul(P, V)``, where the mask is computed from the
-  ``s_length`` input. Becomes ``TailCausalAttention(Q, K, V, s_length)``.
-- **SharedPrefixAttention** (candidate scorer): the candidates' queries reshaped to one
-  batch ``MatMul``-ed with the transposed user K (a ``user_k_<l>`` input), the candidates'
-  own causal part ``MatMul(Q, Transpose(K_own))``, both ``P @ V`` products, and the final
-  ``Div`` that merges them. Becomes ``SharedPrefixAttention(Q, K_user, V_user, s_length,
-  K_own, V_own)``.
+- **TailCausalAttention(Q, K, V, s_length)** (user encoder): ``Softmax(mask(scale(Q @ K^T))) @ V``,
+  Softmax on the last axis (``-1``, ``3`` or the default), the mask computed from ``s_length``
+  (and shapes) alone: ``Where(cond, s, -inf)``, ``Where(cond, -inf, s)`` or
+  ``s + Where(cond, 0, -inf)``; scale: ``* c`` or ``/ c`` on the scores or on Q, or ``* c`` on Q and K^T.
+- **SharedPrefixAttention(Q, K_user, V_user, s_length, K_own, V_own)** (candidate scorer): the
+  candidates' queries as one batch against the user's K/V (``user_k_<l>``/``user_v_<l>``
+  inputs, through layout ops), their own causal part, and the online-softmax merge of the two,
+  as :func:`onetrans_trt.models.attention.shared_prefix_attention` writes it (scales ``* c`` or ``/ c``).
 
-The fused node carries ``scale``, ``plugin_namespace="onetrans"`` (TensorRT resolves the
-plugin by it) and ``aot=1``. The replaced nodes lose their consumers and are removed; the
-mask computations go with them. ONNX Runtime runs the fused graph through the ops' ONNX
-function bodies, which :func:`onetrans_trt.plugins.attach_op_functions` attaches on save.
+K^T is a ``Transpose`` of K (any 4-axis perm: one merged with the head split's is undone by a
+``Transpose`` added before the op) or K given pre-transposed (its shape against Q's says so). The
+fused node carries ``scale``, ``plugin_namespace="onetrans"`` (TensorRT resolves the plugin by
+it) and ``aot=1``; the replaced nodes, masks included, lose their consumers and are removed. ONNX
+Runtime runs the ops through the function bodies :func:`onetrans_trt.plugins.attach_op_functions`
+attaches on save.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
-import numpy as np
 import onnx_graphsurgeon as gs
+from onnxscript import ir
+from onnxscript.rewriter import pattern
 
 from onetrans_trt.graphs import register
 from onetrans_trt.plugins._onnx import DOMAIN, PLUGIN_NAMESPACE
@@ -31,215 +37,200 @@ from onetrans_trt.plugins._onnx import DOMAIN, PLUGIN_NAMESPACE
 LAYOUT = {"Slice", "Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze"}
 
 
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if isinstance(t, gs.Variable) and t.inputs else None
+def _scalar(v: ir.Value | None) -> float | None:
+    """A one-element constant's value, also one broadcast by ``Expand`` (torch's ``zeros_like``)."""
+    if v is not None and v.producer() is not None and v.producer().op_type == "Expand":
+        v = v.producer().inputs[0]
+    t = ir.convenience.get_const_tensor(v) if v is not None else None
+    return float(t.numpy().reshape(-1)[0]) if t is not None and t.size == 1 else None
 
 
-def _source_input(t: gs.Tensor, graph_inputs: set[str]) -> str | None:
-    """The graph input ``t`` is a layout-only view of, if any."""
-    while True:
-        if t.name in graph_inputs:
-            return t.name
-        p = _producer(t)
-        if p is None or p.op not in LAYOUT:
-            return None
-        t = p.inputs[0]
+def _scaled(op, x, c, tag: str):
+    """``x * c``, ``c * x`` or ``x / c`` (``tag``: the power of ``c``)."""
+    return pattern.OrValue([op.Mul(x, c), op.Mul(c, x), op.Div(x, c)], tag_var=tag, tag_values=[1, 1, -1])
 
 
-def _value_inputs(t: gs.Tensor, graph: gs.Graph, limit: int = 2000) -> set[str] | None:
-    """Graph inputs whose *values* ``t`` depends on (a ``Shape`` reads only a shape, so
-    the walk stops there); ``None`` when the walk is cut short."""
-    names = {i.name for i in graph.inputs}
-    stack, seen, found = [t], set(), set()
-    while stack:
-        if len(seen) > limit:
-            return None
+def _masked(op, s, cond, fill, zero=None, tag: str = "mask"):
+    """``Where(cond, s, fill)``, ``Where(cond, fill, s)``; with ``zero``, ``s + Where(cond, zero, fill)``."""
+    where = [op.Where(cond, s, fill), op.Where(cond, fill, s)]
+    add = [op.Add(s, op.Where(cond, zero, fill)), op.Add(op.Where(cond, zero, fill), s)] if zero is not None else []
+    return pattern.OrValue(where + add, tag_var=tag, tag_values=["where"] * 2 + ["add"] * len(add))
+
+
+def _source(v: ir.Value) -> str:
+    """The graph input ``v`` is a layout-only view of, if any (else ``""``)."""
+    while v.producer() is not None and v.producer().op_type in LAYOUT:
+        v = v.producer().inputs[0]
+    return v.name if v.is_graph_input() else ""
+
+
+def _length(v: ir.Value, limit: int = 2000) -> ir.Value | None:
+    """The ``s_length`` input when it is the only graph input whose *values* ``v`` reads (a
+    ``Shape`` reads only a shape, so the walk stops there); None when the walk is cut short."""
+    stack, seen, found = [v], set(), set()
+    while stack and len(seen) <= limit:
         x = stack.pop()
-        if id(x) in seen:
+        if x is None or x in seen:
             continue
-        seen.add(id(x))
-        if x.name in names:
-            found.add(x.name)
-        p = _producer(x)
-        if p is not None and p.op not in ("Shape", "Size"):
-            stack.extend(p.inputs)
-    return found
+        seen.add(x)
+        found |= {x} if x.is_graph_input() else set()
+        p = x.producer()
+        stack += p.inputs if p is not None and p.op_type not in ("Shape", "Size") else []
+    return found.pop() if not stack and len(found) == 1 and next(iter(found)).name == "s_length" else None
 
 
-def _const_scalar(t: gs.Tensor) -> float | None:
-    if isinstance(t, gs.Constant):
-        v = np.asarray(t.values)
-    else:
-        p = _producer(t)
-        if p is None or p.op != "Constant":
-            return None
-        v = np.asarray(p.attrs["value"].values)
-    return float(v.reshape(-1)[0]) if v.size == 1 else None
-
-
-def _transposed_last_two(t: gs.Tensor, graph: gs.Graph | None = None) -> gs.Tensor | None:
-    """``x`` such that ``t = x^T`` on the last two axes of a 4-D tensor.
-
-    ``t`` must come from a Transpose. When a simplifier merged the head split's transpose
-    into it (``t = Transpose(y, P)`` with another ``P``), ``x`` is ``Transpose(y, Q)``
-    with ``Q = P o [0, 1, 3, 2]``, added to ``graph`` (``None``: only report whether it
-    is a transpose at all, returning ``t``'s source).
-    """
-    p = _producer(t)
-    if p is None or p.op != "Transpose":
+def _key(k_t: ir.Value, q: ir.Value) -> tuple[ir.Value, list[int]] | None:
+    """``(x, perm)`` with ``K = Transpose(x, perm)`` ([.., L, dh]), given the product's K^T."""
+    p = k_t.producer()
+    perm = list(p.attributes.get_ints("perm", [])) if p is not None and p.op_type == "Transpose" else []
+    if len(perm) == 4:
+        return p.inputs[0], [perm[i] for i in (0, 1, 3, 2)]
+    kd, qd = k_t.shape, q.shape  # K^T as given: [B, H, dh, L] against Q's [B, H, L, dh]
+    if kd is None or qd is None or len(kd) != 4 or len(qd) != 4:
         return None
-    perm = list(p.attrs.get("perm", []))
-    if len(perm) != 4:
-        return None
-    q = [perm[i] for i in (0, 1, 3, 2)]
-    if q == [0, 1, 2, 3]:
-        return p.inputs[0]
-    if graph is None:
-        return p.inputs[0]
-    src = p.inputs[0]
-    shape = [src.shape[i] for i in q] if src.shape is not None else None
-    out = gs.Variable(f"{src.name}__bhtd", dtype=src.dtype, shape=shape)
-    graph.nodes.append(gs.Node("Transpose", name=f"{out.name}_node", attrs={"perm": q}, inputs=[src], outputs=[out]))
-    return out
+    same = all(a == b and (isinstance(a, int) or a.value is not None) for a, b in zip(kd[:3], [qd[0], qd[1], qd[3]]))
+    return (k_t, [0, 1, 3, 2]) if same else None
 
 
-def _scaled_scores(t: gs.Tensor) -> tuple[gs.Node, float] | None:
-    """``t = Mul(MatMul(..), scale)`` (either operand order) -> (the MatMul, scale)."""
-    p = _producer(t)
-    if p is None or p.op != "Mul":
-        return None
-    for a, b in (p.inputs, p.inputs[::-1]):
-        mm, s = _producer(a), _const_scalar(b)
-        if mm is not None and mm.op == "MatMul" and s is not None:
-            return mm, s
-    return None
+class _Attention(pattern.RewriteRuleClassBase):
+    """What both fusions share: K brought to the op's layout, and the fused node."""
+
+    def __init__(self, name: str | None = None):
+        super().__init__(name, remove_nodes=False)  # P or a score may have other readers: cleanup decides
+
+    def _k(self, op, which: str):
+        src, perm = getattr(self, which)
+        if perm == [0, 1, 2, 3]:
+            return src
+        out = op.Transpose(src, perm=perm, _name=f"{src.name}__bhtd_node", _outputs=[f"{src.name}__bhtd"])
+        out.type, out.shape = src.type, ir.Shape([src.shape[i] for i in perm]) if src.shape is not None else None
+        return out
+
+    def _fused(self, op, *inputs):
+        return op.op(self.OP, *inputs, _domain=DOMAIN, scale=self._scale, plugin_namespace=PLUGIN_NAMESPACE, aot=1)
 
 
-def _scale_after(mm: gs.Node) -> float | None:
-    """The constant a MatMul's scores are multiplied by (its only consumer is that Mul)."""
-    users = mm.outputs[0].outputs
-    if len(users) != 1 or users[0].op != "Mul":
-        return None
-    a, b = users[0].inputs
-    return _const_scalar(b if a is mm.outputs[0] else a)
+class TailCausal(_Attention):
+    OP = "TailCausalAttention"
+
+    def __init__(self, scaled: str):  # where the scale is applied: "scores", "q" or "qk" (both Q and K^T)
+        super().__init__(f"{self.OP}[{scaled}]")
+        self.scaled = scaled
+
+    def pattern(self, op, q, k_t, v, cond, fill, zero, c, c_k):
+        if self.scaled == "scores":
+            s = _scaled(op, op.MatMul(q, k_t), c, "c_pow")
+        elif self.scaled == "q":
+            s = op.MatMul(pattern.OrValue([op.Mul(q, c), op.Div(q, c)], tag_var="c_pow", tag_values=[1, -1]), k_t)
+        else:
+            s = op.MatMul(op.Mul(q, c), op.Mul(k_t, c_k))
+        return op.MatMul(op.Softmax(_masked(op, s, cond, fill, zero), _outputs=["p"]), v)
+
+    def check(self, context, q, k_t, p, cond, fill, zero, c, c_k, mask, c_pow=1, **_):
+        fills = {_scalar(fill)} if mask == "where" else {_scalar(fill), _scalar(zero)}
+        scales = [_scalar(c), _scalar(c_k) if self.scaled == "qk" else 1.0]
+        readers = [u for u in p.uses() if u.node.op_type == "MatMul" and u.idx == 0]  # P @ V alone
+        self.key, self._len = _key(k_t, q), _length(cond)
+        if None in scales or fills != ({-math.inf} if mask == "where" else {0.0, -math.inf}):
+            return False
+        self._scale = scales[0] ** c_pow * scales[1]
+        axis = p.producer().attributes.get_int("axis", -1)
+        return axis in (-1, 3) and len(readers) == 1 and None not in (self.key, self._len)
+
+    def rewrite(self, op, q, v, **_):
+        return self._fused(op, q, self._k(op, "key"), v, self._len)
 
 
-def _masked(t: gs.Tensor) -> gs.Tensor | None:
-    """``Where(cond, -inf, scores)`` or ``Where(cond, scores, -inf)`` -> the scores."""
-    p = _producer(t)
-    if p is None or p.op != "Where":
-        return None
-    _, a, b = p.inputs
-    if _const_scalar(a) == -math.inf:
-        return b
-    if _const_scalar(b) == -math.inf:
-        return a
-    return None
+class SharedPrefix(_Attention):
+    OP = "SharedPrefixAttention"
+
+    def pattern(self, op, q, k_t, v, k_o_t, v_o, shape, back_m, back_l, back_o, cond, cond_o, fill, fill_o, zero,
+                c, c_o):
+        def block(q, k_t, v, cond, fill, c, o="", guard=lambda m: m):  # -> running max, sum, P @ V
+            s = _scaled(op, op.MatMul(q, k_t, _outputs=[f"qk{o}"]), c, f"c{o}_pow")
+            s = _masked(op, s, cond, fill, tag=f"mask{o}")
+            m = op.ReduceMax(s, _allow_other_inputs=True)
+            p = op.Exp(op.Sub(s, guard(m)), _outputs=[f"p{o}"])
+            return m, op.ReduceSum(p, _allow_other_inputs=True), op.MatMul(p, v)
+
+        def per_candidate(x, shape):
+            return op.Transpose(op.Reshape(x, shape), perm=[1, 0, 2, 3])
+
+        q_all = op.Reshape(op.Transpose(q, perm=[1, 0, 2, 3]), shape)  # every candidate's queries: one batch
+        m, l, o = block(q_all, k_t, v, cond, fill, c, guard=lambda m: op.Where(op.IsInf(m), zero, m))
+        m, l, o = per_candidate(m, back_m), per_candidate(l, back_l), per_candidate(o, back_o)
+        m_o, l_o, o_o = block(q, k_o_t, v_o, cond_o, fill_o, c_o, "_o")
+        top = op.Max(m, m_o)
+        a, a_o = op.Exp(op.Sub(m, top)), op.Exp(op.Sub(m_o, top))
+        return op.Div(op.Add(op.Mul(a, o), op.Mul(a_o, o_o)), op.Add(op.Mul(a, l), op.Mul(a_o, l_o)))
+
+    def check(self, context, q, k_t, v, k_o_t, c, c_o, c_pow, c_o_pow, qk, qk_o, p, p_o, **_):
+        self.key, self.key_o = _key(k_t, q), _key(k_o_t, q)
+        self._len = next((i for i in context.graph_or_function.inputs if i.name == "s_length"), None)
+        scales = [_scalar(c), _scalar(c_o)]
+        if None in (self.key, self.key_o, self._len, *scales) or scales[0] ** c_pow != scales[1] ** c_o_pow:
+            return False
+        self._scale = scales[0] ** c_pow
+        pv = [u for x in (p, p_o) for u in x.uses() if u.node.op_type == "MatMul"]
+        # each product read by its scale alone, each P by its P @ V alone; the user's K/V by name
+        return len(qk.uses()) == len(qk_o.uses()) == 1 and len(pv) == 2 and \
+            _source(self.key[0]).startswith("user_k_") and _source(v).startswith("user_v_")
+
+    def rewrite(self, op, q, v, v_o, **_):
+        return self._fused(op, q, self._k(op, "key"), v, self._len, self._k(op, "key_o"), v_o)
 
 
-def _new_node(graph: gs.Graph, op: str, inputs: list[gs.Tensor], out: gs.Variable, scale: float, n: int) -> None:
-    producer = _producer(out)
-    if producer is not None:
-        producer.outputs.clear()
-    graph.nodes.append(gs.Node(op, name=f"{op}_{n}", domain=DOMAIN, inputs=inputs, outputs=[out],
-                               attrs={"scale": float(scale), "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1}))
+TAIL = [TailCausal.rule("scores"), *TailCausal.rule("q").commute(), *TailCausal.rule("qk").commute()]
+RULES = pattern.RewriteRuleSet([*TAIL, SharedPrefix.rule()])
+
+
+def _fuse(graph: gs.Graph, rules: pattern.RewriteRuleSet) -> tuple[gs.Graph, int]:
+    """A copy of ``graph`` with ``rules`` applied (to its onnx_ir model), and how many sites they fused."""
+    graph = graph.copy()
+    if "s_length" not in {t.name for t in graph.inputs}:
+        return graph.cleanup().toposort(), 0
+    proto = gs.export_onnx(graph.toposort(), do_type_check=False)
+    model = ir.serde.deserialize_model(proto)
+    model.functions.clear()  # the ops' bodies (when attached) are not ours to rewrite
+    names = {node: node.name for node in model.graph}
+    n = rules.apply_to_model(model)
+    if not n:
+        return graph.cleanup().toposort(), 0
+    counts: dict[str, int] = {}
+    for node in model.graph:  # the rewriter names every node: the graph's own keep their names
+        if node in names:
+            node.name = names[node]
+            continue
+        node.metadata_props.clear()  # (the rule's name, the replaced nodes' merged metadata)
+        if node.domain == DOMAIN:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            node.name = f"{node.op_type}_{counts[node.op_type]}"
+    out = ir.serde.serialize_model(model)
+    weights = {t.name: t for t in proto.graph.initializer}  # back as they came: one left on disk stays there
+    for t in out.graph.initializer:
+        t.CopyFrom(weights[t.name])
+    out.functions.extend(proto.functions)
+    return gs.import_onnx(out).cleanup().toposort(), n
 
 
 def fuse_tail_causal(graph: gs.Graph) -> int:
-    if "s_length" not in {t.name for t in graph.inputs}:
-        return 0
-    length = next(t for t in graph.inputs if t.name == "s_length")
-    count = 0
-    for sm in [n for n in graph.nodes if n.op == "Softmax"]:
-        if int(sm.attrs.get("axis", -1)) not in (-1, 3):
-            continue
-        scores = _masked(sm.inputs[0])
-        found = _scaled_scores(scores) if scores is not None else None
-        if found is None:
-            continue
-        qk, scale = found
-        q, kt = qk.inputs
-        k = _transposed_last_two(kt, graph)
-        pv = [n for n in sm.outputs[0].outputs if n.op == "MatMul" and n.inputs[0] is sm.outputs[0]]
-        cond = _producer(sm.inputs[0]).inputs[0]
-        # the mask must be a function of s_length (and shapes) alone: a mask built from other
-        # values (HyFormer's per-sequence counts from s_type) is not this op's mask
-        if k is None or len(pv) != 1 or _value_inputs(cond, graph) != {"s_length"}:
-            continue
-        v = pv[0].inputs[1]
-        count += 1
-        _new_node(graph, "TailCausalAttention", [q, k, v, length], pv[0].outputs[0], scale, count)
-    return count
-
-
-def _downstream(start: gs.Node, limit: int = 400) -> list[gs.Node]:
-    out, seen, stack = [], set(), [start]
-    while stack and len(out) < limit:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        out.append(n)
-        if n.op == "Div" and n is not start:
-            continue
-        for o in n.outputs:
-            stack.extend(o.outputs)
-    return out
+    """How many TailCausalAttention sites ``graph`` has (``graph`` itself is left as it is)."""
+    return _fuse(graph, pattern.RewriteRuleSet(TAIL))[1]
 
 
 def fuse_shared_prefix(graph: gs.Graph) -> int:
-    inputs = {t.name for t in graph.inputs}
-    if "s_length" not in inputs:
-        return 0
-    length = next(t for t in graph.inputs if t.name == "s_length")
-    count = 0
-    for m1 in [n for n in graph.nodes if n.op == "MatMul"]:
-        kp = _transposed_last_two(m1.inputs[1])
-        if kp is None or not (_source_input(kp, inputs) or "").startswith("user_k_"):
-            continue
-        reshape = _producer(m1.inputs[0])
-        tr = _producer(reshape.inputs[0]) if reshape is not None and reshape.op == "Reshape" else None
-        if tr is None or tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != [1, 0, 2, 3]:
-            continue
-        q = tr.inputs[0]
-        region = _downstream(m1)
-        div = [n for n in region if n.op == "Div"]
-        mms = [n for n in region if n.op == "MatMul" and n is not m1]
-        own = [n for n in q.outputs if n.op == "MatMul" and n.inputs[0] is q and _transposed_last_two(n.inputs[1]) is not None]
-        if len(div) != 1 or len(own) != 1 or len(mms) != 1:
-            continue
-        pv_prefix = mms[0]
-        vp = pv_prefix.inputs[1]
-        if not (_source_input(vp, inputs) or "").startswith("user_v_"):
-            continue
-        ko = _transposed_last_two(own[0].inputs[1], graph)
-        pv_own = [n for n in _downstream(own[0]) if n.op == "MatMul" and n is not own[0]]
-        if len(pv_own) != 1 or pv_own[0] in region:
-            continue
-        vo = pv_own[0].inputs[1]
-        scale = _scale_after(m1)
-        if scale is None or scale != _scale_after(own[0]):
-            continue
-        kp = _transposed_last_two(m1.inputs[1], graph)
-        count += 1
-        _new_node(graph, "SharedPrefixAttention", [q, kp, vp, length, ko, vo], div[0].outputs[0], scale, count)
-    return count
+    """How many SharedPrefixAttention sites ``graph`` has (``graph`` itself is left as it is)."""
+    return _fuse(graph, pattern.RewriteRuleSet([SharedPrefix.rule()]))[1]
 
 
 @register("fuse-attention")
 def fuse_attention(graph: gs.Graph) -> gs.Graph:
     """Replace every recognized attention subgraph with our custom node."""
-    graph = graph.copy()
-    n = fuse_tail_causal(graph) + fuse_shared_prefix(graph)
-    graph.cleanup().toposort()
+    graph, n = _fuse(graph, RULES)
     graph.__dict__["fused_attention"] = n  # reported by run_passes (plain attribute: gs's
     # Graph.__getattr__ would look an unknown name up as a registered graph function)
     return graph
 
 
 def count_fused(graph: gs.Graph) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.domain == DOMAIN:
-            out[node.op] = out.get(node.op, 0) + 1
-    return out
+    return dict(Counter(node.op for node in graph.nodes if node.domain == DOMAIN))

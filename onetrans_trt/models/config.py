@@ -218,12 +218,20 @@ def read_config(directory) -> "ModelConfig":
     path = d / "config.json"
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a checkpoint directory (it does not exist)")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{d}: missing config.json; is this a checkpoint directory?")
+    from onetrans_trt.io import NotRegular, TooBig, read_regular_file
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raw = json.loads(read_regular_file(path, 16 << 20).decode("utf-8"))
+    except TooBig as e:
+        raise CheckpointError(f"{path}: {e.size} bytes is too big for a config") from None
+    except NotRegular:
+        raise CheckpointError(f"{path}: not a regular file (a device, pipe or socket)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({str(e)[:120]})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # bad JSON, deep nesting, 5,000-digit ints
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:120]})") from None
     try:
         return ModelConfig.from_dict(raw)
     except ConfigError as e:

@@ -29,6 +29,10 @@ def history_fingerprint(hist: dict[str, np.ndarray]) -> str:
 
 
 class UserKVCache:
+    """Users' K/V shared across requests (``Ranker(..., cache=UserKVCache(max_bytes))``): keyed
+    by the request's ``user_key`` and a fingerprint of its encoded history, LRU bounded in
+    bytes, thread-safe; ``stats()`` gives the hit/miss/eviction counters."""
+
     def __init__(self, max_bytes: int = 256 << 20):
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")

@@ -31,7 +31,10 @@ from onetrans_trt.kv import UserKV, from_state, state_arrays
 def _quiet_ort() -> None:
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(4)  # errors surface as exceptions; do not print them too
+    from onetrans_trt import log
+
+    # errors surface as exceptions; ORT's own printing only with -v (onetrans_trt.log)
+    ort.set_default_logger_severity(log.ort_severity())
 
 
 def default_providers() -> list[str]:
@@ -79,6 +82,32 @@ def _session_from(path: Path, source, providers, threads, simulate_qdq):
         raise BuildError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
 
 
+def graph_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    """``(session, note)``: a session that can run the graph. ORT's CPU integer kernels reject
+    per-channel zero points on batched (3-D) weights; such Q/DQ graphs then run as simulated
+    quantization (exactly TensorRT's arithmetic, without the integer speed-up), and ``note``
+    says so (else it is empty)."""
+    from onetrans_trt.graphs.flops import placeholder_feeds
+    from onetrans_trt.onnx_files import load_model
+
+    path = Path(path)
+    sess = ort_session(path, providers, threads)
+    model = load_model(path, external=False)  # nodes and inputs only: the weights are ORT's
+    if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        return sess, ""
+    sizes = {d.dim_param: 2 for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    try:
+        import onnxruntime as ort
+
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is expected here and handled below
+        sess.run(None, placeholder_feeds(model, {**sizes, "history": 2}), quiet)
+        return sess, ""
+    except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
+        note = f"{path.name}: integer kernels unavailable ({str(e).split('Status Message:')[-1][:80].strip()}); simulated Q/DQ"
+        return ort_session(path, providers, threads, simulate_qdq=True), note
+
+
 class OrtSplitBackend:
     """``user_encoder.onnx`` once per request, ``candidate_scorer.onnx`` per chunk."""
 
@@ -107,27 +136,10 @@ class OrtSplitBackend:
                                                      for n in self.kv_names)
 
     def _session(self, path: Path, providers, threads):
-        """A session that can run the graph. ORT's CPU integer kernels reject per-channel
-        zero points on batched (3-D) weights; such Q/DQ graphs then run as simulated
-        quantization (exactly TensorRT's arithmetic, without the integer speed-up)."""
-        from onetrans_trt.graphs.flops import placeholder_feeds
-        from onetrans_trt.onnx_files import load_model
-
-        sess = ort_session(path, providers, threads)
-        model = load_model(path, external=False)  # nodes and inputs only: the weights are ORT's
-        if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-            return sess
-        sizes = {d.dim_param: 2 for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
-        try:
-            import onnxruntime as ort
-
-            quiet = ort.RunOptions()
-            quiet.log_severity_level = 4  # the failure is expected here and handled below
-            sess.run(None, placeholder_feeds(model, {**sizes, "history": 2}), quiet)
-            return sess
-        except Exception as e:  # noqa: BLE001 - ORT raises untyped errors
-            self.note = f"{path.name}: integer kernels unavailable ({str(e).split('Status Message:')[-1][:80].strip()}); simulated Q/DQ"
-            return ort_session(path, providers, threads, simulate_qdq=True)
+        sess, note = graph_session(path, providers, threads)
+        if note:
+            self.note = note
+        return sess
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
         missing = [n for n in self.user_inputs if n not in hist]

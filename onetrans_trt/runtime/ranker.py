@@ -50,6 +50,8 @@ class RankResult:
 
 
 class Ranker:
+    """Requests in, per-task scores out, over one backend; build it with :meth:`Ranker.load`."""
+
     def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512,
                  cache: Any = None, limits: RequestLimits | None = None):
         """``cache``: a :class:`~onetrans_trt.runtime.cache.UserKVCache` shared across requests
@@ -67,10 +69,14 @@ class Ranker:
 
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, **kw: Any) -> "Ranker":
-        """Load a checkpoint directory (torch backends) or a build directory (ORT backends).
+        """Load a checkpoint directory (torch backends) or a build directory (ORT/TensorRT backends).
 
         Backends: ``torch-split`` / ``torch-unified`` for a checkpoint; ``ort`` (default for a
-        build) and ``ort-unified`` (needs ``export --unified``) for a build.
+        build), ``ort-fp16``, ``ort-int8``, ``ort-unified`` (needs ``export --unified``) and
+        ``trt``/``trt-fp16``/``trt-int8`` for a build. Without ``backend`` a checkpoint gets
+        ``torch-split`` when its model splits into user encoder and candidate scorer, else
+        (the ``baseline`` family) ``torch-unified``. ``kw``: ``cache``, ``limits``,
+        ``chunk_size`` (see :class:`Ranker`); ``providers``, ``threads`` for ORT backends.
         """
         path = Path(path)
         if (path / "manifest.json").is_file():
@@ -78,20 +84,22 @@ class Ranker:
         from onetrans_trt.models.checkpoint import load_checkpoint
         from onetrans_trt.runtime.backends import TORCH_BACKENDS
 
-        backend = backend or "torch-split"
-        if backend not in TORCH_BACKENDS:
+        if backend is not None and backend not in TORCH_BACKENDS:
             raise InputError(f"unknown backend {backend!r} for a checkpoint; choose one of {sorted(TORCH_BACKENDS)}")
         model = load_checkpoint(path)
+        if backend is None:
+            backend = "torch-split" if hasattr(model, "encode_user") else "torch-unified"
         return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
 
     @classmethod
     def _load_build(cls, build: Path, backend: str, *, providers: list[str] | None = None,
                     threads: int | None = None, **kw: Any) -> "Ranker":
+        from onetrans_trt import lineage
         from onetrans_trt.export.api import read_manifest
         from onetrans_trt.models.config import read_config
         from onetrans_trt.runtime.ort_backend import OrtSplitBackend, OrtUnifiedBackend
 
-        read_manifest(build)
+        manifest = read_manifest(build)
         cfg = read_config(build)
         if backend == "ort":
             b: Any = OrtSplitBackend(build, providers=providers, threads=threads)
@@ -100,12 +108,16 @@ class Ranker:
             if not (build / sub / "candidate_scorer.onnx").is_file():
                 how = "onetrans-trt convert BUILD --precision fp16" if sub == "fp16" else "onetrans-trt calibrate BUILD"
                 raise InputError(f"{build}: no {sub}/ graphs for backend {backend!r}; run `{how}` first")
+            lineage.check_variant(build, manifest, sub)  # made from graphs since rewritten: refused
             b = OrtSplitBackend(build, name=backend, user_graph=f"{sub}/user_encoder.onnx",
                                 scorer_graph=f"{sub}/candidate_scorer.onnx", providers=providers, threads=threads)
         elif backend.startswith("trt"):
             from onetrans_trt.runtime.trt_backend import TrtSplitBackend
 
-            b = TrtSplitBackend(build, precision=backend.split("-")[1] if "-" in backend else "fp32")
+            precision = backend.split("-")[1] if "-" in backend else "fp32"
+            if precision in ("fp32", "fp16", "int8"):
+                lineage.check_engines(build, manifest, precision)
+            b = TrtSplitBackend(build, precision=precision)
         elif backend == "ort-unified":
             if not (build / "unified.onnx").is_file():
                 raise InputError(f"{build}: no unified.onnx; export with --unified for the 'ort-unified' backend")

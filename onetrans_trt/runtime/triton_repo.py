@@ -7,78 +7,41 @@
     REPO/onetrans/config.pbtxt           ensemble: history + candidates -> logits, probs
 
 Every ``config.pbtxt`` is parsed back with Triton's own ``ModelConfig`` protobuf
-(``tritonclient``) before the repository is moved into place.
+(``tritonclient``) before the repository is moved into place. (``serve-repo --backend
+python``, the repository a CPU-only Triton serves, is written by
+:mod:`onetrans_trt.serving.repository` with the same tensor contract.)
 
-A build from ``export --module`` gets the same three models, their inputs and outputs read
-from its graphs (names, dtypes, dynamic dimensions as -1): the user encoder batches over
-users (a per-user scalar travels as ``[1]`` reshaped to ``[]``), the scorer takes one user's
-state with the encoder's client-facing rank (``[1, ...]``, reshaped to the graph's shape
-where they differ) and the candidates' inputs, and the ``onetrans`` ensemble maps the user's
-inputs (one user: ``[1, ...]``) and the candidates' inputs to the spec's task outputs
-(``logits``, ``probs``). :func:`check_ensemble` then proves every ensemble tensor has one
-dtype and one rank wherever it is produced or consumed (Triton's own load-time check lets a
-rank mismatch through, and the request fails later); what an ensemble cannot express is an
-:class:`~onetrans_trt.errors.InputError` naming the tensor.
+Every build (both families, and ``export --module``) gets the same three models, their
+inputs and outputs read from its graphs (names, dtypes, dynamic dimensions as -1): the user
+encoder batches over users (a per-user scalar travels as ``[1]`` reshaped to ``[]``), the
+scorer takes one user's state with the encoder's client-facing rank (``[1, ...]``, reshaped
+to the graph's shape where they differ), any user input it reads too (OneTrans's
+``s_length``: ``[1, 1]``, reshaped to the graph's ``[1]``) and the candidates' inputs, and
+the ``onetrans`` ensemble maps the user's inputs (one user: ``[1, ...]``; a per-user scalar
+``[1, 1]``) and the candidates' inputs (``[C, ...]``) to the task outputs (``logits``,
+``probs``). :func:`check_ensemble` then proves every ensemble tensor has one dtype and one
+rank wherever it is produced or consumed (Triton's own load-time check lets a rank mismatch
+through, and the request fails later: the old ``s_length`` wiring, ``[-1]`` into a batching
+encoder's ``[N, 1]`` and a scorer's ``[1]``, did exactly that); what an ensemble cannot
+express is an :class:`~onetrans_trt.errors.InputError` naming the tensor.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from onetrans_trt import lineage
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
-from onetrans_trt.io import atomic_directory
+from onetrans_trt.io import atomic_directory, atomic_write_json
 
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 # a module build's graphs may carry more (Triton's data types, model_config.proto)
 MODULE_DTYPES = {**DTYPES, "bool": "TYPE_BOOL", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                  "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "int16": "TYPE_INT16", "uint16": "TYPE_UINT16",
                  "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64"}
-
-
-def _dims(shape: list, drop_first: bool) -> str:
-    dims = [(-1 if isinstance(d, str) else int(d)) for d in shape]
-    return ", ".join(str(d) for d in (dims[1:] if drop_first else dims))
-
-
-def _tensor(spec: dict, drop_first: bool) -> str:
-    dims = _dims(spec["shape"], drop_first)
-    extra = ""
-    if drop_first and not dims:  # a per-item scalar: Triton wants [1], the model sees []
-        dims, extra = "1", " reshape: { shape: [ ] }"
-    return f'  {{ name: "{spec["name"]}" data_type: {DTYPES[spec["dtype"]]} dims: [ {dims} ]{extra} }}'
-
-
-def model_config(name: str, platform: str, io: dict, *, max_batch: int = 0, dynamic_batching: bool = False) -> str:
-    batched = max_batch > 0
-    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}",
-             "input [", ",\n".join(_tensor(s, batched) for s in io["inputs"]), "]",
-             "output [", ",\n".join(_tensor(s, batched) for s in io["outputs"]), "]",
-             "instance_group [ { count: 1 kind: KIND_AUTO } ]"]
-    if dynamic_batching:
-        lines.append("dynamic_batching { max_queue_delay_microseconds: 200 }")
-    return "\n".join(lines) + "\n"
-
-
-def ensemble_config(manifest: dict, name: str = "onetrans") -> str:
-    ue, cs = manifest["graphs"]["user_encoder"], manifest["graphs"]["candidate_scorer"]
-    hist = ue["inputs"]
-    ns = [s for s in cs["inputs"] if s["name"].startswith("ns_")]
-    kv = [o["name"] for o in ue["outputs"]]
-    ins = ",\n".join(_tensor(s, False) for s in hist + ns)
-    outs = ",\n".join(_tensor(s, False) for s in cs["outputs"])
-    step1 = "\n".join([f'        input_map {{ key: "{s["name"]}" value: "{s["name"]}" }}' for s in hist] +
-                      [f'        output_map {{ key: "{k}" value: "{k}" }}' for k in kv])
-    step2 = "\n".join([f'        input_map {{ key: "{s["name"]}" value: "{s["name"]}" }}' for s in ns] +
-                      ['        input_map { key: "s_length" value: "s_length" }'] +
-                      [f'        input_map {{ key: "{k}" value: "{k}" }}' for k in kv] +
-                      [f'        output_map {{ key: "{o["name"]}" value: "{o["name"]}" }}' for o in cs["outputs"]])
-    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 0\ninput [\n{ins}\n]\noutput [\n{outs}\n]\n'
-            "ensemble_scheduling {\n  step [\n"
-            f'    {{\n        model_name: "user_encoder"\n        model_version: -1\n{step1}\n    }},\n'
-            f'    {{\n        model_name: "candidate_scorer"\n        model_version: -1\n{step2}\n    }}\n'
-            "  ]\n}\n")
 
 
 def parse_config(text: str):
@@ -146,15 +109,23 @@ def _render(t: dict) -> str:
 
 
 def _config(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
-            dynamic_batching: bool, comment: str = "") -> str:
+            dynamic_batching: bool, comment: str = "", *, parameters: dict[str, str] | None = None) -> str:
+    """``platform``: ``onnxruntime_onnx``, ``tensorrt_plan``, ``ensemble``, or ``backend:NAME``
+    for a backend without a platform (``backend:python``); ``parameters``: string parameters."""
+    kind = "KIND_AUTO"
+    head = f'platform: "{platform}"'
+    if platform.startswith("backend:"):
+        head, kind = f'backend: "{platform.split(":", 1)[1]}"', "KIND_CPU"
     lines = ([f"# {c}" for c in comment.splitlines()] if comment else []) + [
-        f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}",
+        f'name: "{name}"', head, f"max_batch_size: {max_batch}",
         "input [", ",\n".join(_render(t) for t in inputs), "]",
         "output [", ",\n".join(_render(t) for t in outputs), "]"]
     if platform != "ensemble":
-        lines.append("instance_group [ { count: 1 kind: KIND_AUTO } ]")
+        lines.append(f"instance_group [ {{ count: 1 kind: {kind} }} ]")
     if dynamic_batching:
         lines.append("dynamic_batching { max_queue_delay_microseconds: 200 }")
+    for k, v in (parameters or {}).items():
+        lines.append(f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -171,35 +142,22 @@ def module_models(manifest: dict, io: dict[str, dict], user_max_batch: int) -> d
     ue_in = [_batched(t, "user_encoder input") for t in ue_io["inputs"]]
     ue_out = [_batched(t, "user_encoder output") for t in ue_io["outputs"]]
     produced = {t["name"]: t for t in ue_out}
-    cs_in, cand, state = [], [], []
+    user_in = {t["name"]: t for t in ue_in}
+    cs_in, cand, state, shared = [], [], [], []
     for t in cs_io["inputs"]:
-        if t["name"] in produced:  # one user's state: the encoder's client-facing rank, batch 1
+        if t["name"] in user_in and t["name"] not in produced:
+            # a user input the scorer reads too (OneTrans: s_length): one user's row, fed from the
+            # ensemble's user input ([1, ...]; a per-user scalar [1, 1]), reshaped to the graph's shape
+            cs_in.append(_one_user(t, user_in[t["name"]]))
+            shared.append(t["name"])
+        elif t["name"] in produced:  # one user's state: the encoder's client-facing rank, batch 1
             p = produced[t["name"]]
-            want = [1] + list(p["dims"])  # the encoder's client-facing row for a batch of one
-            got = _wild(t["shape"])
-            if not got or got[0] not in (1, -1):
-                raise InputError(f"candidate_scorer input {t['name']}: shape {t['shape']} is not one user's row "
-                                 "([1, ...]) of the user encoder's output; a Triton ensemble cannot feed it")
-            if _triton_dtype(t, "candidate_scorer input") != p["type"]:
-                raise InputError(f"{t['name']}: the user encoder emits {p['type']}, the candidate scorer reads "
-                                 f"{_triton_dtype(t, 'candidate_scorer input')}; an ensemble tensor has one dtype")
-            dims, reshape = want, None
-            if len(got) == len(want) and all(-1 in (g, w) or g == w for g, w in zip(got, want)):
-                # the same axes: dynamic wherever either side is (the scorer's kv_len vs a fixed window)
-                dims = [-1 if -1 in (g, w) else g for g, w in zip(got, want)]
-            else:  # the same elements in another shape: Triton's reshape, static sizes only
-                n_want, n_got = _count(want), _count(got)
-                if n_want is None or n_got is None or n_want != n_got:
-                    raise InputError(f"{t['name']}: the user encoder's row is {want}, the candidate scorer reads "
-                                     f"{t['shape']}; Triton's reshape maps only equal static sizes")
-                reshape = got
-            entry = {"name": t["name"], "type": p["type"], "dims": dims, "reshape": reshape}
-            cs_in.append(entry)
+            cs_in.append(_one_user(t, p))
             state.append(t["name"])
         else:
             if not t["shape"] or t["shape"][0] != "candidates":
-                raise InputError(f"candidate_scorer input {t['name']}: neither a user encoder output nor batched over "
-                                 f"the dynamic 'candidates' axis (shape {t['shape']}); a Triton ensemble cannot "
+                raise InputError(f"candidate_scorer input {t['name']}: neither a user encoder input or output nor "
+                                 f"batched over the dynamic 'candidates' axis (shape {t['shape']}); a Triton ensemble cannot "
                                  "feed it")
             e = _plain(t, "candidate_scorer input")
             cs_in.append(e)
@@ -215,8 +173,33 @@ def module_models(manifest: dict, io: dict[str, dict], user_max_batch: int) -> d
                          "an output); a Triton ensemble names each tensor once")
     return {"user_encoder": {"inputs": ue_in, "outputs": ue_out, "max_batch": user_max_batch},
             "candidate_scorer": {"inputs": cs_in, "outputs": cs_out, "max_batch": 0},
-            "onetrans": {"inputs": ens_in, "outputs": ens_out, "max_batch": 0, "state": state,
+            "onetrans": {"inputs": ens_in, "outputs": ens_out, "max_batch": 0, "state": state, "shared": shared,
                          "user_inputs": [t["name"] for t in ue_in], "candidate_inputs": [t["name"] for t in cand]}}
+
+
+def _one_user(t: dict, p: dict) -> dict:
+    """The scorer's entry for ``t``, one user's row of the encoder's tensor ``p`` (an encoder
+    output, or an encoder input the scorer reads too): client shape ``[1] + p's dims``, the
+    graph's own shape through Triton's ``reshape`` where the two differ."""
+    want = [1] + list(p["dims"])  # the encoder's client-facing row for a batch of one
+    got = _wild(t["shape"])
+    if not got or got[0] not in (1, -1):
+        raise InputError(f"candidate_scorer input {t['name']}: shape {t['shape']} is not one user's row "
+                         "([1, ...]) of the user encoder's tensor; a Triton ensemble cannot feed it")
+    if _triton_dtype(t, "candidate_scorer input") != p["type"]:
+        raise InputError(f"{t['name']}: the user encoder has {p['type']}, the candidate scorer reads "
+                         f"{_triton_dtype(t, 'candidate_scorer input')}; an ensemble tensor has one dtype")
+    dims, reshape = want, None
+    if len(got) == len(want) and all(-1 in (g, w) or g == w for g, w in zip(got, want)):
+        # the same axes: dynamic wherever either side is (the scorer's kv_len vs a fixed window)
+        dims = [-1 if -1 in (g, w) else g for g, w in zip(got, want)]
+    else:  # the same elements in another shape: Triton's reshape, static sizes only
+        n_want, n_got = _count(want), _count(got)
+        if n_want is None or n_got is None or n_want != n_got:
+            raise InputError(f"{t['name']}: the user encoder's row is {want}, the candidate scorer reads "
+                             f"{t['shape']}; Triton's reshape maps only equal static sizes")
+        reshape = got
+    return {"name": t["name"], "type": p["type"], "dims": dims, "reshape": reshape}
 
 
 def _count(dims: list[int]) -> int | None:
@@ -256,6 +239,7 @@ def module_ensemble_config(models: dict[str, Any], name: str = "onetrans") -> st
     step1 = "\n".join([f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["user_inputs"]] +
                       [f'        output_map {{ key: "{n}" value: "{n}" }}' for n in ens["state"]])
     step2 = "\n".join([f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["candidate_inputs"]] +
+                      [f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens.get("shared", [])] +
                       [f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["state"]] +
                       [f'        output_map {{ key: "{t["name"]}" value: "{t["name"]}" }}' for t in cs_out])
     head = _config(name, "ensemble", ens["inputs"], ens["outputs"], 0, False,
@@ -267,12 +251,13 @@ def module_ensemble_config(models: dict[str, Any], name: str = "onetrans") -> st
             "  ]\n}\n")
 
 
-def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
-                     force: bool = False) -> dict[str, Any]:
+def prepare(build: Path, out: Path, *, backend: str, precision: str, force: bool) -> tuple[dict, dict, dict, str]:
+    """What every repository of ``build`` needs, checked before anything is written: the
+    manifest, the graphs' inputs/outputs of ``precision``, the three models' tensors
+    (:func:`module_models`, wiring proven by :func:`check_ensemble`) and the variant's
+    subdirectory (``""`` for fp32)."""
     from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.plugins import strip_functions  # noqa: F401  (engines are built from stripped graphs)
 
-    build, out = Path(build), Path(out)
     manifest = read_manifest(build)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
@@ -281,17 +266,38 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
     if precision != "fp32" and precision not in (manifest.get("precisions") or {}):
         how = {"fp16": "convert", "int8": "calibrate"}[precision]
         raise BuildError(f"{build} has no {precision} variant; run `onetrans-trt {how} {build}` first")
+    if precision != "fp32":  # refused before anything is written: a variant of graphs since rewritten
+        lineage.check_variant(build, manifest, precision)
+    if backend == "tensorrt":
+        lineage.check_engines(build, manifest, precision)
     sub = {"fp32": "", "fp16": "fp16", "int8": "int8"}[precision]
     ios = {role: manifest["graphs"][role] if precision == "fp32" else manifest["precisions"][precision]["graphs"][role]
            for role in ("user_encoder", "candidate_scorer")}
-    models = None
-    if "protocol" in manifest:  # everything a module build's ensemble needs is checked before writing
-        models = module_models(manifest, ios, manifest["dynamic_dims"]["users"]["max"])
-        check_ensemble(models)
+    # everything the ensemble needs is checked before writing (both families and module builds)
+    models = module_models(manifest, ios, manifest["dynamic_dims"]["users"]["max"])
+    check_ensemble(models)
+    return manifest, ios, models, sub
+
+
+def lineage_record(build: Path, manifest: dict, ios: dict, backend: str, precision: str) -> dict:
+    """``lineage.json`` of a repository: which build and graphs it was made from."""
+    rec = {"format": lineage.FORMAT, "build": str(build.resolve()), "backend": backend, "precision": precision,
+           "graphs": {role: ios[role].get("sha256") for role in ("user_encoder", "candidate_scorer")},
+           "build_graphs": {k: g.get("sha256") for k, g in manifest["graphs"].items()}}
+    if backend == "tensorrt":  # the engines' own record (None: built before lineage was recorded)
+        rec["engines"] = lineage.engine_lineage(build, precision)
+    return rec
+
+
+def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
+                     force: bool = False) -> dict[str, Any]:
+    from onetrans_trt.plugins import strip_functions  # noqa: F401  (engines are built from stripped graphs)
+
+    build, out = Path(build), Path(out)
+    manifest, ios, models, sub = prepare(build, out, backend=backend, precision=precision, force=force)
     written: dict[str, str] = {}
     with atomic_directory(out, force=force) as tmp:
         for role in ("user_encoder", "candidate_scorer"):
-            io = ios[role]
             (tmp / role / "1").mkdir(parents=True)
             if backend == "onnxruntime":
                 src = (build / sub / f"{role}.onnx") if sub else build / f"{role}.onnx"
@@ -306,18 +312,16 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
                 _copy_graph(src, dst)
             else:
                 shutil.copyfile(src, dst)
-            maxb = manifest["dynamic_dims"]["users"]["max"] if role == "user_encoder" else 0
-            if models is not None:
-                m = models[role]
-                text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder")
-            else:
-                text = model_config(role, platform, io, max_batch=maxb, dynamic_batching=role == "user_encoder")
+            m = models[role]
+            text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder")
             parse_config(text)
             (tmp / role / "config.pbtxt").write_text(text)
             written[role] = text
-        text = module_ensemble_config(models) if models is not None else ensemble_config(manifest)
+        text = module_ensemble_config(models)
         parse_config(text)
         (tmp / "onetrans" / "1").mkdir(parents=True)
         (tmp / "onetrans" / "config.pbtxt").write_text(text)
         written["onetrans"] = text
+        # lineage: which build and graphs this repository was made from (Triton reads only directories)
+        atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, backend, precision))
     return {"repository": str(out), "backend": backend, "precision": precision, "models": sorted(written)}

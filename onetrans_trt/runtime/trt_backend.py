@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onetrans_trt import log
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.kv import UserKV, from_state, state_arrays
 
@@ -32,7 +33,7 @@ class TrtSplitBackend:
         self.name = f"trt-{precision}"
         self.trt, self.torch = trt, torch
         d = Path(build) / "engines" / precision
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        runtime = trt.Runtime(trt.Logger(getattr(trt.Logger, log.trt_severity_name())))
         self.engines, self.contexts = {}, {}
         for role in ("user_encoder", "candidate_scorer"):
             path = d / f"{role}.engine"

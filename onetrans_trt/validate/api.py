@@ -4,7 +4,9 @@ Per graph (each fed the reference's inputs, so errors are not mixed across graph
 user encoder's K/V per layer and the scorer's logits (fed the reference K/V). End to end
 (each backend's own K/V): AUC/logloss per task against the labels and their deltas from
 PyTorch, per-request top-10 overlap and Kendall tau. Tolerances per precision come from
-the policy. A failing backend gets a first-divergence finding.
+the policy. Each backend's verdict is the list of its checks, each with value, limit and
+reason (:mod:`onetrans_trt.validate.checks`); backends not run are listed as skipped with
+the reason. A failing backend gets a first-divergence finding.
 """
 
 from __future__ import annotations
@@ -15,29 +17,91 @@ from typing import Any, Callable
 
 import numpy as np
 
-from onetrans_trt.errors import BuildError, InputError
+from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.kv import from_state, state_arrays
+from onetrans_trt.provenance import graph_hashes, provenance
+from onetrans_trt.validate import checks as ck
 from onetrans_trt.validate.compare import ErrorStats
 from onetrans_trt.validate.policy import precision_of, within
 
 FORMAT = "onetrans-trt/validate/1"
 
 
-def available_backends(build: Path) -> list[str]:
-    out = ["torch-split", "ort"]
-    for p in ("fp16", "int8"):
-        if (build / p / "candidate_scorer.onnx").is_file():
-            out.append(f"ort-{p}")
+def _trt_problem() -> str | None:
+    """Why TensorRT backends cannot run on this machine (``None``: they can); the same words
+    as ``rank --backend trt``."""
     try:
         import tensorrt  # noqa: F401
-        import torch
+    except Exception:  # noqa: BLE001 - placeholder wheels raise at import
+        from onetrans_trt.plugins._trt import require_tensorrt
 
-        if torch.cuda.is_available():
-            out += [f"trt-{p}" if p != "fp32" else "trt" for p in ("fp32", "fp16", "int8")
-                    if (build / "engines" / p / "candidate_scorer.engine").is_file()]
-    except Exception:  # noqa: BLE001
-        pass
+        try:
+            require_tensorrt()
+        except MissingCapabilityError as e:
+            return str(e)
+    import torch
+
+    return None if torch.cuda.is_available() else "TensorRT backends need a CUDA GPU and none is visible"
+
+
+def backend_status(build: Path) -> dict[str, tuple[str, bool] | None]:
+    """Every backend -> ``None`` when it can run on ``build`` here, else ``(reason, capability)``:
+    ``capability`` is true when this machine lacks something (TensorRT, a GPU: exit 3), false
+    when the build lacks an artifact (exit 2)."""
+    out: dict[str, tuple[str, bool] | None] = {"torch-split": None, "ort": None}
+    for p, how in (("fp16", "convert {b} --precision fp16"), ("int8", "calibrate {b}")):
+        out[f"ort-{p}"] = None if (build / p / "candidate_scorer.onnx").is_file() else (
+            f"no {p}/candidate_scorer.onnx; run `onetrans-trt {how.format(b=build)}`", False)
+    problem = _trt_problem()
+    for p in ("fp32", "fp16", "int8"):
+        name = "trt" if p == "fp32" else f"trt-{p}"
+        if problem:
+            out[name] = (problem, True)
+        elif not (build / "engines" / p / "candidate_scorer.engine").is_file():
+            out[name] = (f"no engines/{p}/candidate_scorer.engine; run `onetrans-trt build {build} --precision {p}`",
+                         False)
+        else:
+            out[name] = None
     return out
+
+
+def available_backends(build: Path) -> list[str]:
+    return [n for n, s in backend_status(build).items() if s is None]
+
+
+def choose_backends(build: Path, backends: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The backends to run and the ones skipped with their reason. Default: every available
+    one, the others skipped. Asked for by name: each must run here, else a one-line error
+    naming why: :class:`MissingCapabilityError` (exit 3) when the machine lacks TensorRT or a
+    GPU, as ``rank --backend trt``; :class:`InputError` (exit 2) for an unknown name or a
+    build without the backend's files."""
+    status = backend_status(build)
+    avail = [n for n, s in status.items() if s is None]
+    if backends is None:
+        return avail, {n: s[0] for n, s in status.items() if s is not None}
+    cannot = [b for b in backends if status.get(b) and status[b][1]]
+    if cannot:
+        names = ", ".join(repr(b) for b in cannot)
+        raise MissingCapabilityError(f"backend{'s' if len(cannot) > 1 else ''} {names} cannot run here: "
+                                     f"{status[cannot[0]][0]}")
+    missing = [b for b in backends if b not in avail]
+    if missing:
+        why = "; ".join(f"{b}: {status[b][0]}" if b in status else f"{b}: unknown (choose from {', '.join(status)})"
+                        for b in missing)
+        raise InputError(f"backends {missing} are not available for {build}; available: {avail}; {why}")
+    return list(backends), {}
+
+
+def check_lineage(build: Path, manifest: dict, backends: list[str]) -> None:
+    """Refuse (StaleArtifact, exit 2) a backend whose variant or engines were made from graphs
+    the build no longer has, before any work; warn about ones without a record."""
+    from onetrans_trt import lineage
+
+    for name in backends:
+        if name in ("ort-fp16", "ort-int8"):
+            lineage.check_variant(build, manifest, name[4:])
+        elif name.startswith("trt"):
+            lineage.check_engines(build, manifest, name[4:] if "-" in name else "fp32")
 
 
 def _backend(build: Path, name: str, model):
@@ -57,10 +121,25 @@ def _graph_paths(build: Path, backend: str) -> dict[str, Path] | None:
     return {"user_encoder": d / "user_encoder.onnx", "candidate_scorer": d / "candidate_scorer.onnx"}
 
 
-def _feeds_as_encoded(build: Path, manifest: dict, path: Path, n: int) -> tuple[list, str]:
+def _index_ranges(schema, width: int) -> dict[str, tuple[int, int]]:
+    """The values each index input of our graphs may hold, ``[low, high]``: a table's rows
+    (0 PAD, 1 OOV, then its values), ``s_type`` 0..2K, ``s_length`` 0..the history's width."""
+    k = schema.num_sequences
+    out = {"s_type": (0, 2 * k), "s_length": (0, width)}
+    for f in schema.features:
+        if f.kind in ("categorical", "multihot"):
+            out[f"ns_{f.name}"] = (0, schema.tables[f.table].rows - 1)
+    for field, table in schema.seq_fields.items():
+        out[f"s_{field}"] = (0, schema.tables[table].rows - 1)
+    return out
+
+
+def _feeds_as_encoded(build: Path, manifest: dict, path: Path, n: int, schema=None) -> tuple[list, str]:
     """``--inputs`` of graph feeds (npz / Polygraphy JSON) for one of our builds: each request
     is one user's encoder inputs (batch 1) and its candidates' scorer inputs, checked against
-    the graphs' declared names, dtypes and ranks."""
+    the graphs' declared names, dtypes and ranks, and (given the ``schema``) every index
+    against its table: an index outside it is refused here, not met as an error of the
+    PyTorch reference or a failure of the backends."""
     from onetrans_trt.data.feeds import load_feed_list, split_feeds
 
     feeds, source = load_feed_list(path)
@@ -82,6 +161,14 @@ def _feeds_as_encoded(build: Path, manifest: dict, path: Path, n: int) -> tuple[
         if len(counts) > 1:
             raise InputError(f"--inputs {path}: request {i}'s candidate inputs disagree on the number of "
                              f"candidates ({sorted(counts)})")
+        if schema is None:
+            continue
+        width = hist["s_type"].shape[1] if "s_type" in hist and hist["s_type"].ndim == 2 else 0
+        for name, (low, high) in _index_ranges(schema, width).items():
+            a = hist.get(name, ns.get(name))
+            if a is not None and a.size and a.dtype.kind in "iub" and (a.min() < low or a.max() > high):
+                raise InputError(f"--inputs {path}: request {i} {name} holds {int(a.min())}..{int(a.max())}; "
+                                 f"its values must be in {low}..{high}")
     return pairs, source
 
 
@@ -108,6 +195,11 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
                    requests_file=None, inputs=None, n_requests: int = 100, policy: dict | None = None, ckpt=None,
                    data_dir=None, save_goldens: str | Path | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Compare every backend of ``build`` (``backends``: default every one available) with the
+    float32 PyTorch model on ``n_requests`` requests from one source (``data="ml-100k"``,
+    ``requests_file`` or ``inputs``); returns the report (``report["verdict"]`` is ``"pass"``
+    or ``"fail"``; keys documented in :mod:`onetrans_trt.validate.report`). What ``onetrans-trt
+    validate`` runs."""
     import torch
 
     from onetrans_trt.calibrate.quality import ranking_agreement
@@ -126,19 +218,16 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
     ckpt = Path(ckpt or manifest["checkpoint"]["path"])
     if not (ckpt / "model.safetensors").is_file():
         raise InputError(f"validation needs the source checkpoint ({ckpt}); pass --ckpt, or use --goldens")
+    chosen, skipped = choose_backends(build, backends or None)
+    check_lineage(build, manifest, chosen)  # before the reference is computed or goldens written
     model = load_checkpoint(ckpt)
-    avail = available_backends(build)
-    chosen = backends or avail
-    missing = [b for b in chosen if b not in avail]
-    if missing:
-        raise InputError(f"backends {missing} are not available for {build}; available: {avail}")
     if inputs is not None:
         from onetrans_trt.data.feeds import input_kind
 
         if input_kind(inputs) == "requests":
             requests_file, data = inputs, None
     if inputs is not None and requests_file is None:
-        encoded, source = _feeds_as_encoded(build, manifest, Path(inputs), n_requests)
+        encoded, source = _feeds_as_encoded(build, manifest, Path(inputs), n_requests, model.cfg.schema)
         labels: list = [None] * len(encoded)
     else:
         reqs, labels, source = load_requests_for(build, model.cfg, data, requests_file, n_requests, data_dir)
@@ -168,7 +257,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         "checkpoint": str(ckpt), "policy": policy,
         "requests": {"source": source, "count": len(encoded), "labelled": int(sum(l is not None for ls in labels
                                                                              for l in (ls or [])))},
-        "backends": {},
+        "backends": {}, "skipped": skipped,
     }
     plots: dict[str, Any] = {}
     for name in chosen:
@@ -214,19 +303,27 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         e2e_sum = {**e2e.summary(), "pass": within(e2e.summary(), tol)}
         end = {"logits": e2e_sum, "ranking": {"top10_overlap_mean": float(np.mean(overlaps)) if overlaps else 1.0,
                                               "kendall_tau_mean": float(np.mean(taus)) if taus else 1.0}}
-        ok_rank = end["ranking"]["top10_overlap_mean"] >= tol["min_top10_overlap"]
-        ok_auc = True
+        checks = [ck.error_check(error)] if error is not None else []
+        checks += ck.graph_checks({**{f"{g}.{k}": v for g, outs in graphs.items() for k, v in outs.items()},
+                                   "end_to_end.logits": e2e_sum}, tol)
         if ys:
             y = np.asarray(ys, np.float32)
             mv, mr = binary_metrics(y, np.asarray(pv), tasks), binary_metrics(y, np.asarray(pr), tasks)
             end["metrics"] = {tk: {"auc": mv[tk]["auc"], "torch_auc": mr[tk]["auc"],
                                    "delta_auc": mv[tk]["auc"] - mr[tk]["auc"], "logloss": mv[tk]["logloss"],
                                    "delta_logloss": mv[tk]["logloss"] - mr[tk]["logloss"]} for tk in tasks}
-            ok_auc = all(abs(m["delta_auc"]) <= tol["max_delta_auc"] for m in end["metrics"].values())
-        ok_graphs = all(v["pass"] for g in graphs.values() for v in g.values()) and error is None
-        verdict = "pass" if ok_graphs and ok_auc and ok_rank and e2e_sum["pass"] else "fail"
+            for j, tk in enumerate(tasks):
+                pos = int((y[:, j] > 0.5).sum())
+                checks.append(ck.auc_check(tk, end["metrics"][tk]["delta_auc"], pos, len(y) - pos,
+                                           tol["max_delta_auc"]))
+        else:
+            checks.append(ck.no_labels_check(tol["max_delta_auc"]))
+        checks += ck.ranking_checks(float(np.mean(overlaps)) if overlaps else None,
+                                    float(np.mean(taus)) if taus else None, len(overlaps), tol)
+        verdict = ck.verdict_of(checks)
         entry = {"precision": precision_of(name), "verdict": verdict, "tolerance": tol, "graphs": graphs,
-                 "end_to_end": end, "divergence": None, "note": getattr(backend, "note", ""), "error": error}
+                 "end_to_end": end, "checks": checks, "divergence": None, "note": getattr(backend, "note", ""),
+                 "error": error}
         if verdict == "fail":
             entry["divergence"] = _find_divergence(build, name, model, refs[first_fail or 0], tol, localize)
         report["backends"][name] = entry
@@ -236,6 +333,7 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
         plots[name] = {"histogram": logit_stats.histogram(), "scatter": [ref_sel.tolist(), sel.tolist()]}
     report["verdict"] = "pass" if all(b["verdict"] == "pass" for b in report["backends"].values()) else "fail"
     report["plots"] = plots
+    report["provenance"] = provenance(graph_hashes(manifest))
     return report
 
 
@@ -308,26 +406,42 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
 
     from polygraphy.json import load_json
 
+    from onetrans_trt import lineage
     from onetrans_trt.calibrate.quality import ranking_agreement
     from onetrans_trt.export.api import read_manifest
     from onetrans_trt.runtime.ranker import Ranker
     from onetrans_trt.validate.policy import DEFAULT_POLICY
 
     build, goldens = Path(build), Path(goldens)
-    read_manifest(build)
+    manifest = read_manifest(build)
     if not (goldens / "meta.json").is_file():
         raise InputError(f"{goldens}: not a goldens directory (no meta.json); create one with --save-goldens")
     policy = policy or DEFAULT_POLICY
+    from onetrans_trt.log import captured_output
+
     try:
-        ue_in = load_json(str(goldens / "user_encoder_inputs.json"))
-        ue_out = load_json(str(goldens / "user_encoder_outputs.json"))
-        cs_in = load_json(str(goldens / "candidate_scorer_inputs.json"))
-        cs_out = load_json(str(goldens / "candidate_scorer_outputs.json"))
+        with captured_output("polygraphy"):  # it prints its "[!] Could not decode ..." before raising
+            ue_in = load_json(str(goldens / "user_encoder_inputs.json"))
+            ue_out = load_json(str(goldens / "user_encoder_outputs.json"))
+            cs_in = load_json(str(goldens / "candidate_scorer_inputs.json"))
+            cs_out = load_json(str(goldens / "candidate_scorer_outputs.json"))
     except Exception as e:  # noqa: BLE001 - polygraphy raises various errors on bad JSON
         raise InputError(f"{goldens}: unreadable goldens ({type(e).__name__})") from None
     chosen = backends or [b for b in ("ort", "ort-fp16", "ort-int8") if b == "ort" or (build / b[4:]).is_dir()]
+    skipped = {} if backends else {b: f"no {b[4:]}/ graphs in {build}" for b in ("ort-fp16", "ort-int8")
+                                   if b not in chosen}
+    for name in chosen:
+        if name.startswith("torch") or name.startswith("trt"):
+            raise InputError(f"--goldens validates ONNX Runtime backends; {name!r} is not one")
+    try:
+        meta = json.loads((goldens / "meta.json").read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{goldens}/meta.json: not valid JSON ({str(e)[:120]})") from None
+    lineage.check_goldens(goldens, meta, build, manifest)  # goldens of another build: refused by hash
+    check_lineage(build, manifest, chosen)
     report: dict[str, Any] = {"format": FORMAT, "build": str(build), "goldens": str(goldens), "policy": policy,
-                              "requests": {"source": "goldens", "count": len(ue_in)}, "backends": {}}
+                              "requests": {"source": "goldens", "count": len(ue_in)}, "backends": {},
+                              "skipped": skipped}
     for name in chosen:
         if name.startswith("torch") or name.startswith("trt"):
             raise InputError(f"--goldens validates ONNX Runtime backends; {name!r} is not one")
@@ -349,16 +463,18 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
             overlaps.append(ranking_agreement(got[:, 0], out["logits"][:, 0])[0])
         graphs = {"user_encoder": {k: {**s.summary(), "pass": within(s.summary(), tol)} for k, s in kv_stats.items()},
                   "candidate_scorer": {"logits": {**logit_stats.summary(), "pass": within(logit_stats.summary(), tol)}}}
-        ok = all(v["pass"] for g in graphs.values() for v in g.values()) and (not overlaps or np.mean(overlaps) >= tol["min_top10_overlap"])
-        report["backends"][name] = {"precision": precision_of(name), "verdict": "pass" if ok else "fail",
+        checks = ck.graph_checks({f"{g}.{k}": v for g, outs in graphs.items() for k, v in outs.items()}, tol)
+        checks += ck.ranking_checks(float(np.mean(overlaps)) if overlaps else None, None, len(overlaps), tol)
+        report["backends"][name] = {"precision": precision_of(name), "verdict": ck.verdict_of(checks),
                                     "tolerance": tol, "graphs": graphs,
                                     "end_to_end": {"ranking": {"top10_overlap_mean": float(np.mean(overlaps)) if overlaps
                                                                            else 1.0}},
-                                    "divergence": None, "note": getattr(backend, "note", "")}
+                                    "checks": checks, "divergence": None, "note": getattr(backend, "note", "")}
     report["verdict"] = "pass" if all(b["verdict"] == "pass" for b in report["backends"].values()) else "fail"
-    meta = json.loads((goldens / "meta.json").read_text())
     report["goldens_meta"] = meta
+    report["provenance"] = provenance(graph_hashes(read_manifest(build)))
     return report
 
 
-__all__ = ["validate_build", "validate_goldens", "available_backends", "write_goldens", "BuildError"]
+__all__ = ["validate_build", "validate_goldens", "available_backends", "backend_status", "choose_backends",
+           "write_goldens", "BuildError"]

@@ -69,5 +69,9 @@ def validate_module_build(build: str | Path, module, *, count: int = 50, inputs:
                                        f"on {name} (user {u}); tolerance {ATOL:g}")
         if (k + 1) % 10 == 0:
             say(f"{k + 1}/{len(todo)} cases, worst {worst:.2e}")
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.provenance import graph_hashes, provenance
+
     return {"build": str(build), "data": "given inputs" if inputs is not None else f"random from the spec ({len(todo)} cases)",
-            "cases": len(rows), "max_abs": worst, "tolerance": ATOL, "rows": rows, "ok": True}
+            "cases": len(rows), "max_abs": worst, "tolerance": ATOL, "rows": rows, "ok": True,
+            "provenance": provenance(graph_hashes(read_manifest(build)))}

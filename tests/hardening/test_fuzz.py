@@ -4,9 +4,13 @@ Mutations of valid artifacts (truncation, bit flips, wrong types, huge sizes, pa
 are fed to the checkpoint loader, the manifest reader, the ONNX loader (our checks, then
 ONNX Runtime) and the Ranker. Accepted outcomes: a result, or a ``OneTransError`` (the CLI
 turns it into one line and exit 2). Anything else fails the test, with the input that
-caused it. ``FUZZ_SCALE`` multiplies the counts (``make fuzz`` runs 10x).
+caused it. ``FUZZ_SCALE`` multiplies the counts (``make fuzz`` runs 10x); ``FUZZ_SEED`` draws other request
+inputs (the default 0: the inputs the suite always runs).
 
-Counts at scale 1: requests 1000, checkpoints 400, manifests 400, ONNX files 300 (2100).
+Counts at scale 1: requests 1200 (request values through ``Ranker.rank``) and request files
+700 (through ``load_requests`` then ``Ranker.rank``; the files of
+:mod:`tests.hardening.fuzz_requests`), checkpoints 400, manifests 400, ONNX files 300 (3000).
+Request files through the command line (300 more): :mod:`tests.hardening.test_fuzz_cli`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from onetrans_trt.errors import OneTransError
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
+SEED = int(os.environ.get("FUZZ_SEED", "0"))  # another seed, other inputs (the request fuzzes)
 
 
 def n(count: int) -> int:
@@ -35,8 +41,39 @@ WEIRD = [None, True, False, 0, -1, 2 ** 70, -(2 ** 70), 10 ** 400, 1e308, -1e308
          [1.5, "a"], 3.5, "1e999", "-0"]
 
 
-def mutate_json(obj, rng: random.Random, depth: int = 0):
-    """One structural mutation somewhere in a JSON value."""
+def _deep(n: int):
+    v: list = []
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+def _loop() -> dict:
+    d: dict = {}
+    d["self"] = d
+    return d
+
+
+# what only a Python caller can pass (the Ranker's request dicts): numpy values are taken as
+# what they hold, the rest must be refused with our error
+API_WEIRD = WEIRD + [
+    np.array([1, 2]), np.array(["Comedy", "Drama"]), np.int64(7), np.float32("nan"), np.array([[1.5]]),
+    np.array([{"item_id": "1"}], dtype=object), np.array([b"x"]), object(), b"bytes", {1, 2}, (1, "a"),
+    {1: "int key"}, 10 ** 5000, 2 ** 63, _deep(50), _deep(200), _deep(100_000), _loop(), "h" * (1 << 20),
+    {"k" * (1 << 16): 1}, np.full(3, np.nan), np.array([np.inf]), np.arange(100_000), np.array([2 ** 63], np.uint64),
+    np.array(1.5), np.zeros((2, 0)), np.array([None, "x"], dtype=object),
+]
+
+
+def _show(obj) -> str:
+    try:
+        return repr(obj)[:300]
+    except (ValueError, RecursionError):  # an int of thousands of digits; a list nested 100,000 deep
+        return "<a value too large to show>"
+
+
+def mutate_json(obj, rng: random.Random, depth: int = 0, weird: list = WEIRD):
+    """One structural mutation somewhere in a JSON value (leaves drawn from ``weird``)."""
     if isinstance(obj, dict) and obj and rng.random() < 0.8:
         obj = dict(obj)
         k = rng.choice(list(obj))
@@ -44,11 +81,11 @@ def mutate_json(obj, rng: random.Random, depth: int = 0):
         if r < 0.2:
             del obj[k]
         elif r < 0.3:
-            obj[rng.choice(["extra", "__proto__", "", k + "_"])] = rng.choice(WEIRD)
+            obj[rng.choice(["extra", "__proto__", "", f"{k}_"])] = rng.choice(weird)
         elif r < 0.6:
-            obj[k] = rng.choice(WEIRD)
+            obj[k] = rng.choice(weird)
         else:
-            obj[k] = mutate_json(obj[k], rng, depth + 1)
+            obj[k] = mutate_json(obj[k], rng, depth + 1, weird)
         return obj
     if isinstance(obj, list) and obj and rng.random() < 0.8:
         obj = list(obj)
@@ -57,13 +94,13 @@ def mutate_json(obj, rng: random.Random, depth: int = 0):
         if r < 0.15:
             del obj[i]
         elif r < 0.25:
-            obj.extend(copy.deepcopy(obj[:1]) * rng.choice([1, 50]))
+            obj.extend(obj[:1] * rng.choice([1, 50]))  # shared, not copied: mutations copy what they change
         elif r < 0.5:
-            obj[i] = rng.choice(WEIRD)
+            obj[i] = rng.choice(weird)
         else:
-            obj[i] = mutate_json(obj[i], rng, depth + 1)
+            obj[i] = mutate_json(obj[i], rng, depth + 1, weird)
         return obj
-    return rng.choice(WEIRD)
+    return rng.choice(weird)
 
 
 def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
@@ -101,14 +138,42 @@ def test_fuzz_requests_through_the_ranker(tiny_ckpt, movielens):
 
     ranker = Ranker.load(tiny_ckpt, limits=RequestLimits(max_history=500, max_candidates=200))
     base = [r.to_json() for r, _ in movielens.requests(5, n_candidates=3, seed=4)]
-    rng = random.Random(0)
+    rng = random.Random(1000 * SEED)
     outcomes = {"ok": 0, "refused": 0}
-    for i in range(n(1000)):
+    for i in range(n(1200)):
         obj = copy.deepcopy(base[i % len(base)])
         for _ in range(rng.choice([1, 1, 2, 3])):
-            obj = mutate_json(obj, rng)
-        outcomes[accepted(lambda: ranker.rank(obj), f"request #{i}: {json.dumps(obj, default=str)[:300]}")] += 1
+            obj = mutate_json(obj, rng, weird=API_WEIRD)
+        outcomes[accepted(lambda: ranker.rank(obj), f"request #{i}: {_show(obj)}")] += 1
     assert outcomes["ok"] > 50 and outcomes["refused"] > 50, outcomes  # both paths really exercised
+
+
+def test_fuzz_request_files_through_the_api(tiny_ckpt, movielens, tmp_path):
+    """The request files of the CLI fuzz (and paths with a NUL byte, which only a Python
+    caller can pass) through ``load_requests``, sometimes with a fuzzed limits file, each
+    request loaded then ranked."""
+    from onetrans_trt.data.requests import RequestLimits, load_requests
+    from onetrans_trt.runtime.ranker import Ranker
+    from tests.hardening import fuzz_requests as fr
+
+    ranker = Ranker.load(tiny_ckpt)
+    base = [r.to_json() for r, _ in movielens.requests(5, n_candidates=3, seed=4)]
+    places = fr.Places(tmp_path / "in", fr.valid_text(random.Random(1), base))
+    rng = random.Random(5 + 1000 * SEED)
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(n(700)):
+        case = fr.make_case(rng, base, places.root, i, places, api=True)
+        with_limits = rng.random() < 0.2
+        limits_path, lnote = fr.limits_case(rng, places.root, i) if with_limits else (None, "")
+
+        def run():
+            limits = RequestLimits.load(limits_path) if limits_path is not None else None
+            for req in load_requests(case.path, limits):
+                (ranker if limits is None else Ranker(ranker.schema, ranker.tasks, ranker.backend,
+                                                      limits=limits)).rank(req)
+
+        outcomes[accepted(run, f"file #{i} ({case.kind}): {case.note} {lnote}")] += 1
+    assert outcomes["ok"] > n(700) // 20 and outcomes["refused"] > n(700) // 2, outcomes
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

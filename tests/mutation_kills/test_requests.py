@@ -72,7 +72,16 @@ def test_from_json_defaults():
     ({"candidates": [], "history": {}}, "request.history: expected a list"),
     ({"candidates": {}}, "request.candidates: expected a list"),
     ({"user": {}}, "request.candidates: missing (a list of candidate items)"),
-    ({"candidates": [], "history": [{}, 3]}, "request.history[1]: expected an object"),
+    ({"candidates": [], "history": [_ev("seq0", 1, 3), 3]}, "request.history[1]: expected an object"),
+    # an event needs its sequence and a finite timestamp (the encoder and the limits read both)
+    ({"candidates": [], "history": [{}, 3]}, "request.history[0].sequence: missing"),
+    ({"candidates": [], "history": [{"sequence": "seq0"}]}, "request.history[0].timestamp: missing"),
+    ({"candidates": [], "history": [{"sequence": 0, "timestamp": 1}]},
+     "request.history[0].sequence: expected a string, got int"),
+    ({"candidates": [], "history": [_ev("seq0", True, 3)]},
+     "request.history[0].timestamp: expected a finite number, got 'True'"),
+    ({"candidates": [], "history": [_ev("seq0", float("-inf"), 3)]},
+     "request.history[0].timestamp: expected a finite number, got '-inf'"),
     ({"candidates": [{}, {}, "x"]}, "request.candidates[2]: expected an object"),
 ])
 def test_from_json_errors(obj, msg):

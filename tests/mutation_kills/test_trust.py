@@ -254,15 +254,15 @@ def test_unknown_and_missing_keys():
                 "passes", "samples"):
         m = _manifest()
         del m[key]
-        _bad(m, f"missing key {key!r}")
+        _bad(m, f"{key}: missing")
 
 
 @pytest.mark.parametrize("key,value,msg", [
-    ("opset", "23", "'opset' must be a int, got str"),
-    ("opset", True, "'opset' must be a int, got bool"),
-    ("passes", {}, "'passes' must be a list, got dict"),
-    ("model", [], "'model' must be a dict, got list"),
-    ("created", 5, "'created' must be a str, got int"),
+    ("opset", "23", "opset: expected a valid integer, got '23'"),
+    ("opset", True, "opset: expected a valid integer, got True"),
+    ("passes", {}, "passes: expected a list"),
+    ("model", [], "model: expected an object"),
+    ("created", 5, "created: expected a string, got int"),
 ])
 def test_wrong_types(key, value, msg):
     m = _manifest()
@@ -274,18 +274,18 @@ def test_wrong_types(key, value, msg):
 def test_optional_keys_must_be_dicts(key):
     m = _manifest()
     m[key] = []
-    _bad(m, f"{key!r} must be a dict")
+    _bad(m, f"{key}: expected an object")
 
 
 @pytest.mark.parametrize("key,value,msg", [
-    ("family", 1, "model.family must be a str, got 1"),
-    ("d_model", True, "model.d_model must be a int, got True"),
-    ("n_heads", 4.0, "model.n_heads must be a int, got 4.0"),
-    ("tasks", None, "model.tasks must be a list, got None"),
-    ("d_model", 0, "model.d_model = 0 is out of range"),
-    ("n_heads", -1, "model.n_heads = -1 is out of range"),
-    ("n_layers", (1 << 20) + 1, f"model.n_layers = {(1 << 20) + 1} is out of range"),
-    ("s_max_len", 0, "model.s_max_len = 0 is out of range"),
+    ("family", 1, "model.family: expected a string, got int"),
+    ("d_model", True, "model.d_model: expected a valid integer, got True"),
+    ("n_heads", 4.0, "model.n_heads: expected a valid integer, got 4.0"),
+    ("tasks", None, "model.tasks: expected a list"),
+    ("d_model", 0, "model.d_model: expected greater than or equal to 1, got 0"),
+    ("n_heads", -1, "model.n_heads: expected greater than or equal to 1, got -1"),
+    ("n_layers", (1 << 20) + 1, f"model.n_layers: expected less than or equal to {1 << 20}, got {(1 << 20) + 1}"),
+    ("s_max_len", 0, "model.s_max_len: expected greater than or equal to 1, got 0"),
 ])
 def test_model_fields(key, value, msg):
     m = _manifest()
@@ -299,7 +299,7 @@ def test_model_fields(key, value, msg):
 def test_a_missing_model_field():
     m = _manifest()
     del m["model"]["s_max_len"]
-    _bad(m, "model.s_max_len must be a int, got None")
+    _bad(m, "model.s_max_len: missing")
 
 
 def test_graphs():
@@ -309,14 +309,15 @@ def test_graphs():
     m = _manifest()
     m["graphs"] = {}
     _bad(m, "graphs ['candidate_scorer', 'user_encoder'] are not listed")
-    for g in ("x", {"file": 3}, {}):
+    for g, what in (("x", ": expected an object"), ({"file": 3}, ".file: expected a string, got int"),
+                    ({}, ".file: missing")):
         m = _manifest()
         m["graphs"]["user_encoder"] = g
-        _bad(m, "graphs.user_encoder must name its file")
+        _bad(m, f"graphs.user_encoder{what}")
     for f in ("../x.onnx", "a/b.onnx", "a\\b.onnx", ".hidden.onnx", "x.bin", "x.onnx.data"):
         m = _manifest()
         m["graphs"]["candidate_scorer"] = {"file": f}
-        _bad(m, f"graphs.candidate_scorer.file {f!r} is not a plain .onnx file name in the build directory")
+        _bad(m, f"graphs.candidate_scorer.file: expected a plain .onnx file name in the build directory, got {f!r}")
     m = _manifest()
     m["graphs"]["extra"] = {"file": "extra.onnx"}  # extra graphs are allowed when well formed
     check_manifest(m, P)

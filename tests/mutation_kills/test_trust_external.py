@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onetrans_trt.errors import BuildError
-from onetrans_trt.trust import _is_sha256, check_manifest, check_onnx
+from onetrans_trt.trust import check_manifest, check_onnx
 from tests.mutation_kills.test_trust import P, _bad, _manifest, _model, _save
 
 
@@ -76,9 +76,15 @@ def test_two_tensors_share_one_file(tmp_path, monkeypatch):
 
 
 def test_is_sha256():
-    assert _is_sha256("0123456789abcdef" * 4)
-    for x in ("0" * 63, "0" * 65, "A" * 64, "g" * 64, "X" * 64, 7, None, b"0" * 64):
-        assert not _is_sha256(x), x
+    from pydantic import TypeAdapter, ValidationError
+
+    from onetrans_trt.manifest import Sha256
+
+    sha = TypeAdapter(Sha256, config={"strict": True})
+    assert sha.validate_python("0123456789abcdef" * 4)
+    for x in ("0" * 63, "0" * 65, "A" * 64, "g" * 64, "X" * 64, 7, None, b"0" * 64, "0" * 64 + "\n"):
+        with pytest.raises(ValidationError):
+            sha.validate_python(x)
 
 
 def _with_data(d) -> dict:
@@ -94,9 +100,14 @@ def test_a_graphs_external_data_entry():
     m = _with_data(dict(GOOD))
     assert check_manifest(m, P) is m
     assert check_manifest(_with_data({**GOOD, "bytes": 0}), P)
-    for d in ("x", {**GOOD, "file": 3}, {k: v for k, v in GOOD.items() if k != "file"}, {**GOOD, "sha256": "AB" * 32},
-              {**GOOD, "sha256": None}, {**GOOD, "bytes": True}, {**GOOD, "bytes": -1}, {**GOOD, "bytes": 1.0},
-              {k: v for k, v in GOOD.items() if k != "bytes"}):
-        _bad(_with_data(d), "graphs.candidate_scorer.data must give the file, its sha256 and its bytes")
+    for d, what in (("x", ": expected an object"), ({**GOOD, "file": 3}, ".file: expected a string, got int"),
+                    ({k: v for k, v in GOOD.items() if k != "file"}, ".file: missing"),
+                    ({**GOOD, "sha256": "AB" * 32}, f".sha256: expected a sha256 (64 lowercase hex digits), got {'AB' * 32!r}"),
+                    ({**GOOD, "sha256": None}, ".sha256: expected a string, got NoneType"),
+                    ({**GOOD, "bytes": True}, ".bytes: expected a valid integer, got True"),
+                    ({**GOOD, "bytes": -1}, ".bytes: expected greater than or equal to 0, got -1"),
+                    ({**GOOD, "bytes": 1.0}, ".bytes: expected a valid integer, got 1.0"),
+                    ({k: v for k, v in GOOD.items() if k != "bytes"}, ".bytes: missing")):
+        _bad(_with_data(d), f"graphs.candidate_scorer.data{what}")
     _bad(_with_data({**GOOD, "file": "other.onnx.data"}),
-         "graphs.candidate_scorer.data.file 'other.onnx.data' is not 'candidate_scorer.onnx.data'")
+         "graphs.candidate_scorer: data.file 'other.onnx.data' is not 'candidate_scorer.onnx.data'")

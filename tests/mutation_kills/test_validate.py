@@ -117,7 +117,8 @@ def test_default_policy_is_a_copy():
     assert p == DEFAULT_POLICY and p is not DEFAULT_POLICY
     p["fp32"]["atol"] = 1.0
     assert DEFAULT_POLICY["fp32"]["atol"] == 1e-4
-    assert KEYS == {"atol", "rtol", "min_cosine", "max_delta_auc", "min_top10_overlap"}
+    assert KEYS == {"atol", "rtol", "min_cosine", "max_delta_auc", "min_top10_overlap", "min_kendall_tau"}
+    assert all("min_kendall_tau" not in p for p in DEFAULT_POLICY.values())  # optional: reported unless set
 
 
 def test_policy_overrides(tmp_path):
@@ -134,7 +135,7 @@ def test_policy_overrides(tmp_path):
     ('{"bf16": {}}', "unknown precision 'bf16'; known: ['fp16', 'fp32', 'int8']"),
     ('{"fp32": 1}', "fp32 must be an object"),
     ('{"int8": {"atol": 1, "zz": 2, "aa": 3}}',
-     "unknown keys ['aa', 'zz'] in int8; known: ['atol', 'max_delta_auc', 'min_cosine', 'min_top10_overlap', 'rtol']"),
+     "unknown keys ['aa', 'zz'] in int8; known: ['atol', 'max_delta_auc', 'min_cosine', 'min_kendall_tau', 'min_top10_overlap', 'rtol']"),
     ('{"fp32": {"atol": -1}}', "fp32.atol must be a finite non-negative number"),
     ('{"fp32": {"atol": true}}', "fp32.atol must be a finite non-negative number"),
     ('{"fp32": {"rtol": "1"}}', "fp32.rtol must be a finite non-negative number"),
@@ -162,6 +163,11 @@ def test_policy_file_errors(tmp_path):
     with pytest.raises(InputError) as e:
         load_policy(d)
     assert str(e.value) == f"{d}: cannot read (Is a directory)"
+    giant = tmp_path / "giant.json"  # the int/str digit limit: a ValueError inside json.loads, was a traceback
+    giant.write_text('{"fp32": {"atol": ' + "9" * 5000 + "}}")
+    with pytest.raises(InputError) as e:
+        load_policy(giant)
+    assert str(e.value).startswith(f"{giant}: not valid JSON (Exceeds the limit")
     zero = tmp_path / "zero.json"
     zero.write_text('{"fp32": {"atol": 0}}')
     assert load_policy(zero)["fp32"]["atol"] == 0.0  # zero is allowed
@@ -220,36 +226,49 @@ def test_failing_node_finds_the_node_and_its_scope():
 
 # ---- report plots ----------------------------------------------------------------------------
 
+_NS = "{http://www.w3.org/2000/svg}"
+
+
+def _boxes(svg: str, prefix: str) -> dict[str, tuple[float, float, float, float]]:
+    """x0, x1, y0, y1 of each path in the groups whose id starts with prefix."""
+    out = {}
+    for g in ET.fromstring(svg).iter(f"{_NS}g"):
+        if (g.get("id") or "").startswith(prefix):
+            nums = [float(t) for t in re.findall(r"-?[0-9.]+", g.find(f"{_NS}path").get("d"))]
+            xs, ys = nums[0::2], nums[1::2]
+            out[g.get("id")] = (min(xs), max(xs), min(ys), max(ys))
+    return out
+
+
 def test_histogram_svg():
-    svg = _svg_histogram({"counts": [0, 2, 1, 0, 0, 4], "log10_edges": [-12, -10, -8, -6, -4, -2, 0]},
-                         width=60, height=50)
-    root = ET.fromstring(svg)
-    assert root.get("width") == "60" and root.get("height") == "50"
-    ns = "{http://www.w3.org/2000/svg}"
-    rects = root.findall(f"{ns}rect")
-    assert len(rects) == 6
-    assert [float(r.get("height")) for r in rects] == [0.0, 10.0, 5.0, 0.0, 0.0, 20.0]  # c / max * (h - 30)
-    assert [float(r.get("y")) for r in rects] == [30.0, 20.0, 25.0, 30.0, 30.0, 10.0]
-    assert [float(r.get("x")) for r in rects] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
-    assert all(float(r.get("width")) == 9.0 for r in rects)
-    labels = root.findall(f"{ns}text")
-    assert [t.text for t in labels] == ["1e-12", "1e-2"] and [t.get("x") for t in labels] == ["0", "50"]
-    assert all(t.get("y") == "45" for t in labels)
-    empty = ET.fromstring(_svg_histogram({"counts": [0, 0], "log10_edges": [0, 1, 2]}))
-    assert all(float(r.get("height")) == 0.0 for r in empty.findall(f"{ns}rect"))
+    svg = _svg_histogram({"counts": [0, 2, 1, 0, 0, 4], "log10_edges": [-12, -10, -8, -6, -4, -2, 0]}, limit=1e-3)
+    bars = _boxes(svg, "bar-")
+    assert list(bars) == [f"bar-{i}" for i in range(6)]
+    heights = [y1 - y0 for _, _, y0, y1 in bars.values()]
+    assert heights[0] == heights[3] == heights[4] == 0.0
+    assert heights[1] == pytest.approx(2 * heights[2], rel=1e-4) and heights[5] == pytest.approx(4 * heights[2], rel=1e-4)
+    lefts = [x0 for x0, _, _, _ in bars.values()]
+    assert lefts == sorted(lefts) and all(bars[f"bar-{i}"][1] == pytest.approx(bars[f"bar-{i + 1}"][0]) for i in range(5))
+    (x0, x1, _, _), = _boxes(svg, "tolerance").values()
+    # log10(1e-3) = -3 sits halfway through the bar for [-4, -2)
+    assert x0 == x1 == pytest.approx((bars["bar-4"][0] + bars["bar-4"][1]) / 2, rel=1e-4)
+    texts = "".join(ET.fromstring(svg).itertext())
+    assert "1e-12" in texts and "1e-2" in texts and "tolerance 0.001" in texts and "scorer logits" in texts
+    assert not _boxes(_svg_histogram({"counts": [1, 2], "log10_edges": [0, 1, 2]}), "tolerance")
+    empty = _boxes(_svg_histogram({"counts": [0, 0], "log10_edges": [0, 1, 2]}), "bar-")
+    assert all(y0 == y1 for _, _, y0, y1 in empty.values())
 
 
 def test_scatter_svg():
     assert _svg_scatter([], []) == "<p>(no points)</p>"
-    root = ET.fromstring(_svg_scatter([0.0, 1.0], [1.0, 2.0], size=40))
-    ns = "{http://www.w3.org/2000/svg}"
-    assert root.get("width") == "40" and root.get("height") == "40"
-    pts = [(float(c.get("cx")), float(c.get("cy"))) for c in root.findall(f"{ns}circle")]
-    assert pts == [(10.0, 20.0), (20.0, 10.0)]  # lo 0, hi 2 over 10..30
-    line = root.find(f"{ns}line")
-    assert [float(line.get(k)) for k in ("x1", "y1", "x2", "y2")] == [10.0, 30.0, 30.0, 10.0]
-    flat = ET.fromstring(_svg_scatter([1.0], [1.0], size=40))
-    assert [(c.get("cx"), c.get("cy")) for c in flat.findall(f"{ns}circle")] == [("10.0", "30.0")]
+    svg = _svg_scatter([0.0, 1.0], [1.0, 2.0], limit=0.5, name="trt-fp16")
+    groups = {g.get("id"): g for g in ET.fromstring(svg).iter(f"{_NS}g") if g.get("id")}
+    assert len(list(groups["points"].iter(f"{_NS}use"))) == 2
+    up, down, zero = (_boxes(svg, k)[k] for k in ("tolerance-upper", "tolerance-lower", "zero"))
+    assert up[2] == up[3] and down[2] == down[3] and zero[2] == zero[3]  # horizontal lines
+    assert up[2] < zero[2] < down[2] and zero[2] - up[2] == pytest.approx(down[2] - zero[2], rel=1e-4)
+    texts = "".join(ET.fromstring(svg).itertext())
+    assert "trt-fp16 - PyTorch (logit)" in texts and "PyTorch logit (fp32 reference)" in texts
 
 
 # ---- report HTML -----------------------------------------------------------------------------
@@ -294,9 +313,6 @@ def test_render_html_shows_every_part_of_the_report():
         "<table><tr><th>task</th><th>AUC</th><th>PyTorch AUC</th><th>delta</th><th>delta logloss</th></tr>",
         "<tr><td>click</td><td>0.75000</td><td>0.75123</td><td>-0.001234</td><td>+0.000010</td></tr>",
         "<p>Ranking vs PyTorch: top-10 overlap 0.950, Kendall tau 0.875</p>",
-        "<div style='display:flex;gap:24px'><div><b>|error| of scorer logits (log10)</b><br>"
-        + _svg_histogram({"counts": [1, 2], "log10_edges": [-12, -5, 2]})
-        + "</div><div><b>ort vs PyTorch logits</b><br>" + _svg_scatter([0.0, 1.0], [0.0, 1.0]) + "</div></div>",
         "<h2>trt-fp16 <span class='fail'>FAIL</span> <small>(fp16; atol 0.02, rtol 0.02)</small></h2>",
         "<tr><td>encoder</td><td>user_k_0</td><td>1.23e-05</td><td>2e-06</td><td>1e-05</td><td>0.5</td>"
         "<td>1.000000</td><td>0/1</td><td class='fail'>NO ([1] vs reference [2])</td></tr>",
@@ -307,6 +323,12 @@ def test_render_html_shows_every_part_of_the_report():
         "{&quot;layer&quot;: 0, &quot;module&quot;: &quot;layers.0.k&quot;}</p>",
         "<p><i>a &lt;note&gt;</i></p>",
     ]
+    plots = ("<div style='display:flex;gap:24px;flex-wrap:wrap'><div><b>|error| of the scorer logits</b><br>"
+             + _svg_histogram({"counts": [1, 2], "log10_edges": [-12, -5, 2]}, 0.0001, "ort")
+             + "</div><div><b>ort error vs the PyTorch logit</b><br>" + _svg_scatter([0.0, 1.0], [0.0, 1.0], 0.0001, "ort")
+             + "</div></div>")
+    # the plots (multi-line SVG; the limit: atol + rtol x 0, no candidate_scorer stats) between ort's ranking line and the trt-fp16 heading
+    assert html.index(expected[7]) < html.index(plots) < html.index(expected[8])
     for frag in expected:
         assert frag in lines, frag
     # in this order, and the tables closed
@@ -361,22 +383,3 @@ def test_small_norms_and_counts():
     one.add(np.array([3.0]), np.array([1.0]))
     assert one.summary()["mean_abs"] == 2.0  # divided by the count, 1
     assert ErrorStats("e").summary()["p99_abs"] == 0.0 and len(ErrorStats("e").histogram()["counts"]) == 30
-
-
-def test_default_plot_sizes_and_joined_elements():
-    h = _svg_histogram({"counts": [0, 0, 1], "log10_edges": [-12, -8, -4, 0]})
-    root = ET.fromstring(h)
-    assert (root.get("width"), root.get("height")) == ("360", "140")
-    assert h.count("/><rect") == 2 and "XXXX" not in h  # bars adjacent, nothing between them
-    assert ET.fromstring(_svg_histogram({"counts": [0, 0], "log10_edges": [0, 1, 2]})).find(
-        "{http://www.w3.org/2000/svg}rect").get("y") == "120.0"
-    many = _svg_histogram({"counts": [1] * 10, "log10_edges": list(range(11))})
-    assert "</text><text" in many
-    sc = _svg_scatter([0.0, 1.0], [1.0, 0.0])
-    r = ET.fromstring(sc)
-    assert (r.get("width"), r.get("height")) == ("220", "220") and "/><circle" in sc
-    shifted = ET.fromstring(_svg_scatter([10.0, 11.0], [10.0, 11.0], size=40))
-    assert [c.get("cx") for c in shifted.findall("{http://www.w3.org/2000/svg}circle")] == ["10.0", "30.0"]
-    flat = ET.fromstring(_svg_scatter([5.0], [5.0], size=40))
-    line = flat.find("{http://www.w3.org/2000/svg}line")
-    assert (line.get("x1"), line.get("x2")) == ("10.0", "10.0")

@@ -34,10 +34,13 @@ def test_a_report_without_its_optional_parts_renders():
     assert not any("<svg" in ln for ln in lines)
 
 
-def test_scatter_points_are_back_to_back():
-    svg = _svg_scatter([0.0, 1.0, 2.0], [1.0, 2.0, 0.5], size=40)
-    assert "".join(ET.fromstring(svg).itertext()).strip() == ""
-    assert svg.count("/><circle") == 3  # the diagonal line, then three points
+def test_scatter_draws_one_mark_per_point_and_the_tolerance_band():
+    svg = ET.fromstring(_svg_scatter([0.0, 1.0, 2.0], [1.0, 2.0, 0.5], limit=0.1))
+    groups = {g.get("id"): g for g in svg.iter("{http://www.w3.org/2000/svg}g") if g.get("id")}
+    assert len(list(groups["points"].iter("{http://www.w3.org/2000/svg}use"))) == 3
+    assert {"zero", "tolerance-upper", "tolerance-lower"} <= set(groups)
+    without = ET.fromstring(_svg_scatter([0.0, 1.0], [0.0, 1.0]))
+    assert not any(g.get("id", "").startswith("tolerance") for g in without.iter("{http://www.w3.org/2000/svg}g"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onetrans_trt.errors import InputError
+from onetrans_trt.errors import InputError, MissingCapabilityError
 from onetrans_trt.validate import api
 from onetrans_trt.validate.policy import DEFAULT_POLICY
 from tests.mutation_kills.validate_fixture import tiny_random_build
@@ -65,6 +65,40 @@ def test_available_backends(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
     assert api.available_backends(b)[-1] == "ort-int8"
+
+
+def test_backend_status_says_why(tmp_path, monkeypatch):
+    import torch
+
+    b = tmp_path
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installed
+    st = api.backend_status(b)
+    assert list(st) == ["torch-split", "ort", "ort-fp16", "ort-int8", "trt", "trt-fp16", "trt-int8"]
+    assert st["torch-split"] is None and st["ort"] is None
+    assert st["ort-fp16"] == (f"no fp16/candidate_scorer.onnx; run `onetrans-trt convert {b} --precision fp16`", False)
+    assert st["ort-int8"] == (f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`", False)
+    why, capability = st["trt"]
+    assert capability is True and st["trt-fp16"] == st["trt-int8"] == st["trt"]
+    assert why.startswith("TensorRT is not usable here (ModuleNotFoundError: ") and why.endswith(
+        "); install the 'trt' extra (tensorrt>=11) on a machine with an NVIDIA GPU")
+    from onetrans_trt.plugins._trt import require_tensorrt
+
+    with pytest.raises(MissingCapabilityError) as e:  # the words of `rank --backend trt`
+        require_tensorrt()
+    assert str(e.value) == why
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert api.backend_status(b)["trt-fp16"] == ("TensorRT backends need a CUDA GPU and none is visible", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (b / "engines" / "fp16").mkdir(parents=True)
+    (b / "engines" / "fp16" / "candidate_scorer.engine").write_text("x")
+    st = api.backend_status(b)
+    assert st["trt-fp16"] is None
+    assert st["trt-int8"] == (f"no engines/int8/candidate_scorer.engine; run `onetrans-trt build {b} --precision int8`",
+                              False)
+    assert api.choose_backends(b, None) == (["torch-split", "ort", "trt-fp16"], {
+        k: v[0] for k, v in st.items() if v is not None})
+    assert api.choose_backends(b, ["trt-fp16", "ort"]) == (["trt-fp16", "ort"], {})
 
 
 def test_graph_paths(tmp_path):
@@ -129,6 +163,7 @@ def test_validate_build_report(fx, model):
     assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 3600
     assert r["requests"] == {"source": f"--requests {fx / 'requests.json'} (5 requests)", "count": 5, "labelled": 0}
     assert list(r["backends"]) == ["torch-split", "ort"] and r["verdict"] == "pass"
+    assert r["skipped"] == {}  # backends named: nothing skipped
     with_cands = [i + 1 for i, q in enumerate(_reqs(fx)) if q["candidates"]]
     assert calls == [("reference", i, 5) for i in range(1, 6)] + [(n, i, 5) for n in ("torch-split", "ort")
                                                                    for i in with_cands]
@@ -146,6 +181,18 @@ def test_validate_build_report(fx, model):
         e2e = b["end_to_end"]
         assert e2e["logits"]["pass"] is True and "metrics" not in e2e
         assert e2e["ranking"]["top10_overlap_mean"] == 1.0 and e2e["ranking"]["kendall_tau_mean"] > 0.99
+        c = {x["name"]: x for x in b["checks"]}
+        assert [x["name"] for x in b["checks"]] == ["nan_inf", "max_error", "cosine", "delta_auc", "top10_overlap",
+                                                   "kendall_tau"]
+        assert all(x["passed"] is True for x in b["checks"] if x["name"] not in ("delta_auc", "kendall_tau"))
+        assert c["delta_auc"]["passed"] is None and c["delta_auc"]["reason"].endswith("carry no labels")
+        outs = {**{f"{g}.{k}": v for g, o in b["graphs"].items() for k, v in o.items()},
+                "end_to_end.logits": e2e["logits"]}
+        m = c["max_error"]
+        assert m["value"] == outs[m["output"]]["max_abs"] <= m["limit"]
+        assert m["limit"] == pytest.approx(1e-4 + 1e-4 * outs[m["output"]]["ref_max_abs"])
+        assert c["top10_overlap"]["value"] == 1.0 and c["top10_overlap"]["reason"].endswith("(mean over 4 requests)")
+        assert c["kendall_tau"]["value"] == e2e["ranking"]["kendall_tau_mean"] and c["kendall_tau"]["limit"] is None
     assert r["backends"]["torch-split"]["note"] == ""
     assert r["backends"]["ort"]["note"] == api._backend(fx / "build", "ort", None).__dict__.get(
         "note", getattr(api._backend(fx / "build", "ort", None), "note", ""))
@@ -200,6 +247,19 @@ def test_validate_build_with_labels_reports_metrics(fx, model, monkeypatch):
         assert v["delta_logloss"] == pytest.approx(v["logloss"] - torch_m[tk]["logloss"], abs=1e-5)
         assert abs(v["delta_auc"]) <= DEFAULT_POLICY["fp32"]["max_delta_auc"]
     assert r["backends"]["ort"]["verdict"] == "pass"
+    # 24 labels are far from the 20,000 positive-negative pairs a 0.0005 limit needs: not judged, and said so
+    aucs = [c for c in r["backends"]["ort"]["checks"] if c["name"] == "delta_auc"]
+    assert [c["task"] for c in aucs] == list(model.cfg.tasks)
+    for c, tk in zip(aucs, model.cfg.tasks):
+        pos = int((ys[:, list(model.cfg.tasks).index(tk)] > 0.5).sum())
+        assert c["pairs"] == pos * (24 - pos) and c["min_pairs"] == 20_000 and c["passed"] is None
+        assert "not judged" in c["reason"] and f"24 labels ({pos} positives x {24 - pos} negatives" in c["reason"]
+    # a limit that 24 labels can resolve (10 / 1.0 = 10 pairs) is judged
+    policy = json.loads(json.dumps(DEFAULT_POLICY))
+    policy["fp32"]["max_delta_auc"] = 1.0
+    loose = api.validate_build(fx / "build", backends=["ort"], ckpt=fx / "ckpt", policy=policy)
+    judged = [c for c in loose["backends"]["ort"]["checks"] if c["name"] == "delta_auc"]
+    assert [c["passed"] for c in judged if c["pairs"] >= 10] == [True] * sum(c["pairs"] >= 10 for c in judged) != []
 
 
 def test_an_auc_change_fails_the_backend(fx, model, monkeypatch):
@@ -215,6 +275,9 @@ def test_an_auc_change_fails_the_backend(fx, model, monkeypatch):
     assert b["precision"] == "fp16" and b["tolerance"] == policy["fp16"]
     assert all(v["pass"] for g in b["graphs"].values() for v in g.values())
     assert b["verdict"] == "fail" and r["verdict"] == "fail" and r["backends"]["torch-split"]["verdict"] == "pass"
+    bad = [c for c in b["checks"] if c["passed"] is False]
+    assert {c["name"] for c in bad} == {"delta_auc"} and all(c["limit"] == -1.0 for c in bad)
+    assert all(c["reason"].startswith(f"delta AUC {c['task']} ") and "> -1" in c["reason"] for c in bad)
 
 
 def test_a_ranking_change_fails_the_backend(fx):
@@ -224,6 +287,8 @@ def test_a_ranking_change_fails_the_backend(fx):
                            ckpt=fx / "ckpt", policy=policy)
     b = r["backends"]["torch-split"]
     assert b["end_to_end"]["logits"]["pass"] and b["verdict"] == "fail"
+    assert [(c["name"], c["value"], c["limit"]) for c in b["checks"] if c["passed"] is False] == [
+        ("top10_overlap", 1.0, 1.5)]
     assert b["divergence"] == {"note": "divergence search needs ONNX graphs; torch-split has none"}
 
 
@@ -234,6 +299,8 @@ def test_a_graph_past_tolerance_fails_and_is_localized(fx):
                            ckpt=fx / "ckpt", policy=policy)
     b = r["backends"]["ort"]
     assert b["verdict"] == "fail" and r["verdict"] == "fail"
+    bad = {c["name"]: c for c in b["checks"] if c["passed"] is False}
+    assert set(bad) == {"max_error"} and bad["max_error"]["limit"] == 0.0 and bad["max_error"]["value"] > 0
     d = b["divergence"]
     assert d["role"] == "user_encoder" and d["tensor"] and d["node"] and d["max_abs"] > 0
     assert set(d) == {"layer", "module", "node", "tensor", "role", "max_abs", "cosine", "shape_mismatch", "nan", "inf"}
@@ -317,6 +384,9 @@ def test_a_backend_that_raises_fails_with_its_error(fx, model, monkeypatch):
                            ckpt=fx / "ckpt")
     b = r["backends"]["torch-split"]
     assert b["error"] == "RuntimeError: boom" and b["verdict"] == "fail" and b["note"] == "broken on purpose"
+    assert b["checks"][0] == {"name": "error", "value": None, "limit": None, "passed": False,
+                              "reason": "the backend raised RuntimeError: boom"}
+    assert [c["name"] for c in b["checks"] if c["passed"] is False] == ["error"]
     assert b["end_to_end"]["ranking"] == {"top10_overlap_mean": 1.0, "kendall_tau_mean": 1.0}
     assert r["plots"]["torch-split"]["scatter"] == [[], []]
 
@@ -328,16 +398,31 @@ def test_find_divergence_notes(fx, model, tmp_path):
         "note": "serving.onnx is missing: module scopes unknown"}
 
 
-def test_validate_build_refusals(fx, tmp_path):
+def test_validate_build_refusals(fx, tmp_path, monkeypatch):
     with pytest.raises(InputError) as e:  # the manifest's checkpoint path is gone (built elsewhere)
         api.validate_build(fx / "build", requests_file=fx / "requests.json")
     assert str(e.value).startswith("validation needs the source checkpoint (") and str(e.value).endswith(
         "); pass --ckpt, or use --goldens")
+    monkeypatch.setattr(api, "_trt_problem", lambda: None)  # TensorRT and a GPU here, but no engines built
     with pytest.raises(InputError) as e:
         api.validate_build(fx / "build", backends=["ort", "ort-int8", "trt"], requests_file=fx / "requests.json",
                            ckpt=fx / "ckpt")
-    assert str(e.value) == (f"backends ['ort-int8', 'trt'] are not available for {fx / 'build'}; "
-                            "available: ['torch-split', 'ort', 'ort-fp16']")
+    b = fx / "build"
+    assert str(e.value) == (f"backends ['ort-int8', 'trt'] are not available for {b}; "
+                            "available: ['torch-split', 'ort', 'ort-fp16']; "
+                            f"ort-int8: no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`; "
+                            f"trt: no engines/fp32/candidate_scorer.engine; run `onetrans-trt build {b} --precision fp32`")
+    with pytest.raises(InputError) as e:
+        api.validate_build(b, backends=["ort", "trt-bf16"], requests_file=fx / "requests.json", ckpt=fx / "ckpt")
+    assert str(e.value).endswith("; trt-bf16: unknown (choose from torch-split, ort, ort-fp16, ort-int8, trt, "
+                                 "trt-fp16, trt-int8)")
+    # this machine lacks TensorRT: exit 3 (as `rank --backend trt`), before any artifact is looked for
+    monkeypatch.setattr(api, "_trt_problem", lambda: "TensorRT is not usable here (X)")
+    for asked, names in ((["ort-int8", "trt-fp16"], "backend 'trt-fp16'"),
+                         (["trt", "trt-int8"], "backends 'trt', 'trt-int8'")):
+        with pytest.raises(MissingCapabilityError) as e:
+            api.validate_build(b, backends=asked, requests_file=fx / "requests.json", ckpt=fx / "ckpt")
+        assert str(e.value) == f"{names} cannot run here: TensorRT is not usable here (X)"
     empty = tmp_path / "none.json"
     empty.write_text("[]")
     with pytest.raises(InputError) as e:
@@ -345,12 +430,17 @@ def test_validate_build_refusals(fx, tmp_path):
     assert str(e.value) == "no requests to validate on"
 
 
-def test_all_available_backends_by_default(fx):
+def test_all_available_backends_by_default(fx, monkeypatch):
+    monkeypatch.setattr(api, "_trt_problem", lambda: "TensorRT is not usable here (X)")
     r = api.validate_build(fx / "build", data=None, requests_file=fx / "requests.json", n_requests=2,
                            ckpt=fx / "ckpt")
     assert list(r["backends"]) == ["torch-split", "ort", "ort-fp16"] and r["requests"]["count"] == 2
     assert r["backends"]["ort-fp16"]["precision"] == "fp16"
     assert r["backends"]["ort-fp16"]["tolerance"] == DEFAULT_POLICY["fp16"]
+    b = fx / "build"
+    assert r["skipped"] == {"ort-int8": f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`",
+                            "trt": "TensorRT is not usable here (X)", "trt-fp16": "TensorRT is not usable here (X)",
+                            "trt-int8": "TensorRT is not usable here (X)"}
 
 
 # ------------------------------------------------------------------ goldens
@@ -385,6 +475,11 @@ def test_goldens_round_trip(fx, tmp_path):
     api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=reqs, ckpt=fx / "ckpt",
                        save_goldens=g)
     rep = api.validate_goldens(fx / "build", g)
+    assert rep["skipped"] == {"ort-int8": f"no int8/ graphs in {fx / 'build'}"}
+    assert api.validate_goldens(fx / "build", g, backends=["ort"])["skipped"] == {}
+    for b in rep["backends"].values():
+        assert [c["name"] for c in b["checks"]] == ["nan_inf", "max_error", "cosine", "top10_overlap"]
+        assert all(c["passed"] is True for c in b["checks"])
     assert list(rep["backends"]) == ["ort", "ort-fp16"] and rep["verdict"] == "pass"
     assert (g / "meta.json").read_text() == json.dumps(meta, indent=2)
     assert rep["backends"]["ort"]["note"] == "" and rep["backends"]["ort-fp16"]["note"] == ""
@@ -392,6 +487,7 @@ def test_goldens_round_trip(fx, tmp_path):
     tight["fp16"].update(atol=1e-5, rtol=1e-5)  # FP32 arithmetic would pass this; FP16's does not
     fp16 = api.validate_goldens(fx / "build", g, backends=["ort-fp16"], policy=tight)
     assert fp16["verdict"] == "fail"
+    assert {c["name"] for c in fp16["backends"]["ort-fp16"]["checks"] if c["passed"] is False} == {"max_error"}
     assert rep["format"] == "onetrans-trt/validate/1" and rep["build"] == str(fx / "build")
     assert rep["goldens"] == str(g) and rep["policy"] == DEFAULT_POLICY and rep["goldens_meta"] == meta
     assert rep["requests"] == {"source": "goldens", "count": 5}

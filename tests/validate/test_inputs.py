@@ -111,7 +111,7 @@ def test_our_build_validates_on_exactly_the_given_npz_and_polygraphy_json(tiny_b
     save_json(feeds, str(tmp_path / "in.json"))
     for name in ("in.npz", "in.json"):
         p = _cli("validate", tiny_build, "--inputs", tmp_path / name, "--backends", "ort",
-                 "--json", tmp_path / f"{name}.report.json", "--count", 100)
+                 "--json-out", tmp_path / f"{name}.report.json", "--count", 100)
         assert p.returncode == 0, p.stderr[-2000:]
         rep = json.loads((tmp_path / f"{name}.report.json").read_text())
         assert rep["requests"]["count"] == 5  # exactly the file's requests, not --count
@@ -125,7 +125,7 @@ def test_our_build_takes_request_jsonl_through_inputs(tiny_build, tmp_path):
                          "candidates": r.candidates}) for r in reqs]
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     p = _cli("validate", tiny_build, "--inputs", tmp_path / "r.jsonl", "--backends", "ort",
-             "--json", tmp_path / "rep.json")
+             "--json-out", tmp_path / "rep.json")
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["requests"]["count"] == 3 and "r.jsonl" in rep["requests"]["source"]
@@ -145,7 +145,7 @@ def test_our_build_refuses_feeds_that_do_not_fit_the_graphs(tiny_build, tmp_path
     for label, bad in cases.items():
         path = tmp_path / f"{label.replace(' ', '_')}.npz"
         np.savez(path, **{f"{i}/{k}": v for i, f in enumerate(bad) for k, v in f.items()})
-        p = _cli("validate", tiny_build, "--inputs", path, "--backends", "ort", "--json", tmp_path / f"{label}.json")
+        p = _cli("validate", tiny_build, "--inputs", path, "--backends", "ort", "--json-out", tmp_path / f"{label}.json")
         assert p.returncode == 2, (label, p.stderr[-1500:])
         assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
         assert not (tmp_path / f"{label}.json").exists()
@@ -199,7 +199,7 @@ def test_module_build_validates_on_exactly_the_given_requests(module_build, tmp_
     save_json(reqs, str(tmp_path / "in.json"))
     ref = f"{Path(mod.__file__)}:factory"
     for name in ("in.npz", "in.json"):
-        p = _cli("validate", build, "--module", ref, "--inputs", tmp_path / name, "--json", tmp_path / "r.json")
+        p = _cli("validate", build, "--module", ref, "--inputs", tmp_path / name, "--json-out", tmp_path / "r.json")
         assert p.returncode == 0, p.stderr[-2000:]
         rep = json.loads((tmp_path / "r.json").read_text())
         # one row per user of each request: 1 + 2 + 1

@@ -1,5 +1,5 @@
 """The HTML report read without a browser (always runs; the Chromium screenshot in
-test_validate.py is the extra check where Chromium exists): `validate --json --html` on a
+test_validate.py is the extra check where Chromium exists): `validate --json-out --html` on a
 passing and on a failing build, then the page is parsed with html.parser (every element
 closed in order) and each SVG with xml.etree (well-formed XML), and what it shows is checked
 against the JSON report: the verdict banner, one section per backend with its verdict, one
@@ -125,48 +125,104 @@ def check_page_against_report(text: str, rep: dict) -> None:
         if name in rep.get("plots", {}):
             plotted.append(name)
     assert len(svgs) == 2 * len(plotted), (len(svgs), plotted)
+    # versions and hashes on top; a "what to do" line under every failed check, none elsewhere
+    for k, sha in rep["provenance"]["graphs"].items():
+        assert f"<code>{k}</code> sha256 <code>{sha}</code>" in text, k
+    assert f"onnxscript {rep['provenance']['versions']['onnxscript']}" in text
+    failed = sum(c["passed"] is False for b in rep["backends"].values() for c in b.get("checks", []))
+    assert text.count("<div class='todo'>What to do: ") == failed, failed
     for i, name in enumerate(plotted):
-        plot = rep["plots"][name]
-        check_histogram(svgs[2 * i], plot["histogram"]["counts"], name)
-        check_scatter(svgs[2 * i + 1], *plot["scatter"], name)
+        plot, b = rep["plots"][name], rep["backends"][name]
+        limit = b["tolerance"]["atol"] + b["tolerance"]["rtol"] * b["graphs"]["candidate_scorer"]["logits"]["ref_max_abs"]
+        check_histogram(svgs[2 * i], plot["histogram"]["counts"], name, limit, plot["histogram"]["log10_edges"])
+        check_scatter(svgs[2 * i + 1], *plot["scatter"], name, limit)
 
 
-def check_histogram(svg: ET.Element, counts: list[float], name: str) -> None:
-    """One bar per bin, each as tall as its count relative to the largest (heights are
-    printed to 0.1 px: the tolerance)."""
-    bars = svg.findall(f"{SVG}rect")
-    assert len(bars) == len(counts) and sum(counts) > 0, (name, len(bars), len(counts))
-    heights = np.array([float(r.get("height")) for r in bars])
+def _path_points(el: ET.Element) -> np.ndarray:
+    """The (x, y) vertices of the first <path> under ``el`` (matplotlib writes ``M x y L x y ... z``)."""
+    path = el if el.tag == f"{SVG}path" else el.find(f".//{SVG}path")
+    nums = [float(t) for t in re.findall(r"-?[0-9.]+(?:e-?[0-9]+)?", path.get("d"))]
+    return np.array(nums).reshape(-1, 2)
+
+
+def _by_id(svg: ET.Element, gid: str) -> ET.Element | None:
+    return next((g for g in svg.iter(f"{SVG}g") if g.get("id") == gid), None)
+
+
+def _texts(svg: ET.Element) -> list[str]:
+    return ["".join(t.itertext()).strip() for t in svg.iter(f"{SVG}text")]
+
+
+def check_axes(svg: ET.Element, xlabel: str, ylabel: str, name: str) -> None:
+    """Both axes drawn, each with at least 3 labelled ticks and its label (units included)."""
+    ids = [g.get("id") or "" for g in svg.iter(f"{SVG}g")]
+    assert "matplotlib.axis_1" in ids and "matplotlib.axis_2" in ids, name
+    for axis in ("xtick_", "ytick_"):
+        assert sum(i.startswith(axis) for i in ids) >= 3, (name, axis)
+    texts = _texts(svg)
+    assert any(xlabel in t for t in texts) and any(ylabel in t for t in texts), (name, texts)
+    for t in texts:  # no negative zero printed ("-0.000000", "\u22120.0")
+        t = t.replace("\u2212", "-")
+        if t.startswith("-") and re.fullmatch(r"-[0-9.]+", t):
+            assert float(t) != 0, (name, t)
+
+
+def check_histogram(svg: ET.Element, counts: list[float], name: str, limit: float | None = None,
+                    edges: list[float] | None = None) -> None:
+    """One bar per bin, each as tall as its count relative to the largest, left to right; the
+    dashed tolerance line where log10(limit) falls on the bins' axis."""
+    check_axes(svg, "logit - PyTorch logit|", "scorer logits", name)
+    bars = [_by_id(svg, f"bar-{i}") for i in range(len(counts))]
+    assert all(b is not None for b in bars) and _by_id(svg, f"bar-{len(counts)}") is None, name
+    assert sum(counts) > 0
+    pts = [_path_points(b) for b in bars]
+    heights = np.array([p[:, 1].max() - p[:, 1].min() for p in pts])
     top = heights.max()
     assert top > 0
-    np.testing.assert_allclose(heights / top, np.asarray(counts, float) / max(counts), atol=0.1 / top + 1e-9,
+    np.testing.assert_allclose(heights / top, np.asarray(counts, float) / max(counts), atol=0.01 / top + 1e-6,
                                err_msg=name)
-    xs = [float(r.get("x")) for r in bars]
-    assert xs == sorted(xs), name  # bins left to right
+    xs = np.array([p[:, 0].min() for p in pts])
+    assert (np.diff(xs) > 0).all(), name  # bins left to right
+    if limit is not None and edges is not None:
+        line = _by_id(svg, "tolerance")
+        assert line is not None, name
+        slope, icpt = np.polyfit(np.asarray(edges[:-1]), xs, 1)
+        x_line = _path_points(line)[:, 0]
+        assert np.ptp(x_line) < 1e-6 and x_line[0] == pytest.approx(slope * np.log10(limit) + icpt, abs=0.05), name
 
 
-def check_scatter(svg: ET.Element, ref: list[float], got: list[float], name: str) -> None:
-    """One point per logit; x is an increasing affine function of the PyTorch logit, y a
-    decreasing one of the backend's, on one scale (coordinates printed to 0.1 px)."""
-    pts = svg.findall(f"{SVG}circle")
+def check_scatter(svg: ET.Element, ref: list[float], got: list[float], name: str,
+                  limit: float | None = None) -> None:
+    """One point per logit: x an increasing affine function of the PyTorch logit, y a
+    decreasing one of the error (backend - PyTorch); the tolerance band at +-limit, on the
+    points' scale."""
+    check_axes(svg, "PyTorch logit", "- PyTorch (logit)", name)
+    group = _by_id(svg, "points")
+    assert group is not None, name
+    pts = list(group.iter(f"{SVG}use"))
     assert len(pts) == len(ref) == len(got) > 2, (name, len(pts), len(ref))
-    cx = np.array([float(p.get("cx")) for p in pts])
-    cy = np.array([float(p.get("cy")) for p in pts])
-    ref_a, got_a = np.asarray(ref), np.asarray(got)
-    span = max(ref_a.max(), got_a.max()) - min(ref_a.min(), got_a.min())
-    assert span > 0, name
-    for coord, vals, sign in ((cx, ref_a, 1), (cy, got_a, -1)):
-        slope, icpt = np.polyfit(vals, coord, 1)
-        assert sign * slope > 0, (name, slope)
-        assert np.abs(coord - (slope * vals + icpt)).max() <= 0.06, name  # rounding to 0.1 px only
-    sx = np.polyfit(ref_a, cx, 1)[0]
-    sy = np.polyfit(got_a, cy, 1)[0]
-    assert sx == pytest.approx(-sy, rel=1e-3), name  # one scale for both axes (the diagonal is y = x)
+    cx = np.array([float(p.get("x")) for p in pts])
+    cy = np.array([float(p.get("y")) for p in pts])
+    ref_a = np.asarray(ref)
+    err = np.asarray(got) - ref_a
+    sx, ix = np.polyfit(ref_a, cx, 1)
+    assert sx > 0 and np.abs(cx - (sx * ref_a + ix)).max() <= 0.02, name
+    zero = _by_id(svg, "zero")
+    assert zero is not None, name
+    y0 = _path_points(zero)[0, 1]
+    if limit is not None:
+        up, down = _by_id(svg, "tolerance-upper"), _by_id(svg, "tolerance-lower")
+        assert up is not None and down is not None, name
+        u, d = _path_points(up), _path_points(down)
+        assert np.ptp(u[:, 1]) < 1e-6 and np.ptp(d[:, 1]) < 1e-6, name  # horizontal
+        assert d[0, 1] - y0 == pytest.approx(y0 - u[0, 1], abs=0.02) and y0 - u[0, 1] > 0, name  # symmetric
+        scale = (y0 - u[0, 1]) / limit  # px per logit of error
+        np.testing.assert_allclose(cy, y0 - err * scale, atol=0.02, err_msg=name)  # points on that scale
 
 
 def _validate(build: Path, tmp: Path, *args) -> tuple[int, dict, str]:
     rj, rh = tmp / "r.json", tmp / "r.html"
-    r = CliRunner().invoke(cli, ["validate", str(build), *map(str, args), "--json", str(rj), "--html", str(rh)])
+    r = CliRunner().invoke(cli, ["validate", str(build), *map(str, args), "--json-out", str(rj), "--html", str(rh)])
     assert rj.is_file() and rh.is_file(), r.output[-2000:]
     return r.exit_code, json.loads(rj.read_text()), rh.read_text()
 
@@ -200,10 +256,16 @@ def test_the_reader_catches_a_page_that_disagrees_with_its_report(tiny_build, tm
     plants = {
         "verdict": text.replace("Verdict: PASS", "Verdict: FAIL", 1),
         "row": re.sub(r"<tr><td>user_encoder</td>.*?</tr>", "", text, count=1),
-        "point": re.sub(r'cx="([0-9.]+)"', lambda m: f'cx="{float(m.group(1)) + 3:.1f}"', text, count=1),
+        "point": re.sub(r'(id="points">.*?<use [^>]*?) x="([0-9.]+)"',
+                        lambda m: f'{m.group(1)} x="{float(m.group(2)) + 3:.3f}"', text, count=1, flags=re.S),
+        "tolerance": text.replace('id="tolerance"', 'id="tolerance-gone"', 1),
+        "bar": text.replace('id="bar-29"', 'id="bar-30"', 1),
         "svg": text.replace("/>", ">", 1),
     }
     for what, bad in plants.items():
         assert bad != text, what
-        with pytest.raises((AssertionError, ET.ParseError)):
+        try:
             check_page_against_report(bad, rep)
+        except (AssertionError, ET.ParseError):
+            continue
+        pytest.fail(f"the planted defect {what!r} was not caught")

@@ -29,7 +29,7 @@ def _cli(*args):
 
 def test_correct_builds_pass_fp32_fp16_int8(small_build, tmp_path):
     build, _ = small_build
-    p = _cli("validate", build, "--data", "ml-100k", "--count", "20", "--json", tmp_path / "r.json",
+    p = _cli("validate", build, "--data", "ml-100k", "--count", "20", "--json-out", tmp_path / "r.json",
              "--html", tmp_path / "r.html")
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -186,7 +186,7 @@ def test_goldens_validate_without_pytorch(tiny_build, tmp_path):
         "sys.argv = ['onetrans-trt'] + sys.argv[1:]\n"
         "main()\n")
     p = subprocess.run([sys.executable, str(blocker), "validate", str(tiny_build), "--goldens", str(tmp_path / "g"),
-                        "--json", str(tmp_path / "g.json")], capture_output=True, text=True)
+                        "--json-out", str(tmp_path / "g.json")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     assert json.loads((tmp_path / "g.json").read_text())["verdict"] == "pass"
     # a perturbed graph fails against the same goldens
