@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test test-heavy serve-test demo clean browser fuzz gpu-check doctor mutation readme-figures
+.PHONY: venv data test test-heavy serve-test demo clean browser qemu fuzz gpu-check doctor mutation readme-figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,16 @@ browser:
 	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
 	   apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: the report-rendering test will skip")
 
+# qemu-x86_64 (Debian's qemu-user) emulates an AVX2 CPU without VNNI, where ONNX Runtime's default
+# INT8 kernels saturate: tests/test_ort_options.py shows our sessions exact there (skipped if absent)
+qemu:
+	@command -v qemu-x86_64 >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q qemu-user >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q qemu-user >/dev/null 2>&1)) || echo "qemu-user not installed: the no-VNNI INT8 tests will skip")
+
 # the fast subset of the Triton server tests runs here (one real tritonserver on the tiny build:
 # raw JSON over HTTP and gRPC, tensors, start/stop with no process left); `make serve-test` runs all
-test: venv data browser
+test: venv data browser qemu
 	$(BIN)/python -m pytest -q -m "not heavy and not serve_full"
 
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside

@@ -39,13 +39,16 @@ def _ort_loads(opset: int) -> bool:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from onetrans_trt.ort_options import session_options
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
                               opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 10)  # what every supported ONNX Runtime reads
     try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), sess_options=session_options(severity=4),
+                             providers=["CPUExecutionProvider"])
         return True
     except Exception:  # noqa: BLE001 - ORT raises its own untyped errors for an unknown opset
         return False

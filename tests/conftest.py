@@ -52,6 +52,22 @@ def tiny_build(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_build(tiny_build, tmp_path_factory):
+    """A copy of ``tiny_build`` with its INT8 variant (64 calibration requests)."""
+    import shutil
+    import warnings
+
+    from onetrans_trt.calibrate.int8 import calibrate_build
+
+    out = tmp_path_factory.mktemp("int8") / "tiny"
+    shutil.copytree(tiny_build, out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrate_build(out, n_samples=64)
+    return out
+
+
+@pytest.fixture(scope="session")
 def serving_graphs(tmp_path_factory):
     """Serving graphs of a random synthetic model, slice-first and compute-then-slice."""
     import onnx

@@ -24,6 +24,11 @@ Directives (several are separated by ``;``; a reason in parentheses where noted)
 ``output``
     (an output block: no language or ``text``) must equal, line for line with trailing blanks
     removed, the standard output of the block run last.
+``any-sha256 (REASON)``
+    (with ``output``) each ``sha256 <64 hex digits>`` in the block stands for any digest: the
+    lines must match with the digests left out. For digests of trained weights, whose last
+    bits depend on the CPU's vector instructions (AVX2, AVX-512, AMX give different sums); the
+    reason is required.
 
 Without a directive a ``bash`` block runs with ``bash -e -o pipefail`` (exit 0 expected),
 a ``python`` block with the running interpreter, a ``json`` block is parsed, and an output
@@ -49,8 +54,8 @@ README = ROOT / "README.md"
 
 RUN_LANGS = {"bash", "python"}
 SHOWN_LANGS = {"", "text", "json"}
-KINDS = {"skip", "exit", "gpu", "tiny", "file", "output"}
-NEEDS_REASON = {"skip", "exit", "gpu"}
+KINDS = {"skip", "exit", "gpu", "tiny", "file", "output", "any-sha256"}
+NEEDS_REASON = {"skip", "exit", "gpu", "any-sha256"}
 
 # `tiny`: (pattern, replacement) applied in order to a block's text
 TINY: list[tuple[str, str]] = [
@@ -67,7 +72,7 @@ TINY: list[tuple[str, str]] = [
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*readme-test:(.*?)-->\s*$")
-_ONE = re.compile(r"^(\w+)(?:\s+([^\s(]+))?\s*(?:\((.+)\))?$")
+_ONE = re.compile(r"^([\w-]+)(?:\s+([^\s(]+))?\s*(?:\((.+)\))?$")
 
 
 class ReadmeError(Exception):
@@ -168,8 +173,10 @@ def parse(text: str) -> list[Block]:
         i += 1
     for b in blocks:
         kinds = [d.kind for d in b.directives]
-        if b.lang in ("", "text") and set(kinds) - {"output", "file", "skip"}:
-            raise ReadmeError(f"{b.where}: an output block takes only 'output', 'file' or 'skip'")
+        if b.lang in ("", "text") and set(kinds) - {"output", "file", "skip", "any-sha256"}:
+            raise ReadmeError(f"{b.where}: an output block takes only 'output', 'file', 'skip' or 'any-sha256'")
+        if "any-sha256" in kinds and "output" not in kinds:
+            raise ReadmeError(f"{b.where}: 'any-sha256' goes with 'output'")
         if "output" in kinds and b.lang not in ("", "text"):
             raise ReadmeError(f"{b.where}: 'output' is for output blocks (no language or text)")
         if "file" in kinds and b.lang == "bash":
@@ -177,6 +184,14 @@ def parse(text: str) -> list[Block]:
         if b.get("tiny") and b.lang != "bash":
             raise ReadmeError(f"{b.where}: 'tiny' is for bash blocks")
     return blocks
+
+
+_SHA256 = re.compile(r"\bsha256 [0-9a-f]{64}\b")
+
+
+def mask_sha256(lines: list[str]) -> list[str]:
+    """``lines`` with every ``sha256 <64 hex digits>`` replaced by ``sha256 <any>``."""
+    return [_SHA256.sub("sha256 <any>", ln) for ln in lines]
 
 
 def _in_list(lines: list[str], i: int) -> bool:
@@ -253,6 +268,8 @@ def run_blocks(blocks: list[Block], workdir: Path, *, gpu_available: bool = Fals
                     raise ReadmeError(f"{b.where}: 'output' with no block run before it")
                 got = [ln.rstrip() for ln in last.stdout.rstrip().splitlines()]
                 want = [ln.rstrip() for ln in b.text.rstrip().splitlines()]
+                if b.get("any-sha256"):
+                    got, want = mask_sha256(got), mask_sha256(want)
                 if got != want:
                     raise ReadmeError(f"{b.where}: the README shows\n" + "\n".join(want) + "\nbut "
                                       f"README.md:{last.block.line} printed\n" + "\n".join(got))

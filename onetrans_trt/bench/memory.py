@@ -82,16 +82,15 @@ def _ort_work(graph: str, dims: dict[str, int]) -> Callable[[], Any]:
     the inputs; returns the run to measure."""
     import numpy as np
     import onnxruntime as ort
+    from onetrans_trt.ort_options import session_options
 
     from onetrans_trt.graphs.flops import placeholder_feeds
     from onetrans_trt.onnx_files import load_model
 
     model = load_model(graph, external=False)  # the inputs only: ORT reads the weights (and any <file>.data)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+    opts = session_options(threads=1)
     opts.enable_mem_pattern = False
     opts.enable_cpu_mem_arena = False
-    opts.log_severity_level = 3
     sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
     out_name = sess.get_outputs()[0].name
     small = placeholder_feeds(model, {k: (1 if k == "candidates" else v) for k, v in dims.items()})

@@ -183,11 +183,10 @@ def _prove_refold(inlined: onnx.ModelProto, refolded: onnx.ModelProto, feed: dic
     from onetrans_trt.runtime.ort_backend import _quiet_ort
 
     import onnxruntime as ort
+    from onetrans_trt.ort_options import session_options
 
     _quiet_ort()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    opts = session_options(severity=4, simulate_qdq=True)
     outs = []
     for m in (inlined, refolded):
         with session_source(m) as source:

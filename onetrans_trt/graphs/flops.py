@@ -43,6 +43,7 @@ def placeholder_feeds(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str,
 def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dict[str, int]:
     """``{"flops": total, "matmuls": count}`` for one run of the graph at ``dims``."""
     import onnxruntime as ort
+    from onetrans_trt.ort_options import session_options
 
     from onetrans_trt.onnx_files import ON_DISK_BYTES, load_model, session_source
 
@@ -70,9 +71,7 @@ def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dic
     for name in wanted:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts = session_options(optimize=False)
     with session_source(model) as source:  # bytes, or a temporary file with external data when large
         sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     outs = sess.run(wanted, placeholder_feeds(model, dims)) if wanted else []

@@ -439,10 +439,10 @@ def _feeds(model: onnx.ModelProto, c: int, length_input: str | None, n: int, see
 def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
     from onetrans_trt.onnx_files import session_source
+    from onetrans_trt.ort_options import session_options
+
+    opts = session_options(threads=1)
 
     with session_source(model) as source:  # bytes, or a temporary file with external data when large
         return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])

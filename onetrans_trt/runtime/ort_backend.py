@@ -69,12 +69,9 @@ def _session_from(path: Path, source, providers, threads, simulate_qdq):
     import onnxruntime as ort
 
     _quiet_ort()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    if simulate_qdq:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
+    from onetrans_trt.ort_options import session_options
+
+    opts = session_options(severity=4, threads=threads, simulate_qdq=simulate_qdq)
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=providers or default_providers())

@@ -88,6 +88,7 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     """``torch_run()`` runs the PyTorch side of ``role`` (hooks capture activations) and
     returns the named graph outputs' reference values."""
     import onnxruntime as ort
+    from onetrans_trt.ort_options import session_options
     import torch
 
     from onetrans_trt.onnx_files import ON_DISK_BYTES, load_model, session_source
@@ -113,10 +114,7 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
         if t not in have:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
             have.add(t)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if simulate_qdq:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    opts = session_options(simulate_qdq=simulate_qdq)
     with session_source(model) as source:  # bytes, or a temporary file with external data when large
         sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
