@@ -1091,21 +1091,26 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
               help="With --backend python: JSON file of request limits for raw requests (as `rank --limits`).")
 @click.option("--threads", type=click.IntRange(0), default=None,
               help="With --backend python: ONNX Runtime intra-op threads per model [0: its default].")
+@click.option("--user-cache-mb", type=click.FloatRange(0), default=None,
+              help="With --backend python: memory for users' K/V in the `rank_cached` model, per instance "
+                   "[256; 0: no caching]. A repeated user (same user_key and history) skips user_encoder.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
-def serve_repo_cmd(build, out, backend, precision, limits_path, threads, force, as_json) -> None:
+def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, force, as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
     users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
     + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
-    `rank` ensemble: the request JSON (one BYTES element) -> logits, probs. Every config.pbtxt
-    is parsed with Triton's ModelConfig protobuf first.
+    `rank` ensemble: the request JSON (one BYTES element) -> logits, probs; and `rank_cached`,
+    the same with users' K/V cached in the server (a repeated user never reaches user_encoder).
+    Every config.pbtxt is parsed with Triton's ModelConfig protobuf first.
 
     \b
     Serve it:  tritonserver --model-repository REPO
     (--backend python: the server's Python needs onetrans-trt, onnxruntime and numpy<2; see README)
     """
     if backend != "python":
-        _refuse(("limits_path", "threads"), f"to --backend {backend}", "they configure the python backend's models")
+        _refuse(("limits_path", "threads", "user_cache_mb"), f"to --backend {backend}",
+                "they configure the python backend's models")
         from onetrans_trt.runtime.triton_repo import write_repository
 
         res = write_repository(build, out, backend=backend, precision=precision, force=force)
@@ -1113,12 +1118,16 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, force, 
         from onetrans_trt.data.requests import RequestLimits
         from onetrans_trt.serving.repository import write_python_repository
 
+        if user_cache_mb is not None and not (build / "config.json").is_file():
+            raise InputError(f"--user-cache-mb does not apply to {build}: a module build has no feature schema to "
+                             "encode raw requests with, so its repository has no rank_cached model")
         limits = None
         if limits_path is not None:
             lim = RequestLimits.load(limits_path)
             limits = {k: getattr(lim, k) for k in ("max_history", "max_candidates", "max_request_bytes", "over_limit")}
         res = write_python_repository(build, out, precision=precision, force=force, limits=limits,
-                                      threads=threads or 0)
+                                      threads=threads or 0,
+                                      user_cache_mb=256 if user_cache_mb is None else user_cache_mb)
     _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
 
 
@@ -1127,11 +1136,12 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
 
 @cli.command("bench")
 @click.argument("build", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--suite", type=click.Choice(["peers", "fused", "int8"]), default="peers", show_default=True,
+@click.option("--suite", type=click.Choice(["peers", "fused", "int8", "server"]), default="peers", show_default=True,
               help="peers: the split serving path against the naive peers (torch-unified, torch-split, "
                    "ort-unified), scorer GFLOP/s against this machine's MatMul, K/V cache hit vs miss, "
                    "pyramid on vs off. fused: fused vs unfused scorer (peak memory, latency). "
-                   "int8: INT8 vs FP32 scorer latency.")
+                   "int8: INT8 vs FP32 scorer latency. server: a real tritonserver on BUILD's python-backend "
+                   "repository under load (rank vs rank_cached miss/hit per --concurrency).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default=None,
               help="Without BUILD: model size, random weights, synthetic schema "
                    "[peers: onetrans-s (small with --quick); fused/int8: small].")
@@ -1149,6 +1159,10 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
               help="peers: comma-separated subset of torch-unified,torch-split,ort-unified,ort,ort-fp16,ort-int8.")
 @click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
+@click.option("--concurrency", default=None,
+              help="server: comma-separated concurrent requests per level [1,4,16].")
+@click.option("--requests", "n_requests", type=click.IntRange(1), default=None,
+              help="server: requests per contender per round at each concurrency [32].")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (12 quick, within a 6 s budget per section); else 10].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_file,
               help="Also write the JSON result here.")
@@ -1159,7 +1173,8 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
               help="With --module: its weights (default: the ones the manifest names).")
 @JSON_OUT
 def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
-              backends, no_pyramid, threads, rounds, out, module_ref, weights, as_json) -> None:
+              backends, no_pyramid, threads, concurrency, n_requests, rounds, out, module_ref, weights,
+              as_json) -> None:
     """Benchmarks, measured side by side in one run and reported as ratios.
 
     \b
@@ -1179,6 +1194,11 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
     """
     from onetrans_trt.io import atomic_write_json
 
+    if suite == "server":
+        return _bench_server(build, preset, quick, candidates, history, scorer_candidates, cache_history,
+                             cache_candidates, backends, no_pyramid, threads, concurrency, n_requests, rounds, out,
+                             module_ref, weights, as_json)
+    _refuse(("concurrency", "n_requests"), f"to --suite {suite}", "they size the server suite's load")
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
     if build is not None and _module_build(build):
         return _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history,
@@ -1243,6 +1263,39 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
         f"   ratio {res['fused_over_unfused_latency']:.2f}",
     ])
     _emit(res, as_json, human)
+
+
+def _bench_server(build, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
+                  backends, no_pyramid, threads, concurrency, n_requests, rounds, out, module_ref, weights,
+                  as_json) -> None:
+    from onetrans_trt.io import atomic_write_json
+
+    _refuse(("preset", "quick", "history", "scorer_candidates", "cache_history", "cache_candidates", "backends",
+             "no_pyramid", "threads", "module_ref", "weights"), "to --suite server",
+            "it serves BUILD's own repository with MovieLens requests (--candidates, --concurrency, --requests, "
+            "--rounds size it)")
+    if build is None:
+        raise InputError("--suite server needs a BUILD (it serves that build's python-backend repository)")
+    levels = (1, 4, 16)
+    if concurrency is not None:
+        try:
+            levels = tuple(int(x) for x in concurrency.split(",") if x.strip())
+        except ValueError:
+            levels = ()
+        if not levels or min(levels) < 1 or max(levels) > 256:
+            raise InputError(f"--concurrency {concurrency!r}: comma-separated integers from 1 to 256, e.g. 1,4,16")
+    from onetrans_trt.serving.bench import bench_server, table
+
+    res = bench_server(build, candidates=candidates or 50, concurrency=levels, requests=n_requests or 32,
+                       rounds=rounds or 2, say=_note)
+    if out:
+        atomic_write_json(out, res)
+    _emit(res, as_json, table(res))
+    if res["errors"] or res["leftover_processes"]:
+        from onetrans_trt.errors import ValidationFailed
+
+        raise ValidationFailed(f"the server answered {res['errors']} request(s) wrongly or with an error, "
+                         f"{len(res['leftover_processes'])} server process(es) left")
 
 
 def _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,

@@ -103,6 +103,17 @@ def model_statistics_http(url: str, model: str, timeout: float = 10.0) -> dict:
     return _http_json(url, f"/v2/models/{model}/stats", None, timeout)
 
 
+def successes_http(url: str, model: str, timeout: float = 10.0) -> int:
+    """How many requests ``model`` has answered successfully (Triton's statistics, all versions)."""
+    stats = model_statistics_http(url, model, timeout)
+    return sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0)) for m in stats.get("model_stats", []))
+
+
+def load_model_http(url: str, model: str, timeout: float = 120.0) -> None:
+    """(Re)load ``model`` from the repository (a server started with ``--model-control-mode=explicit``)."""
+    _http_json(url, f"/v2/repository/models/{model}/load", {}, timeout)
+
+
 # ------------------------------------------------------------------ gRPC
 
 def _grpc():

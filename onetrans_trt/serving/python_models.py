@@ -11,6 +11,11 @@ imports one class from here as ``TritonPythonModel``:
   :func:`~onetrans_trt.data.requests.encode_request` under the repository's
   :class:`~onetrans_trt.data.requests.RequestLimits`; a bad request is that request's
   error response, naming the field (the other requests of the batch are unaffected).
+- :class:`CachedRank`: the request JSON to logits and probs like the ``rank`` ensemble, but
+  orchestrated in Python (BLS): the user's K/V come from a cache keyed by the repository's
+  graphs (their sha256), the request's ``user_key`` and a fingerprint of the encoded history
+  (:class:`~onetrans_trt.runtime.cache.UserKVCache`), so a repeated user never reaches the
+  ``user_encoder`` model; a miss calls it, then ``candidate_scorer`` is called either way.
 
 The graph, the schema (``config.json``) and the limits are read from the model's version
 directory and ``config.pbtxt`` parameters; nothing here depends on the build directory.
@@ -148,18 +153,25 @@ class Preprocess:
     """Raw request JSON in, the ``onetrans`` ensemble's tensors out."""
 
     def initialize(self, args: dict) -> None:
+        cfg = _config(args)
+        self._setup(args, {o["name"]: (_NP[o["data_type"]], len(o["dims"])) for o in cfg["output"]})
+
+    def _setup(self, args: dict, outputs: dict[str, tuple[Any, int]]) -> None:
         from onetrans_trt.data.requests import RequestLimits
         from onetrans_trt.models.config import read_config
 
-        cfg = _config(args)
-        params = _params(cfg)
+        params = _params(_config(args))
         self.schema = read_config(_version_dir(args)).schema
         self.limits = RequestLimits.from_json(json.loads(params["limits"])) if params.get("limits") \
             else RequestLimits()
-        self.outputs = {o["name"]: (_NP[o["data_type"]], len(o["dims"])) for o in cfg["output"]}
+        self.outputs = outputs
 
     def encode(self, raw: bytes) -> dict[str, np.ndarray]:
         """The tensors of one request, as the ensemble's inputs (raises RequestError)."""
+        return self.encode_request(raw)[1]
+
+    def encode_request(self, raw: bytes) -> tuple[Any, dict[str, np.ndarray]]:
+        """``(request, tensors)`` of one request JSON (raises RequestError)."""
         from onetrans_trt.data.requests import Request, encode_request
         from onetrans_trt.errors import RequestError
 
@@ -178,31 +190,142 @@ class Preprocess:
             if name not in have:
                 raise RequestError(f"request: the encoding has no tensor {name}")
             out[name] = np.ascontiguousarray(_to_rank(np.asarray(have[name]), rank).astype(dtype, copy=False))
-        return out
+        return req, out
 
     def execute(self, requests: list) -> list:
         pb = _pb()
         responses = []
         for r in requests:
             try:
-                t = pb.get_input_tensor_by_name(r, "request")
-                if t is None:
-                    raise KeyError("input request missing")
-                items = t.as_numpy().reshape(-1)
-                if items.size != 1:
-                    from onetrans_trt.errors import RequestError
-
-                    raise RequestError(f"request: expected one JSON request, got {items.size}")
-                raw = items[0]
-                raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
                 responses.append(pb.InferenceResponse(
-                    output_tensors=[pb.Tensor(n, v) for n, v in self.encode(raw).items()]))
+                    output_tensors=[pb.Tensor(n, v) for n, v in self.encode(_raw_request(r)).items()]))
             except Exception as e:  # noqa: BLE001 - a bad request is its own error response
                 responses.append(_error(e))
         return responses
 
     def finalize(self) -> None:
         pass
+
+
+def _raw_request(r) -> bytes:
+    """The one JSON request of a ``request`` BYTES tensor."""
+    t = _pb().get_input_tensor_by_name(r, "request")
+    if t is None:
+        raise KeyError("input request missing")
+    items = t.as_numpy().reshape(-1)
+    if items.size != 1:
+        from onetrans_trt.errors import RequestError
+
+        raise RequestError(f"request: expected one JSON request, got {items.size}")
+    raw = items[0]
+    return raw if isinstance(raw, bytes) else str(raw).encode("utf-8")
+
+
+class _State(dict):
+    """One user's K/V (and any other encoder output) as the cache holds it."""
+
+    def nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.values()))
+
+
+def graphs_sha256(repository: Path) -> str:
+    """The sha256 over the repository's ``user_encoder`` and ``candidate_scorer`` graphs
+    (``1/model.onnx`` and any ``1/model.onnx.data``), in that order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for role in ("user_encoder", "candidate_scorer"):
+        for name in ("model.onnx", "model.onnx.data"):
+            f = repository / role / "1" / name
+            if f.is_file():
+                h.update(f"{role}/{name}\0".encode())
+                with f.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()
+
+
+class CachedRank(Preprocess):
+    """Request JSON in, ``logits``/``probs`` out; users' K/V cached in this model instance.
+
+    The key is (the graphs' sha256 this repository was written with, ``user_key``, the encoded
+    history's fingerprint). At load the graphs on disk must have that sha256 (else the model
+    refuses to load: the repository was edited by hand; regenerate it with ``serve-repo``); a
+    new ``serve-repo`` of another build rewrites this model's config, so Triton reloads it with
+    an empty cache. Each request also checks the two graph files' size and mtime: if either
+    changed since load, the cache is dropped and stays off until this model is reloaded (a
+    stale K/V is never served)."""
+
+    def initialize(self, args: dict) -> None:
+        from onetrans_trt.runtime.cache import UserKVCache
+
+        cfg = _config(args)
+        params = _params(cfg)
+        wiring = json.loads(params["wiring"])
+        tensors = json.loads(params["tensors"])
+        self._setup(args, {t["name"]: (_NP[t["data_type"]], len(t["dims"])) for t in tensors})
+        self.user_inputs, self.state = wiring["user_inputs"], wiring["state"]
+        self.scorer_inputs = wiring["candidate_inputs"] + wiring.get("shared", []) + wiring["state"]
+        self.out_names = [o["name"] for o in cfg["output"]]
+        self.repository = Path(args["model_repository"]).parent
+        self.sha = params["graphs_sha256"]
+        got = graphs_sha256(self.repository)
+        if got != self.sha:
+            from onetrans_trt.errors import BuildError
+
+            raise BuildError(f"{self.repository}: the user_encoder/candidate_scorer graphs are not the ones this "
+                             f"repository was written with (sha256 {got[:12]}.. != {self.sha[:12]}..); "
+                             "regenerate it with `onetrans-trt serve-repo`")
+        self.files = self._stamp()
+        self.cache = UserKVCache(int(params.get("user_cache_bytes") or 0))
+        self.enabled = self.cache.max_bytes > 0
+
+    def _stamp(self) -> list[tuple[int, int]]:
+        out = []
+        for role in ("user_encoder", "candidate_scorer"):
+            for name in ("model.onnx", "model.onnx.data"):
+                f = self.repository / role / "1" / name
+                st = f.stat() if f.is_file() else None
+                out.append((st.st_size, st.st_mtime_ns) if st else (-1, -1))
+        return out
+
+    def _call(self, model: str, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        pb = _pb()
+        req = pb.InferenceRequest(model_name=model, requested_output_names=names,
+                                  inputs=[pb.Tensor(n, np.ascontiguousarray(v)) for n, v in feeds.items()])
+        resp = req.exec()
+        if resp.has_error():
+            raise RuntimeError(f"{model}: {resp.error().message()}")
+        return {n: pb.get_output_tensor_by_name(resp, n).as_numpy() for n in names}
+
+    def score(self, raw: bytes) -> dict[str, np.ndarray]:
+        req, tensors = self.encode_request(raw)
+        hist = {n: tensors[n] for n in self.user_inputs}
+
+        def encode() -> _State:
+            out = self._call("user_encoder", hist, self.state)
+            return _State({n: np.array(v, copy=True) for n, v in out.items()})  # owned: BLS buffers are freed
+
+        if self.enabled and self._stamp() != self.files:
+            self.enabled = False  # a graph file changed under us: never serve K/V of the old one
+            self.cache = type(self.cache)(0)
+        if self.enabled:
+            state = self.cache.get_or_compute(f"{self.sha}/{req.user_key or ''}", hist, encode)
+        else:
+            state = encode()
+        feeds = {n: (state[n] if n in state else tensors[n]) for n in self.scorer_inputs}
+        return self._call("candidate_scorer", feeds, self.out_names)
+
+    def execute(self, requests: list) -> list:
+        pb = _pb()
+        responses = []
+        for r in requests:
+            try:
+                out = self.score(_raw_request(r))
+                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, out[n]) for n in self.out_names]))
+            except Exception as e:  # noqa: BLE001 - a bad request is its own error response
+                responses.append(_error(e))
+        return responses
 
 
 def describe(args: Any = None) -> str:  # pragma: no cover - debugging aid inside the stub

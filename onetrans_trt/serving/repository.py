@@ -5,6 +5,8 @@
     REPO/onetrans/          ensemble, tensor level: user tensors [1, ...] + candidate tensors -> logits, probs
     REPO/preprocess/        Python model: request JSON (BYTES [1]) -> the tensors above (encode_request)
     REPO/rank/              ensemble, raw requests: request JSON -> logits, probs
+    REPO/rank_cached/       Python model (BLS), raw requests like rank; users' K/V cached in the
+                            server (a repeated user skips user_encoder), --user-cache-mb per instance
 
 The tensors, their shapes and the ensemble wiring are those of the ``onnxruntime`` and
 ``tensorrt`` repositories (:func:`onetrans_trt.runtime.triton_repo.module_models`, checked
@@ -61,11 +63,17 @@ def rank_ensemble_config(models: dict[str, Any], name: str = "rank") -> str:
 
 
 def write_python_repository(build: str | Path, out: str | Path, *, precision: str = "fp32", force: bool = False,
-                            limits: dict | None = None, threads: int = 0, chunk_size: int = 512) -> dict[str, Any]:
+                            limits: dict | None = None, threads: int = 0, chunk_size: int = 512,
+                            user_cache_mb: float = 256) -> dict[str, Any]:
     """Write the repository (see the module docstring); ``limits``: a RequestLimits JSON
-    object for ``preprocess`` (defaults without it); ``threads``: ONNX Runtime intra-op
-    threads per model (0: its default); ``chunk_size``: candidates per scorer run."""
+    object for ``preprocess`` and ``rank_cached`` (defaults without it); ``threads``: ONNX
+    Runtime intra-op threads per model (0: its default); ``chunk_size``: candidates per scorer
+    run; ``user_cache_mb``: ``rank_cached``'s K/V cache per model instance (0: no caching)."""
     from onetrans_trt.data.requests import RequestLimits
+    from onetrans_trt.serving.python_models import graphs_sha256
+
+    if not user_cache_mb >= 0:
+        raise BuildError(f"user cache {user_cache_mb} MB: expected a size >= 0")
 
     build, out = Path(build), Path(out)
     if limits is not None:
@@ -110,5 +118,16 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
                                                "ensemble's tensors, with onetrans-trt's own encode_request",
                                        parameters=pre_params), "Preprocess")
         put(tmp, "rank", rank_ensemble_config(models), None)
+        (tmp / "rank_cached" / "1").mkdir(parents=True)
+        shutil.copyfile(build / "config.json", tmp / "rank_cached" / "1" / "config.json")
+        wiring = {k: ens.get(k, []) for k in ("user_inputs", "state", "candidate_inputs", "shared")}
+        tensors = [{"name": t["name"], "data_type": t["type"], "dims": t["dims"]} for t in ens["inputs"]]
+        put(tmp, "rank_cached", _config(
+            "rank_cached", "backend:python", [REQUEST], ens["outputs"], 0, False,
+            comment="rank with the users' K/V cached in the server: key = graphs sha256 + user_key + the encoded "
+                    "history's fingerprint; a hit never calls user_encoder",
+            parameters={**pre_params, "wiring": json.dumps(wiring), "tensors": json.dumps(tensors),
+                        "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20)))}),
+            "CachedRank")
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))
     return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written)}

@@ -131,17 +131,49 @@ def _normal_modes(root: Path) -> None:
         os.chmod(p, (0o777 if execute else 0o666) & ~mask)
 
 
+@contextlib.contextmanager
+def _cache_lock(timeout: float = 1800.0) -> Iterator[None]:
+    """One process at a time fills the cache (two test workers, two users' first runs); the
+    OS drops the lock when its holder dies."""
+    import fcntl
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".install.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise MissingCapabilityError(f"{root}: another process has been installing the Triton "
+                                                 f"server for {timeout:.0f} s; remove {root} and retry") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
 def install(version: str = PYTRITON_VERSION, *, wheel: str | os.PathLike | None = None,
             download_timeout: float = 900.0) -> TritonInstall:
     """The unpacked server for ``version``, unpacking (and first downloading, with ``pip
     download --no-deps``) the wheel if the cache does not hold it yet."""
-    from onetrans_trt import interrupts
-    from onetrans_trt.io import atomic_directory
-
     root = cache_root() / version
     inst = TritonInstall(root)
     if inst.ok():
         return inst
+    with _cache_lock():
+        if inst.ok():  # another process installed it meanwhile
+            return inst
+        return _install(version, wheel, download_timeout, root, inst)
+
+
+def _install(version: str, wheel, download_timeout: float, root: Path, inst: TritonInstall) -> TritonInstall:
+    from onetrans_trt import interrupts
+    from onetrans_trt.io import atomic_directory
+
     wheel = wheel or os.environ.get(WHEEL_ENV)
     with interrupts.temporary_directory(prefix="onetrans-pytriton-") as scratch:
         if wheel is None:
@@ -225,6 +257,16 @@ def serving_python(install_timeout: float = 600.0) -> Path:
     root = cache_root() / f"python-{py}-numpy1-{key}"
     if (root / "bin" / "python").exists() and (root / "ready").is_file():
         return root / "bin"
+    with _cache_lock():
+        if (root / "bin" / "python").exists() and (root / "ready").is_file():
+            return root / "bin"
+        return _layered_python(root, py, sites, install_timeout)
+
+
+def _layered_python(root: Path, py: str, sites: list[str], install_timeout: float) -> Path:
+    from onetrans_trt import interrupts
+    from onetrans_trt.io import atomic_directory
+
     try:
         with atomic_directory(root) as tmp:
             p = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], capture_output=True,

@@ -334,6 +334,9 @@ def test_serve_repo_ensemble_scores_like_the_module(build, tmp_path):
         assert got["logits"].shape == (9, 2)
         np.testing.assert_allclose(got["logits"], want, atol=tol)
         np.testing.assert_allclose(got["probs"], 1 / (1 + np.exp(-want)), atol=tol)
+    # no feature schema, so no raw requests and no rank_cached: its cache size is refused, nothing written
+    res = run("serve-repo", build, "--out", tmp_path / "py", "--backend", "python", "--user-cache-mb", "8")
+    assert res.exit_code == 2 and "--user-cache-mb does not apply" in res.stderr and not (tmp_path / "py").exists()
 
 
 def test_serve_repo_refuses_what_an_ensemble_cannot_express(build):

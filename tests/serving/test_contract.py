@@ -99,17 +99,31 @@ def test_serve_repo_python_cli_and_refused_options(tiny_build, tmp_path):
 
     (tmp_path / "limits.json").write_text(json.dumps({"max_candidates": 3}))
     r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r"), "--backend", "python",
-                                 "--limits", str(tmp_path / "limits.json"), "--threads", "1", "--json"])
+                                 "--limits", str(tmp_path / "limits.json"), "--threads", "1", "--user-cache-mb",
+                                 "1.5", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["models"] == ["candidate_scorer", "onetrans", "preprocess", "rank", "user_encoder"]
+    assert json.loads(r.output)["models"] == ["candidate_scorer", "onetrans", "preprocess", "rank", "rank_cached",
+                                              "user_encoder"]
     pre = _cfg(tmp_path / "r" / "preprocess" / "config.pbtxt")
     assert json.loads(pre.parameters["limits"].string_value)["max_candidates"] == 3
+    cached = _cfg(tmp_path / "r" / "rank_cached" / "config.pbtxt")
+    assert json.loads(cached.parameters["limits"].string_value)["max_candidates"] == 3
+    assert cached.parameters["user_cache_bytes"].string_value == str(int(1.5 * (1 << 20)))
+    from onetrans_trt.serving.python_models import graphs_sha256
+
+    assert cached.parameters["graphs_sha256"].string_value == graphs_sha256(tmp_path / "r")
+    wiring = json.loads(cached.parameters["wiring"].string_value)
+    assert wiring["state"] == ["user_k_0", "user_v_0", "user_k_1", "user_v_1"] and "s_length" in wiring["user_inputs"]
     assert _cfg(tmp_path / "r" / "user_encoder" / "config.pbtxt").parameters["intra_op_threads"].string_value == "1"
     assert (tmp_path / "r" / "candidate_scorer" / "1" / "model.onnx").read_bytes() == \
         (tiny_build / "candidate_scorer.onnx").read_bytes()
     r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r2"),
                                  "--limits", str(tmp_path / "limits.json")])
     assert r.exit_code == 2 and "--limits" in r.output and not (tmp_path / "r2").exists()
+    for bad, what in ((["--user-cache-mb", "8"], "--user-cache-mb does not apply to --backend onnxruntime"),
+                      (["--backend", "python", "--user-cache-mb", "-1"], "-1")):
+        r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r3"), *bad])
+        assert r.exit_code == 2 and what in r.output and not (tmp_path / "r3").exists(), r.output
 
 
 def test_lower_stages_never_import_serving():

@@ -1,0 +1,143 @@
+"""``onetrans-trt bench BUILD --suite server``: a real ``tritonserver`` on loopback under load.
+
+The build's ``serve-repo --backend python`` repository is written to a temporary directory and
+served; MovieLens test requests (raw JSON over HTTP, one client thread per concurrent request)
+go to three contenders, interleaved round by round at each concurrency:
+
+- ``rank``: the ensemble; every request runs ``user_encoder``, then ``candidate_scorer``;
+- ``cached-miss``: ``rank_cached`` with a fresh ``user_key`` per request (never a hit: the miss
+  path, the cache's own cost included);
+- ``cached-hit``: ``rank_cached`` on users it has seen (``user_encoder`` is never called; counted
+  with Triton's statistics).
+
+Every response is compared with the serial answer of ``Ranker.load(build, backend="ort")``
+(1e-5); errors and mismatches are counted, never dropped. Requests/s, p50 and p99 per contender
+and concurrency, and the ratios against ``rank`` measured in the same rounds. After the run no
+process of the server may be left. Cross-user batching (several users per scorer call) is not
+there yet: the report says so.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from onetrans_trt.errors import InputError
+
+TOL = 1e-5
+CONTENDERS = ("rank", "cached-miss", "cached-hit")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q)) if xs else float("nan")
+
+
+def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[int, ...] = (1, 4, 16),
+                 requests: int = 32, rounds: int = 2, seed: int = 0, data_dir=None, user_cache_mb: float = 256,
+                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The measurements above; ``requests``: requests per contender per round at each
+    concurrency (at least the concurrency); ``rounds``: interleaved rounds."""
+    from onetrans_trt import interrupts
+    from onetrans_trt.data.movielens import MovieLens
+    from onetrans_trt.data.requests import Request
+    from onetrans_trt.runtime.ranker import Ranker
+    from onetrans_trt.serving import client
+    from onetrans_trt.serving.repository import write_python_repository
+    from onetrans_trt.serving.server import TritonServer, _session_members
+
+    build = Path(build)
+    if not (build / "config.json").is_file():
+        raise InputError(f"{build}: --suite server sends raw requests, which need the build's feature schema "
+                         "(a build from a checkpoint; a module build has none)")
+    if not concurrency or min(concurrency) < 1:
+        raise InputError("--concurrency: positive integers, e.g. 1,4,16")
+    say = say or (lambda _m: None)
+    n = max(requests, max(concurrency))
+    ranker = Ranker.load(build, backend="ort")
+    pool = [r for r, _ in MovieLens(data_dir).requests(n, n_candidates=candidates, seed=seed)]
+    serial = [ranker.rank(r).logits for r in pool]
+    fresh = iter(range(10 ** 9))
+
+    def anonymous(r: Request) -> dict:  # the same user and history under a key never seen: a miss
+        return {**r.to_json(), "user_key": f"bench-miss-{next(fresh)}"}
+
+    with interrupts.temporary_directory(prefix="onetrans-bench-server-") as tmp:
+        repo = Path(tmp) / "repo"
+        write_python_repository(build, repo, user_cache_mb=user_cache_mb)
+        say(f"serving {repo} (python backend, fp32)")
+        with TritonServer(repo) as server:
+            url = server.http_url
+
+            def one(model: str, body: dict, want: np.ndarray) -> tuple[float, str | None]:
+                t0 = time.perf_counter()
+                try:
+                    got = client.rank_http(url, body, model=model)
+                except client.ServingError as e:
+                    return time.perf_counter() - t0, f"error: {str(e)[:200]}"
+                dt = time.perf_counter() - t0
+                if got["logits"].shape != want.shape or float(np.abs(got["logits"] - want).max(initial=0.0)) > TOL:
+                    return dt, "mismatch"
+                return dt, None
+
+            for i, r in enumerate(pool):  # warm: every model loaded and run, every user cached
+                for model in ("rank", "rank_cached"):
+                    _, bad = one(model, r.to_json(), serial[i])
+                    if bad:
+                        raise InputError(f"the server's answer to request {i} ({model}): {bad}")
+            levels = []
+            hits_encoded = 0
+            for c in concurrency:
+                lat: dict[str, list[float]] = {k: [] for k in CONTENDERS}
+                wall = {k: 0.0 for k in CONTENDERS}
+                problems = {k: [] for k in CONTENDERS}
+                with ThreadPoolExecutor(max_workers=c) as ex:
+                    for rnd in range(rounds):
+                        for name in CONTENDERS:
+                            model = "rank" if name == "rank" else "rank_cached"
+                            bodies = [anonymous(r) if name == "cached-miss" else r.to_json() for r in pool[:n]]
+                            before = client.successes_http(url, "user_encoder") if name == "cached-hit" else 0
+                            t0 = time.perf_counter()
+                            outs = list(ex.map(lambda ib: one(model, ib[1], serial[ib[0]]), enumerate(bodies)))
+                            wall[name] += time.perf_counter() - t0
+                            if name == "cached-hit":
+                                hits_encoded += client.successes_http(url, "user_encoder") - before
+                            lat[name] += [dt for dt, _ in outs]
+                            problems[name] += [p for _, p in outs if p]
+                        say(f"concurrency {c}: round {rnd + 1}/{rounds}")
+                row = {name: {"requests": len(lat[name]), "rps": len(lat[name]) / wall[name] if wall[name] else 0.0,
+                              "p50_ms": _pct(lat[name], 50), "p99_ms": _pct(lat[name], 99),
+                              "errors": sum(1 for p in problems[name] if p.startswith("error")),
+                              "mismatches": sum(1 for p in problems[name] if p == "mismatch"),
+                              "first_problem": problems[name][0] if problems[name] else None}
+                       for name in CONTENDERS}
+                levels.append({"concurrency": c, "contenders": row,
+                               "hit_over_rank_rps": row["cached-hit"]["rps"] / row["rank"]["rps"],
+                               "miss_over_rank_rps": row["cached-miss"]["rps"] / row["rank"]["rps"]})
+            pid = server.pid
+        leftovers = _session_members(pid) if pid else []  # the server's session after the stop
+    return {"build": str(build), "candidates": candidates, "requests_per_round": n, "rounds": rounds,
+            "concurrency": list(concurrency), "levels": levels, "encoder_calls_during_hits": hits_encoded,
+            "errors": sum(v["errors"] + v["mismatches"] for lv in levels for v in lv["contenders"].values()),
+            "leftover_processes": leftovers, "user_cache_mb": user_cache_mb,
+            "data": f"MovieLens-100K test requests ({n} users, {candidates} candidates each, seed {seed})",
+            "transport": "HTTP/JSON (KServe v2), one connection per request",
+            "not_measured": "cross-user batching (several users per candidate_scorer call): not built yet"}
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = [f"Triton server on loopback, python backend (ORT CPU), {res['data']}; {res['transport']}",
+             f"{'concurrency':>11}  {'contender':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  {'vs rank':>7}  errors"]
+    for lv in res["levels"]:
+        base = lv["contenders"]["rank"]["rps"]
+        for name, v in lv["contenders"].items():
+            ratio = v["rps"] / base if base else float("nan")
+            lines.append(f"{lv['concurrency']:>11}  {name:<12} {v['rps']:>8.1f} {v['p50_ms']:>8.1f} {v['p99_ms']:>8.1f}"
+                         f"  {ratio:>6.2f}x  {v['errors'] + v['mismatches']}")
+    lines.append(f"user_encoder calls while serving cached users: {res['encoder_calls_during_hits']}; "
+                 f"errors and mismatches: {res['errors']}; server processes left: {len(res['leftover_processes'])}")
+    lines.append(f"not measured: {res['not_measured']}")
+    return "\n".join(lines)

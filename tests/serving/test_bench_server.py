@@ -1,0 +1,58 @@
+"""``bench --suite server`` (issue 17, item 5): a real tritonserver under load at several
+concurrencies, every response compared with the serial answer, no process left; and its
+refusals (one line, exit 2, before any server starts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from onetrans_trt.cli import cli
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _check(res: dict, levels: list[int]) -> None:
+    assert res["concurrency"] == levels and [lv["concurrency"] for lv in res["levels"]] == levels
+    assert res["errors"] == 0 and res["leftover_processes"] == [] and res["encoder_calls_during_hits"] == 0
+    for lv in res["levels"]:
+        for name, v in lv["contenders"].items():
+            assert v["requests"] == res["requests_per_round"] * res["rounds"], (name, v)
+            assert v["errors"] == v["mismatches"] == 0 and v["rps"] > 0 and 0 < v["p50_ms"] <= v["p99_ms"]
+        assert lv["hit_over_rank_rps"] == pytest.approx(lv["contenders"]["cached-hit"]["rps"] /
+                                                        lv["contenders"]["rank"]["rps"])
+
+
+def test_bench_server_small_load(triton, tiny_build, tmp_path):
+    r = _run("bench", tiny_build, "--suite", "server", "--concurrency", "1,3", "--requests", "4", "--rounds", "1",
+             "--candidates", "8", "--json", "--out", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    _check(res, [1, 3])
+    assert json.loads((tmp_path / "b.json").read_text()) == res
+    assert "cross-user batching" in res["not_measured"]
+
+
+@pytest.mark.serve_full
+def test_bench_server_at_1_4_16_has_no_errors(triton, tiny_build):
+    r = _run("bench", tiny_build, "--suite", "server", "--json")
+    assert r.exit_code == 0, r.output
+    _check(json.loads(r.stdout), [1, 4, 16])
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--suite", "server"], "needs a BUILD"),
+    (["BUILD", "--suite", "server", "--history", "8"], "--history does not apply to --suite server"),
+    (["BUILD", "--suite", "server", "--concurrency", "0,4"], "--concurrency '0,4'"),
+    (["BUILD", "--suite", "server", "--concurrency", "a"], "--concurrency 'a'"),
+    (["BUILD", "--suite", "server", "--concurrency", "300"], "from 1 to 256"),
+    (["BUILD", "--concurrency", "4"], "--concurrency does not apply to --suite peers"),
+    (["--suite", "fused", "--requests", "4"], "--requests does not apply to --suite fused"),
+])
+def test_bench_server_refusals(tiny_build, args, what):
+    r = _run("bench", *[tiny_build if a == "BUILD" else a for a in args])
+    assert r.exit_code == 2 and what in r.output and "Traceback" not in r.output, r.output
