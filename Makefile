@@ -38,8 +38,11 @@ qemu:
 
 # the fast subset of the Triton server tests runs here (one real tritonserver on the tiny build:
 # raw JSON over HTTP and gRPC, tensors, start/stop with no process left); `make serve-test` runs all
+# two pytest workers (pytest-xdist; a test file stays on one worker), one math thread each; the
+# slowest tests are listed at the end (a CI log's tail shows where the time went)
+TEST_WORKERS ?= 2
 test: venv data browser qemu
-	$(BIN)/python -m pytest -q -m "not heavy and not serve_full"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not heavy and not serve_full" --durations=25
 
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside
 # export/calibrate writes, the three example modules exported and validated, bench suites)

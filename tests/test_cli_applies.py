@@ -38,7 +38,7 @@ APPLIES = {
        for p in ("build", "precision", "profile_specs", "workspace_mb", "tf32", "as_json")},
     ("bench", "suite"): "picks the suite", ("bench", "rounds"): "every suite", ("bench", "out"): "every suite",
     ("bench", "as_json"): "every suite",
-    ("bench", "candidates"): "every suite", ("bench", "history"): "every suite (clamped to the model's S-tokens)",
+    ("bench", "candidates"): "every suite",
 }
 
 # (command, parameter refused, arguments, words the one-line error must hold)
@@ -100,6 +100,9 @@ REFUSED = [
     ("bench", "preset", ["{BUILD}", "--preset", "tiny"], ["--preset", "BUILD"]),
     ("bench", "preset", ["{MODBUILD}", "--preset", "tiny"], ["--preset", "export --module"]),
     ("bench", "build", ["{BUILD}", "--suite", "int8"], ["takes no BUILD"]),
+    ("bench", "history", ["{BUILD}", "--suite", "server", "--history", "8"], ["--history", "--suite server"]),
+    ("bench", "concurrency", ["{BUILD}", "--concurrency", "4"], ["--concurrency", "--suite peers"]),
+    ("bench", "n_requests", ["--suite", "fused", "--requests", "4"], ["--requests", "--suite fused"]),
     ("bench", "module_ref", [*M], ["--module", "export --module"]),
     ("bench", "weights", ["--weights", "{FILE}"], ["--weights", "export --module"]),
     *[("bench", p, ["--suite", "fused", *a], [a[0], "--suite peers"]) for p, a in (

@@ -122,6 +122,30 @@ def fig_quality(fp16: dict, int8: dict, samples: int) -> str:
     return "\n".join(rows)
 
 
+# How far the quality table may move between CPUs (the weights' last bits follow the vector
+# instructions, and INT8 calibration ranges follow the weights): AUC and its deltas in absolute
+# terms, top-10 overlap and Kendall tau in absolute terms. Everything else must match exactly.
+QUALITY_TOL = (5e-4, 1e-4, 1e-4, 0.005, 0.005)
+
+
+def quality_differences(shown: str, computed: str) -> list[str]:
+    """Where the README's quality table and a fresh one differ by more than :data:`QUALITY_TOL`
+    (or in anything but the five numbers of a row); empty when they agree."""
+    a, b = shown.strip().splitlines(), computed.strip().splitlines()
+    if len(a) != len(b) or a[:2] != b[:2]:
+        return [f"the table's shape differs:\n{shown}\nvs\n{computed}"]
+    out = []
+    for ra, rb in zip(a[2:], b[2:]):
+        ca, cb = [c.strip() for c in ra.strip("|").split("|")], [c.strip() for c in rb.strip("|").split("|")]
+        if len(ca) != 6 or len(cb) != 6 or ca[0] != cb[0]:
+            out.append(f"row {ra!r} vs {rb!r}")
+            continue
+        for col, x, y, tol in zip(a[0].strip("|").split("|")[1:], ca[1:], cb[1:], QUALITY_TOL):
+            if abs(float(x) - float(y)) > tol:
+                out.append(f"{ca[0]}, {col.strip()}: README {x}, computed {y} (tolerance {tol})")
+    return out
+
+
 def tiny_workdir(workdir: Path) -> Path:
     """The Quickstart's checkpoint and build in ``workdir`` (made when missing)."""
     workdir.mkdir(parents=True, exist_ok=True)
