@@ -1094,9 +1094,14 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 @click.option("--user-cache-mb", type=click.FloatRange(0), default=None,
               help="With --backend python: memory for users' K/V in the `rank_cached` model, per instance "
                    "[256; 0: no caching]. A repeated user (same user_key and history) skips user_encoder.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Model instances of user_encoder and candidate_scorer (Triton's instance_group count).")
+@click.option("--preferred-batch-sizes", default=None,
+              help="user_encoder's dynamic batcher: comma-separated preferred batch sizes (users), e.g. 4,8.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
-def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, force, as_json) -> None:
+def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, instances,
+                   preferred_batch_sizes, force, as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
     users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
     + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
@@ -1108,12 +1113,20 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
     Serve it:  tritonserver --model-repository REPO
     (--backend python: the server's Python needs onetrans-trt, onnxruntime and numpy<2; see README)
     """
+    sizes: tuple[int, ...] = ()
+    if preferred_batch_sizes is not None:
+        try:
+            sizes = tuple(int(x) for x in preferred_batch_sizes.split(","))
+        except ValueError:
+            raise InputError(f"--preferred-batch-sizes {preferred_batch_sizes!r}: comma-separated integers, "
+                             "e.g. 4,8") from None
+    config_options = {"instances": instances, "preferred_batch_sizes": sizes}
     if backend != "python":
         _refuse(("limits_path", "threads", "user_cache_mb"), f"to --backend {backend}",
                 "they configure the python backend's models")
         from onetrans_trt.runtime.triton_repo import write_repository
 
-        res = write_repository(build, out, backend=backend, precision=precision, force=force)
+        res = write_repository(build, out, backend=backend, precision=precision, force=force, **config_options)
     else:
         from onetrans_trt.data.requests import RequestLimits
         from onetrans_trt.serving.repository import write_python_repository
@@ -1127,7 +1140,8 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
             limits = {k: getattr(lim, k) for k in ("max_history", "max_candidates", "max_request_bytes", "over_limit")}
         res = write_python_repository(build, out, precision=precision, force=force, limits=limits,
                                       threads=threads or 0,
-                                      user_cache_mb=256 if user_cache_mb is None else user_cache_mb)
+                                      user_cache_mb=256 if user_cache_mb is None else user_cache_mb,
+                                      **config_options)
     _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
 
 

@@ -128,6 +128,9 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("serve-repo", "precision"): ("fp64", "--precision"),
     ("serve-repo", "limits_path"): ("{MISSING}", "--limits"),  # refused for --backend onnxruntime
     ("serve-repo", "threads"): ("-1", "--threads"),
+    ("serve-repo", "user_cache_mb"): ("-1", "--user-cache-mb"),
+    ("serve-repo", "instances"): ("0", "--instances"),
+    ("serve-repo", "preferred_batch_sizes"): ("4,x", "--preferred-batch-sizes"),
     ("bench", "build"): ("{MISSING}", "missing"),
     ("bench", "suite"): ("nope", "--suite"),
     ("bench", "preset"): ("huge", "--preset"),
@@ -139,6 +142,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "backends"): ("ort,nope", "nope"),
     ("bench", "threads"): ("0", "--threads"),
     ("bench", "rounds"): ("0", "--rounds"),
+    ("bench", "concurrency"): ("0", "--concurrency"),
+    ("bench", "n_requests"): ("0", "--requests"),
     ("bench", "out"): ("{DIR}", "--out"),
     ("bench", "module_ref"): ("{MISSING}.py:make", "--module"),  # without a module build
     ("bench", "weights"): ("{MISSING}", "--weights"),

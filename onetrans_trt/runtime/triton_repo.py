@@ -103,30 +103,95 @@ def _plain(t: dict, role: str) -> dict:
     return {"name": t["name"], "type": _triton_dtype(t, role), "dims": dims or [1], "reshape": None if dims else []}
 
 
-def _render(t: dict) -> str:
-    extra = "" if t["reshape"] is None else f" reshape: {{ shape: [ {', '.join(map(str, t['reshape']))} ] }}"
-    return f'  {{ name: "{t["name"]}" data_type: {t["type"]} dims: [ {", ".join(map(str, t["dims"]))} ]{extra} }}'
+def _pb2():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise MissingCapabilityError("writing config.pbtxt needs tritonclient: pip install 'tritonclient[grpc]'") \
+            from None
+    return model_config_pb2, text_format
+
+
+def _tensor(msg, t: dict) -> None:
+    """Fill a ModelInput/ModelOutput message from our tensor dict."""
+    pb2, _ = _pb2()
+    msg.name = t["name"]
+    msg.data_type = pb2.DataType.Value(t["type"])
+    msg.dims.extend(int(d) for d in t["dims"])
+    if t.get("reshape") is not None:
+        msg.reshape.shape.extend(int(d) for d in t["reshape"])
+        if not t["reshape"]:
+            msg.reshape.SetInParent()  # reshape: { shape: [ ] } (a per-user scalar)
+
+
+def render(msg, comment: str = "") -> str:
+    """``config.pbtxt`` text of a ModelConfig message (a ``#`` comment first), parsed back
+    and compared with the message before it is returned."""
+    _, text_format = _pb2()
+    text = "".join(f"# {c}\n" for c in comment.splitlines()) + text_format.MessageToString(msg)
+    if parse_config(text) != msg:  # pragma: no cover - text_format round-trips every message
+        raise BuildError(f"config of {msg.name}: the text does not parse back to the same message")
+    return text
+
+
+def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
+                 dynamic_batching: bool, *, parameters: dict[str, str] | None = None, instances: int = 1,
+                 preferred_batch_sizes: tuple[int, ...] = (), max_queue_delay_us: int = 200,
+                 warmup: list[dict] | None = None):
+    """A ``ModelConfig`` message. ``platform``: ``onnxruntime_onnx``, ``tensorrt_plan``,
+    ``ensemble``, or ``backend:NAME`` for a backend without a platform (``backend:python``);
+    ``parameters``: string parameters; ``instances``: the instance group's count (not for
+    ensembles); ``preferred_batch_sizes`` and ``max_queue_delay_us``: the dynamic batcher's;
+    ``warmup``: ``[{"name", "batch_size", "inputs": {tensor: {"type", "dims", "file"}}}]`` (files
+    under the model's ``warmup/`` directory). Every model serves its latest version only."""
+    pb2, _ = _pb2()
+    m = pb2.ModelConfig(name=name, max_batch_size=int(max_batch))
+    if platform.startswith("backend:"):
+        m.backend = platform.split(":", 1)[1]
+        kind = pb2.ModelInstanceGroup.Kind.KIND_CPU
+    else:
+        m.platform = platform
+        kind = pb2.ModelInstanceGroup.Kind.KIND_AUTO
+    for t in inputs:
+        _tensor(m.input.add(), t)
+    for t in outputs:
+        _tensor(m.output.add(), t)
+    if platform != "ensemble":
+        m.instance_group.add(count=int(instances), kind=kind)
+        m.version_policy.latest.num_versions = 1
+    if dynamic_batching:
+        m.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+        m.dynamic_batching.preferred_batch_size.extend(int(b) for b in preferred_batch_sizes)
+    for k, v in (parameters or {}).items():
+        m.parameters[k].string_value = v
+    for w in warmup or []:
+        mw = m.model_warmup.add(name=w["name"], batch_size=int(w["batch_size"]))
+        for tname, spec in w["inputs"].items():
+            inp = mw.inputs[tname]
+            inp.data_type = pb2.DataType.Value(spec["type"])
+            inp.dims.extend(int(d) for d in spec["dims"])
+            inp.input_data_file = spec["file"]
+    return m
 
 
 def _config(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
-            dynamic_batching: bool, comment: str = "", *, parameters: dict[str, str] | None = None) -> str:
-    """``platform``: ``onnxruntime_onnx``, ``tensorrt_plan``, ``ensemble``, or ``backend:NAME``
-    for a backend without a platform (``backend:python``); ``parameters``: string parameters."""
-    kind = "KIND_AUTO"
-    head = f'platform: "{platform}"'
-    if platform.startswith("backend:"):
-        head, kind = f'backend: "{platform.split(":", 1)[1]}"', "KIND_CPU"
-    lines = ([f"# {c}" for c in comment.splitlines()] if comment else []) + [
-        f'name: "{name}"', head, f"max_batch_size: {max_batch}",
-        "input [", ",\n".join(_render(t) for t in inputs), "]",
-        "output [", ",\n".join(_render(t) for t in outputs), "]"]
-    if platform != "ensemble":
-        lines.append(f"instance_group [ {{ count: 1 kind: {kind} }} ]")
-    if dynamic_batching:
-        lines.append("dynamic_batching { max_queue_delay_microseconds: 200 }")
-    for k, v in (parameters or {}).items():
-        lines.append(f"parameters {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}")
-    return "\n".join(lines) + "\n"
+            dynamic_batching: bool, comment: str = "", **kw: Any) -> str:
+    """:func:`model_config` rendered (see there for the keywords)."""
+    return render(model_config(name, platform, inputs, outputs, max_batch, dynamic_batching, **kw), comment)
+
+
+def ensemble_config(name: str, inputs: list[dict], outputs: list[dict], steps: list[tuple[str, dict, dict]],
+                    comment: str = "") -> str:
+    """An ensemble: ``steps`` are ``(model, input_map, output_map)`` (model tensor -> ensemble tensor)."""
+    m = model_config(name, "ensemble", inputs, outputs, 0, False)
+    for model, imap, omap in steps:
+        st = m.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for k, v in imap.items():
+            st.input_map[k] = v
+        for k, v in omap.items():
+            st.output_map[k] = v
+    return render(m, comment)
 
 
 def client_shape(t: dict, max_batch: int) -> list[int]:
@@ -234,21 +299,32 @@ def check_ensemble(models: dict[str, Any]) -> None:
 
 
 def module_ensemble_config(models: dict[str, Any], name: str = "onetrans") -> str:
+    return ensemble_config(name, models["onetrans"]["inputs"], models["onetrans"]["outputs"], ensemble_steps(models),
+                           comment="one user per request: every user input is [1, ...] (a per-user scalar is [1, 1]); "
+                                   "candidate inputs [C, ...]")
+
+
+def ensemble_steps(models: dict[str, Any]) -> list[tuple[str, dict, dict]]:
+    """The ``onetrans`` ensemble's two steps: the user's inputs -> ``user_encoder`` -> its state;
+    the candidates' inputs, shared inputs and the state -> ``candidate_scorer`` -> the outputs."""
     ens = models["onetrans"]
-    cs_out = models["candidate_scorer"]["outputs"]
-    step1 = "\n".join([f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["user_inputs"]] +
-                      [f'        output_map {{ key: "{n}" value: "{n}" }}' for n in ens["state"]])
-    step2 = "\n".join([f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["candidate_inputs"]] +
-                      [f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens.get("shared", [])] +
-                      [f'        input_map {{ key: "{n}" value: "{n}" }}' for n in ens["state"]] +
-                      [f'        output_map {{ key: "{t["name"]}" value: "{t["name"]}" }}' for t in cs_out])
-    head = _config(name, "ensemble", ens["inputs"], ens["outputs"], 0, False,
-                   comment="one user per request: every user input is [1, ...] (a per-user scalar is [1, 1]); "
-                           "candidate inputs [C, ...]")
-    return (head + "ensemble_scheduling {\n  step [\n"
-            f'    {{\n        model_name: "user_encoder"\n        model_version: -1\n{step1}\n    }},\n'
-            f'    {{\n        model_name: "candidate_scorer"\n        model_version: -1\n{step2}\n    }}\n'
-            "  ]\n}\n")
+    same = lambda names: {n: n for n in names}  # noqa: E731 - every tensor keeps its name
+    return [("user_encoder", same(ens["user_inputs"]), same(ens["state"])),
+            ("candidate_scorer", same([*ens["candidate_inputs"], *ens.get("shared", []), *ens["state"]]),
+             same(t["name"] for t in models["candidate_scorer"]["outputs"]))]
+
+
+def check_config_options(instances: int, preferred_batch_sizes, models: dict[str, Any]) -> dict[str, Any]:
+    """The instance count and preferred batch sizes, checked against the user encoder's
+    maximum batch (an InputError before anything is written)."""
+    top = models["user_encoder"]["max_batch"]
+    sizes = tuple(int(b) for b in preferred_batch_sizes)
+    if int(instances) < 1:
+        raise InputError(f"instances {instances}: at least 1")
+    bad = [b for b in sizes if not 1 <= b <= top]
+    if bad:
+        raise InputError(f"preferred batch size(s) {bad}: user_encoder batches 1..{top} users")
+    return {"instances": int(instances), "preferred_batch_sizes": sizes}
 
 
 def prepare(build: Path, out: Path, *, backend: str, precision: str, force: bool) -> tuple[dict, dict, dict, str]:
@@ -279,6 +355,48 @@ def prepare(build: Path, out: Path, *, backend: str, precision: str, force: bool
     return manifest, ios, models, sub
 
 
+_NP_OF = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_BF16": None, "TYPE_FP64": "float64",
+          "TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_INT16": "int16", "TYPE_INT8": "int8",
+          "TYPE_UINT8": "uint8", "TYPE_UINT16": "uint16", "TYPE_UINT32": "uint32", "TYPE_UINT64": "uint64",
+          "TYPE_BOOL": "bool"}
+
+
+def warmup_for(build: Path, model: dict, model_dir: Path) -> list[dict]:
+    """Triton ``model_warmup`` of one model from the build's first real sample
+    (``samples/samples.npz``): each input's tensor written raw (row-major, the config's data
+    type) to ``model_dir/warmup/<input>``, so the server runs the model once on real data at load
+    (a model that cannot run fails to load, not the first request). ``[]`` when the build has
+    no samples or the sample lacks an input."""
+    import numpy as np
+
+    path = build / "samples" / "samples.npz"
+    if not path.is_file():
+        return []
+    with np.load(path, allow_pickle=False) as z:
+        sample = {k[2:]: z[k] for k in z.files if k.startswith("0/")}
+    batching = model["max_batch"] > 0
+    spec = {}
+    for t in model["inputs"]:
+        arr, dtype = sample.get(t["name"]), _NP_OF.get(t["type"])
+        if arr is None or dtype is None:
+            return []
+        if batching:
+            if arr.ndim == 0 or arr.shape[0] != 1:
+                return []
+            arr = arr[0]
+            dims = [1] if t.get("reshape") == [] else list(arr.shape)
+        else:
+            want = [int(d) for d in t["dims"]]
+            dims = list(arr.shape) if arr.ndim == len(want) else list(np.empty(arr.shape)
+                                                                      .reshape([d if d > 0 else -1 for d in want]).shape)
+        if any(d > 0 and d != g for d, g in zip(t["dims"], dims)) or len(dims) != len(t["dims"]):
+            return []
+        (model_dir / "warmup").mkdir(parents=True, exist_ok=True)
+        (model_dir / "warmup" / t["name"]).write_bytes(np.ascontiguousarray(arr.reshape(dims).astype(dtype)).tobytes())
+        spec[t["name"]] = {"type": t["type"], "dims": dims, "file": t["name"]}
+    return [{"name": "sample 0 of the build", "batch_size": 1 if batching else 0, "inputs": spec}]
+
+
 def lineage_record(build: Path, manifest: dict, ios: dict, backend: str, precision: str) -> dict:
     """``lineage.json`` of a repository: which build and graphs it was made from."""
     rec = {"format": lineage.FORMAT, "build": str(build.resolve()), "backend": backend, "precision": precision,
@@ -290,11 +408,15 @@ def lineage_record(build: Path, manifest: dict, ios: dict, backend: str, precisi
 
 
 def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, instances: int = 1, preferred_batch_sizes: tuple[int, ...] = ()
+                     ) -> dict[str, Any]:
+    """The repository (module docstring); ``instances``: model instances of user_encoder and
+    candidate_scorer; ``preferred_batch_sizes``: user_encoder's dynamic batcher's."""
     from onetrans_trt.plugins import strip_functions  # noqa: F401  (engines are built from stripped graphs)
 
     build, out = Path(build), Path(out)
     manifest, ios, models, sub = prepare(build, out, backend=backend, precision=precision, force=force)
+    config_options = check_config_options(instances, preferred_batch_sizes, models)
     written: dict[str, str] = {}
     with atomic_directory(out, force=force) as tmp:
         for role in ("user_encoder", "candidate_scorer"):
@@ -313,8 +435,8 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
             else:
                 shutil.copyfile(src, dst)
             m = models[role]
-            text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder")
-            parse_config(text)
+            text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder",
+                           warmup=warmup_for(build, m, tmp / role), **config_options)
             (tmp / role / "config.pbtxt").write_text(text)
             written[role] = text
         text = module_ensemble_config(models)

@@ -270,3 +270,19 @@ def test_serve_module_runs_until_sigterm_and_leaves_nothing(triton, tmp_path):
                            env=env, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "bin/tritonserver --model-repository" in shown.stdout
     assert "backends-py" in shown.stdout and shown.stdout.startswith("PATH=")
+
+
+@pytest.mark.serve_full
+def test_warmup_runs_at_load_on_the_builds_sample(triton, tiny_build, tmp_path):
+    """The repositories' model_warmup is real: one element short in a warmup file and the
+    server refuses to load the model (so a model that cannot run fails at load, not on the
+    first request)."""
+    from onetrans_trt.serving.repository import write_python_repository
+
+    repo = tmp_path / "repo"
+    write_python_repository(tiny_build, repo)
+    f = repo / "user_encoder" / "warmup" / "s_type"
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(ServerError, match="warmup"):
+        with TritonServer(repo, install_dir=triton, ready_timeout=90):
+            pass
