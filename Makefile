@@ -38,12 +38,12 @@ qemu:
 
 # the fast subset of the Triton server tests runs here (one real tritonserver on the tiny build:
 # raw JSON over HTTP and gRPC, tensors, start/stop with no process left); `make serve-test` runs all
-# two pytest workers (pytest-xdist; a test file stays on one worker, files sharing an expensive
-# fixture too: tests/conftest.py), one math thread each; the slowest tests are listed at the end
-# (a CI log's tail shows where the time went)
+# two pytest workers (pytest-xdist --dist loadfile: a test file stays on one worker, so its module
+# fixtures are built once; loadgroup does not group under pytest 9.2, xdist 3.8), one math thread
+# each; the slowest tests are listed at the end (a CI log's tail shows where the time went)
 TEST_WORKERS ?= 2
 test: venv data browser qemu
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not heavy and not serve_full" --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not heavy and not serve_full" --durations=25
 
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside
 # export/calibrate writes, the three example modules exported and validated, bench suites)
@@ -54,7 +54,7 @@ test-heavy: venv data browser
 # `pip download` into ~/.cache/onetrans-trt/tritonserver on first use) on loopback; both families,
 # FP16/INT8 variants, request limits, concurrent users. Fails (instead of skipping) without a server.
 serve-test: venv data
-	ONETRANS_TRT_REQUIRE_TRITON=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests/serving
+	ONETRANS_TRT_REQUIRE_TRITON=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/serving
 
 # the hardening suite at full strength: 10x the fuzz inputs (33,000: 22,000 requests, 3,000 of them
 # through the CLI; checkpoints, manifests, ONNX files), 20 SIGKILL trials per command

@@ -11,21 +11,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # imported (ahead-of-time compilation runs in a subprocess without it).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# `make test` runs two pytest-xdist workers with --dist loadgroup: each test file is one group
-# (its module fixtures are built once), except files that share an expensive session fixture,
-# which go to one worker together so it is built once.
-SHARED_FIXTURE_GROUPS = {
-    "tests/calibrate/test_precision.py": "small_build",  # a trained `small` with FP16/INT8: ~45 s
-    "tests/validate/test_validate.py": "small_build",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            path = item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURE_GROUPS.get(path, path)))
-
 
 @pytest.fixture(scope="session")
 def movielens():
