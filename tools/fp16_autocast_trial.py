@@ -18,7 +18,7 @@ AutoCast cannot take our fused ``onetrans`` nodes as they are: it treats any non
 as a TensorRT plugin (moves it to domain ``trt.plugins``, needs TensorRT to type it and runs
 its reference pass on the TensorRT EP). So each graph is inlined first (``int8._inline_fused``),
 converted, and the fused nodes put back where each body kept one precision
-(:func:`refold_cast_aware`); else the inlined form is measured. Results: see notes_autocast.md.
+(:func:`refold_cast_aware`); else the inlined form is measured. Results: see tools/fp16_autocast_trial.md.
 
     PYTHONPATH=. python tools/fp16_autocast_trial.py BUILD --out OUT [--requests 200] [--calib 32]
 """
