@@ -142,9 +142,14 @@ def engine_sources(manifest: dict, precision: str) -> dict[str, str]:
     return {role: (info.get("graphs", {}).get(role) or {}).get("sha256") for role in ROLES}
 
 
-def engine_record(manifest: dict, precision: str, command: list[str]) -> dict[str, Any]:
+def engine_record(manifest: dict, precision: str, command: list[str],
+                  compute_capability: str | None = None) -> dict[str, Any]:
+    """``compute_capability``: the GPU's (``"9.0"``) the engines were built on: TensorRT plans run
+    only there; Triton's ``cc_model_filenames`` is written from it."""
     rec = {"format": FORMAT, "precision": precision, "graphs": engine_sources(manifest, precision),
            "command": command}
+    if compute_capability is not None:
+        rec["compute_capability"] = compute_capability
     if precision != "fp32":
         lin = ((manifest.get("precisions") or {}).get(precision) or {}).get("lineage")
         if lin:

@@ -193,10 +193,19 @@ def test_engines_record_and_check_their_sources(build, tmp_path):
         for role in ("user_encoder", "candidate_scorer"):
             (d / f"{role}.engine").write_bytes(b"engine")
         atomic_write_json(d / ENGINE_LINEAGE, engine_record(manifest(build), precision,
-                                                            ["build", "BUILD", "--precision", precision]))
+                                                            ["build", "BUILD", "--precision", precision],
+                                                            "9.0" if precision == "fp32" else None))
         check_engines(build, manifest(build), precision)  # current
     r = run("serve-repo", build, "--out", tmp_path / "repo", "--backend", "tensorrt", "--json")
     assert r.exit_code == 0, r.output
+    from onetrans_trt.runtime.triton_repo import parse_config
+
+    for role in ("user_encoder", "candidate_scorer"):  # the plan is for the GPU it was built on
+        cfg = parse_config((tmp_path / "repo" / role / "config.pbtxt").read_text())
+        assert dict(cfg.cc_model_filenames) == {"9.0": "model.plan"} and cfg.platform == "tensorrt_plan"
+    r = run("serve-repo", build, "--out", tmp_path / "repo16", "--backend", "tensorrt", "--precision", "fp16")
+    assert r.exit_code == 0, r.output  # a record without a compute capability: no map
+    assert not parse_config((tmp_path / "repo16" / "user_encoder" / "config.pbtxt").read_text()).cc_model_filenames
     rec = json.loads((tmp_path / "repo" / "lineage.json").read_text())
     assert rec["engines"] == json.loads((build / "engines" / "fp32" / ENGINE_LINEAGE).read_text())
     assert rec["engines"]["graphs"] == {k: manifest(build)["graphs"][k]["sha256"] for k in ("user_encoder",

@@ -205,7 +205,8 @@ def build_engines(build: str | Path, precision: str = "fp32", *, overrides: dict
     atomic_write_text(engine_dir / "build_log.txt", "\n".join(log) + "\n")
     # lineage: the ONNX files these engines were built from (checked by serve-repo and the trt backends)
     atomic_write_json(engine_dir / lineage.ENGINE_LINEAGE,
-                      lineage.engine_record(manifest, precision, ["build", "BUILD", "--precision", precision]))
+                      lineage.engine_record(manifest, precision, ["build", "BUILD", "--precision", precision],
+                                            compute_capability()))
     plan["built"] = True
     atomic_write_json(engine_dir / "profiles.json", plan)
     return plan
@@ -236,6 +237,17 @@ def _require_gpu() -> None:
         ok = False
     if not ok:
         raise MissingCapabilityError("no CUDA GPU is visible: TensorRT engines must be built on the GPU they run on")
+
+
+def compute_capability() -> str | None:
+    """The current CUDA device's compute capability as Triton names it (``"9.0"``), or None."""
+    try:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        return f"{int(major)}.{int(minor)}"
+    except Exception:  # noqa: BLE001 - no CUDA torch: the record goes without it
+        return None
 
 
 def _build_one(trt, model: onnx.ModelProto, prof: dict, cache_path: Path, workspace_mb: int, tf32: bool) -> bytes:

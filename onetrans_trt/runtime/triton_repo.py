@@ -138,13 +138,14 @@ def render(msg, comment: str = "") -> str:
 def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
                  dynamic_batching: bool, *, parameters: dict[str, str] | None = None, instances: int = 1,
                  preferred_batch_sizes: tuple[int, ...] = (), max_queue_delay_us: int = 200,
-                 warmup: list[dict] | None = None):
+                 warmup: list[dict] | None = None, cc_model_filenames: dict[str, str] | None = None):
     """A ``ModelConfig`` message. ``platform``: ``onnxruntime_onnx``, ``tensorrt_plan``,
     ``ensemble``, or ``backend:NAME`` for a backend without a platform (``backend:python``);
     ``parameters``: string parameters; ``instances``: the instance group's count (not for
     ensembles); ``preferred_batch_sizes`` and ``max_queue_delay_us``: the dynamic batcher's;
     ``warmup``: ``[{"name", "batch_size", "inputs": {tensor: {"type", "dims", "file"}}}]`` (files
-    under the model's ``warmup/`` directory). Every model serves its latest version only."""
+    under the model's ``warmup/`` directory); ``cc_model_filenames``: compute capability -> file
+    (TensorRT plans). Every model serves its latest version only."""
     pb2, _ = _pb2()
     m = pb2.ModelConfig(name=name, max_batch_size=int(max_batch))
     if platform.startswith("backend:"):
@@ -165,6 +166,8 @@ def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dic
         m.dynamic_batching.preferred_batch_size.extend(int(b) for b in preferred_batch_sizes)
     for k, v in (parameters or {}).items():
         m.parameters[k].string_value = v
+    for cc, fname in (cc_model_filenames or {}).items():
+        m.cc_model_filenames[cc] = fname
     for w in warmup or []:
         mw = m.model_warmup.add(name=w["name"], batch_size=int(w["batch_size"]))
         for tname, spec in w["inputs"].items():
@@ -435,8 +438,12 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
             else:
                 shutil.copyfile(src, dst)
             m = models[role]
+            cc = (lineage.engine_lineage(build, precision) or {}).get("compute_capability") \
+                if backend == "tensorrt" else None
             text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder",
-                           warmup=warmup_for(build, m, tmp / role), **config_options)
+                           warmup=warmup_for(build, m, tmp / role), **config_options,
+                           cc_model_filenames={cc: "model.plan"} if cc else None,
+                           comment=f"TensorRT plan built on a GPU of compute capability {cc}" if cc else "")
             (tmp / role / "config.pbtxt").write_text(text)
             written[role] = text
         text = module_ensemble_config(models)
