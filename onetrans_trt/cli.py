@@ -1098,10 +1098,13 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
               help="Model instances of user_encoder and candidate_scorer (Triton's instance_group count).")
 @click.option("--preferred-batch-sizes", default=None,
               help="user_encoder's dynamic batcher: comma-separated preferred batch sizes (users), e.g. 4,8.")
+@click.option("--ort-accelerator", type=click.Choice(["none", "tensorrt", "tensorrt-fp16"]), default=None,
+              help="With --backend onnxruntime: the ONNX Runtime backend's GPU execution accelerator (its TensorRT "
+                   "execution provider, FP32 or FP16) [none].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
 def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, instances,
-                   preferred_batch_sizes, force, as_json) -> None:
+                   preferred_batch_sizes, ort_accelerator, force, as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
     users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
     + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
@@ -1121,12 +1124,15 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
             raise InputError(f"--preferred-batch-sizes {preferred_batch_sizes!r}: comma-separated integers, "
                              "e.g. 4,8") from None
     config_options = {"instances": instances, "preferred_batch_sizes": sizes}
+    if backend != "onnxruntime":
+        _refuse(("ort_accelerator",), f"to --backend {backend}", "it configures Triton's ONNX Runtime backend")
     if backend != "python":
         _refuse(("limits_path", "threads", "user_cache_mb"), f"to --backend {backend}",
                 "they configure the python backend's models")
         from onetrans_trt.runtime.triton_repo import write_repository
 
-        res = write_repository(build, out, backend=backend, precision=precision, force=force, **config_options)
+        res = write_repository(build, out, backend=backend, precision=precision, force=force,
+                               ort_accelerator=ort_accelerator or "none", **config_options)
     else:
         from onetrans_trt.data.requests import RequestLimits
         from onetrans_trt.serving.repository import write_python_repository

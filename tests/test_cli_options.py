@@ -131,6 +131,7 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("serve-repo", "user_cache_mb"): ("-1", "--user-cache-mb"),
     ("serve-repo", "instances"): ("0", "--instances"),
     ("serve-repo", "preferred_batch_sizes"): ("4,x", "--preferred-batch-sizes"),
+    ("serve-repo", "ort_accelerator"): ("cuda", "--ort-accelerator"),
     ("bench", "build"): ("{MISSING}", "missing"),
     ("bench", "suite"): ("nope", "--suite"),
     ("bench", "preset"): ("huge", "--preset"),

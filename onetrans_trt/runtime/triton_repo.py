@@ -138,14 +138,16 @@ def render(msg, comment: str = "") -> str:
 def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
                  dynamic_batching: bool, *, parameters: dict[str, str] | None = None, instances: int = 1,
                  preferred_batch_sizes: tuple[int, ...] = (), max_queue_delay_us: int = 200,
-                 warmup: list[dict] | None = None, cc_model_filenames: dict[str, str] | None = None):
+                 warmup: list[dict] | None = None, cc_model_filenames: dict[str, str] | None = None,
+                 gpu_accelerator: dict[str, Any] | None = None):
     """A ``ModelConfig`` message. ``platform``: ``onnxruntime_onnx``, ``tensorrt_plan``,
     ``ensemble``, or ``backend:NAME`` for a backend without a platform (``backend:python``);
     ``parameters``: string parameters; ``instances``: the instance group's count (not for
     ensembles); ``preferred_batch_sizes`` and ``max_queue_delay_us``: the dynamic batcher's;
     ``warmup``: ``[{"name", "batch_size", "inputs": {tensor: {"type", "dims", "file"}}}]`` (files
     under the model's ``warmup/`` directory); ``cc_model_filenames``: compute capability -> file
-    (TensorRT plans). Every model serves its latest version only."""
+    (TensorRT plans); ``gpu_accelerator``: ``{"name": ..., "parameters": {...}}``, the ONNX
+    Runtime backend's GPU execution accelerator. Every model serves its latest version only."""
     pb2, _ = _pb2()
     m = pb2.ModelConfig(name=name, max_batch_size=int(max_batch))
     if platform.startswith("backend:"):
@@ -168,6 +170,10 @@ def model_config(name: str, platform: str, inputs: list[dict], outputs: list[dic
         m.parameters[k].string_value = v
     for cc, fname in (cc_model_filenames or {}).items():
         m.cc_model_filenames[cc] = fname
+    if gpu_accelerator:
+        acc = m.optimization.execution_accelerators.gpu_execution_accelerator.add(name=gpu_accelerator["name"])
+        for k, v in gpu_accelerator.get("parameters", {}).items():
+            acc.parameters[k] = str(v)
     for w in warmup or []:
         mw = m.model_warmup.add(name=w["name"], batch_size=int(w["batch_size"]))
         for tname, spec in w["inputs"].items():
@@ -317,6 +323,16 @@ def ensemble_steps(models: dict[str, Any]) -> list[tuple[str, dict, dict]]:
              same(t["name"] for t in models["candidate_scorer"]["outputs"]))]
 
 
+# ``serve-repo --ort-accelerator``: the ONNX Runtime backend's TensorRT execution provider (keys
+# of Triton's onnxruntime_backend: precision_mode, max_workspace_size_bytes)
+ORT_ACCELERATORS = {
+    "none": None,
+    "tensorrt": {"name": "tensorrt", "parameters": {"precision_mode": "FP32", "max_workspace_size_bytes": 1 << 30}},
+    "tensorrt-fp16": {"name": "tensorrt", "parameters": {"precision_mode": "FP16",
+                                                         "max_workspace_size_bytes": 1 << 30}},
+}
+
+
 def check_config_options(instances: int, preferred_batch_sizes, models: dict[str, Any]) -> dict[str, Any]:
     """The instance count and preferred batch sizes, checked against the user encoder's
     maximum batch (an InputError before anything is written)."""
@@ -411,10 +427,15 @@ def lineage_record(build: Path, manifest: dict, ios: dict, backend: str, precisi
 
 
 def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnxruntime", precision: str = "fp32",
-                     force: bool = False, instances: int = 1, preferred_batch_sizes: tuple[int, ...] = ()
-                     ) -> dict[str, Any]:
+                     force: bool = False, instances: int = 1, preferred_batch_sizes: tuple[int, ...] = (),
+                     ort_accelerator: str = "none") -> dict[str, Any]:
     """The repository (module docstring); ``instances``: model instances of user_encoder and
-    candidate_scorer; ``preferred_batch_sizes``: user_encoder's dynamic batcher's."""
+    candidate_scorer; ``preferred_batch_sizes``: user_encoder's dynamic batcher's;
+    ``ort_accelerator`` (``--backend onnxruntime``): a key of :data:`ORT_ACCELERATORS`."""
+    if ort_accelerator not in ORT_ACCELERATORS:
+        raise InputError(f"ORT accelerator {ort_accelerator!r}: choose one of {', '.join(ORT_ACCELERATORS)}")
+    if ort_accelerator != "none" and backend != "onnxruntime":
+        raise InputError(f"an ONNX Runtime accelerator does not apply to --backend {backend}")
     from onetrans_trt.plugins import strip_functions  # noqa: F401  (engines are built from stripped graphs)
 
     build, out = Path(build), Path(out)
@@ -443,6 +464,7 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
             text = _config(role, platform, m["inputs"], m["outputs"], m["max_batch"], role == "user_encoder",
                            warmup=warmup_for(build, m, tmp / role), **config_options,
                            cc_model_filenames={cc: "model.plan"} if cc else None,
+                           gpu_accelerator=ORT_ACCELERATORS[ort_accelerator],
                            comment=f"TensorRT plan built on a GPU of compute capability {cc}" if cc else "")
             (tmp / role / "config.pbtxt").write_text(text)
             written[role] = text

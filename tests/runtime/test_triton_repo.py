@@ -88,3 +88,21 @@ def test_config_options_are_refused_before_anything_is_written(tiny_build, tmp_p
                             str(tmp_path / "r"), *args], capture_output=True, text=True)
         assert p.returncode == 2 and what in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not (tmp_path / "r").exists()
+
+
+def test_ort_accelerator_is_the_onnxruntime_backends_tensorrt_provider(tiny_build, tmp_path):
+    """Written as the onnxruntime backend reads it (parsed here; no GPU to serve it on)."""
+    p = subprocess.run([sys.executable, "-m", "onetrans_trt.cli", "serve-repo", str(tiny_build), "--out",
+                        str(tmp_path / "r"), "--ort-accelerator", "tensorrt-fp16"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-1500:]
+    for role in ("user_encoder", "candidate_scorer"):
+        [acc] = _parse(tmp_path / "r" / role / "config.pbtxt").optimization.execution_accelerators \
+            .gpu_execution_accelerator
+        assert acc.name == "tensorrt" and dict(acc.parameters) == {"precision_mode": "FP16",
+                                                                    "max_workspace_size_bytes": str(1 << 30)}
+    assert not _parse(tmp_path / "r" / "onetrans" / "config.pbtxt").HasField("optimization")
+    p = subprocess.run([sys.executable, "-m", "onetrans_trt.cli", "serve-repo", str(tiny_build), "--out",
+                        str(tmp_path / "r2"), "--backend", "python", "--ort-accelerator", "tensorrt"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--ort-accelerator does not apply to --backend python" in p.stderr
+    assert not (tmp_path / "r2").exists()
