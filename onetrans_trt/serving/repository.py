@@ -126,7 +126,8 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
             comment="rank with the users' K/V cached in the server: key = graphs sha256 + user_key + the encoded "
                     "history's fingerprint; a hit never calls user_encoder",
             parameters={**pre_params, "wiring": json.dumps(wiring), "tensors": json.dumps(tensors),
-                        "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20)))}),
+                        "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20)))},
+            instances=config_options["instances"]),  # each instance (a process) holds its own cache
             "CachedRank")
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))
     return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written)}

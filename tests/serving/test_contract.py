@@ -107,6 +107,7 @@ def test_serve_repo_python_cli_and_refused_options(tiny_build, tmp_path):
     pre = _cfg(tmp_path / "r" / "preprocess" / "config.pbtxt")
     assert json.loads(pre.parameters["limits"].string_value)["max_candidates"] == 3
     cached = _cfg(tmp_path / "r" / "rank_cached" / "config.pbtxt")
+    assert [g.count for g in cached.instance_group] == [1]
     assert json.loads(cached.parameters["limits"].string_value)["max_candidates"] == 3
     assert cached.parameters["user_cache_bytes"].string_value == str(int(1.5 * (1 << 20)))
     from onetrans_trt.serving.python_models import graphs_sha256
@@ -120,6 +121,11 @@ def test_serve_repo_python_cli_and_refused_options(tiny_build, tmp_path):
     r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r2"),
                                  "--limits", str(tmp_path / "limits.json")])
     assert r.exit_code == 2 and "--limits" in r.output and not (tmp_path / "r2").exists()
+    r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r4"), "--backend", "python",
+                                 "--instances", "2"])
+    assert r.exit_code == 0, r.output  # every Python model runs 2 instances, rank_cached too (a cache each)
+    for m in ("user_encoder", "candidate_scorer", "rank_cached"):
+        assert [g.count for g in _cfg(tmp_path / "r4" / m / "config.pbtxt").instance_group] == [2], m
     for bad, what in ((["--user-cache-mb", "8"], "--user-cache-mb does not apply to --backend onnxruntime"),
                       (["--backend", "python", "--user-cache-mb", "-1"], "-1")):
         r = CliRunner().invoke(cli, ["serve-repo", str(tiny_build), "--out", str(tmp_path / "r3"), *bad])
