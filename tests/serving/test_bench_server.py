@@ -56,3 +56,26 @@ def test_bench_server_at_1_4_16_has_no_errors(triton, tiny_build):
 def test_bench_server_refusals(tiny_build, args, what):
     r = _run("bench", *[tiny_build if a == "BUILD" else a for a in args])
     assert r.exit_code == 2 and what in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.serve_full
+def test_perf_analyzer_drives_rank_and_rank_cached_without_errors(triton, tiny_build, movielens, tmp_path):
+    """Triton's own load generator (perf_analyzer, from the tritonclient 2.40.0 wheel) at
+    concurrency 1 and 4 on both raw-request models: it exits 0 only when every response
+    succeeded; a model that answers with errors fails it."""
+    from onetrans_trt.serving.perf import run_perf_analyzer
+    from onetrans_trt.serving.repository import write_python_repository
+    from onetrans_trt.serving.server import ServerError, TritonServer
+
+    repo = tmp_path / "repo"
+    write_python_repository(tiny_build, repo)
+    reqs = [r for r, _ in movielens.requests(6, n_candidates=10, seed=48)]
+    with TritonServer(repo, install_dir=triton) as server:
+        for model in ("rank", "rank_cached"):
+            rows = run_perf_analyzer(server.http_url, model, reqs, concurrency=(1, 4), interval_ms=1000,
+                                     workdir=tmp_path)
+            assert [int(r["Concurrency"]) for r in rows] == [1, 4], rows
+            assert all(float(r["Inferences/Second"]) > 0 for r in rows)
+        with pytest.raises(ServerError, match="perf_analyzer on rank_cached"):  # a malformed request: errors
+            run_perf_analyzer(server.http_url, "rank_cached", [{"user": {}, "history": "x", "candidates": []}],
+                              concurrency=(1,), interval_ms=500, workdir=tmp_path)
