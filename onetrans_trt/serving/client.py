@@ -103,10 +103,26 @@ def model_statistics_http(url: str, model: str, timeout: float = 10.0) -> dict:
     return _http_json(url, f"/v2/models/{model}/stats", None, timeout)
 
 
-def successes_http(url: str, model: str, timeout: float = 10.0) -> int:
-    """How many requests ``model`` has answered successfully (Triton's statistics, all versions)."""
-    stats = model_statistics_http(url, model, timeout)
-    return sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0)) for m in stats.get("model_stats", []))
+def successes_http(url: str, model: str, timeout: float = 10.0, *, settle: float = 0.1,
+                   max_wait: float = 5.0) -> int:
+    """How many requests ``model`` has answered successfully (Triton's statistics, all versions).
+    A backend reports a request's statistics after sending its response, so a count read right
+    after a response may still be one short: the count is read until two reads ``settle``
+    seconds apart agree (at most ``max_wait`` seconds)."""
+    import time
+
+    def count() -> int:
+        stats = model_statistics_http(url, model, timeout)
+        return sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0))
+                   for m in stats.get("model_stats", []))
+
+    deadline, last = time.monotonic() + max_wait, count()
+    while True:
+        time.sleep(settle)
+        now = count()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 def load_model_http(url: str, model: str, timeout: float = 120.0) -> None:
