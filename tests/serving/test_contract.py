@@ -20,6 +20,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from onetrans_trt.serving import client
+
 
 def _cfg(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -144,3 +146,16 @@ def test_lower_stages_never_import_serving():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{rel}: {n}" for n in names if n.startswith("onetrans_trt.serving")]
     assert bad == []
+
+
+def test_success_counts_are_read_once_they_settle(monkeypatch):
+    """Triton reports a request's statistics after sending its response: a count read at once
+    may be one short. successes_http reads until two reads agree (a bounded wait)."""
+    reads = iter([5, 6, 6, 6])
+    monkeypatch.setattr(client, "model_statistics_http", lambda url, model, timeout=10.0: {
+        "model_stats": [{"inference_stats": {"success": {"count": next(reads)}}}]})
+    assert client.successes_http("u", "m", settle=0.0) == 6
+    growing = iter(range(1000))
+    monkeypatch.setattr(client, "model_statistics_http", lambda url, model, timeout=10.0: {
+        "model_stats": [{"inference_stats": {"success": {"count": next(growing)}}}]})
+    assert client.successes_http("u", "m", settle=0.01, max_wait=0.05) < 1000  # never settles: bounded
