@@ -228,20 +228,24 @@ class _State(dict):
         return int(sum(v.nbytes for v in self.values()))
 
 
+def _graph_files(repository: Path) -> list[tuple[str, Path]]:
+    """``(label, path)`` of the two graphs' files a repository may hold, in a fixed order."""
+    return [(f"{role}/{name}", repository / role / "1" / name)
+            for role in ("user_encoder", "candidate_scorer") for name in ("model.onnx", "model.onnx.data")]
+
+
 def graphs_sha256(repository: Path) -> str:
     """The sha256 over the repository's ``user_encoder`` and ``candidate_scorer`` graphs
     (``1/model.onnx`` and any ``1/model.onnx.data``), in that order."""
     import hashlib
 
     h = hashlib.sha256()
-    for role in ("user_encoder", "candidate_scorer"):
-        for name in ("model.onnx", "model.onnx.data"):
-            f = repository / role / "1" / name
-            if f.is_file():
-                h.update(f"{role}/{name}\0".encode())
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
+    for label, f in _graph_files(repository):
+        if f.is_file():
+            h.update(f"{label}\0".encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()
 
 
@@ -281,13 +285,8 @@ class CachedRank(Preprocess):
         self.enabled = self.cache.max_bytes > 0
 
     def _stamp(self) -> list[tuple[int, int]]:
-        out = []
-        for role in ("user_encoder", "candidate_scorer"):
-            for name in ("model.onnx", "model.onnx.data"):
-                f = self.repository / role / "1" / name
-                st = f.stat() if f.is_file() else None
-                out.append((st.st_size, st.st_mtime_ns) if st else (-1, -1))
-        return out
+        stats = [f.stat() if f.is_file() else None for _, f in _graph_files(self.repository)]
+        return [(st.st_size, st.st_mtime_ns) if st else (-1, -1) for st in stats]
 
     def _call(self, model: str, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         pb = _pb()
