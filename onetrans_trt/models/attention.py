@@ -118,3 +118,28 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
     a1 = torch.exp(m1 - m)
     a2 = torch.exp(m2 - m)
     return (a1 * o1 + a2 * o2) / (a1 * l1 + a2 * l2)
+
+
+def segmented_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_valid: Tensor,
+                               cand_user: Tensor, k_own: Tensor, v_own: Tensor) -> Tensor:
+    """Reference SegmentedPrefixAttention: the candidates of U users in one call.
+
+    k_prefix, v_prefix: ``[U, H, L, dh]``, user u's K/V in row u, left-padded; prefix_valid:
+    ``[U]``; cand_user: ``[C]``, each candidate's user in ``[0, U)``; q, k_own, v_own:
+    ``[C, H, T, dh]``. Defined as SharedPrefixAttention per user over that user's candidates,
+    so one user per call is SharedPrefixAttention itself.
+    """
+    users = cand_user.reshape(-1).to(torch.int64)
+    n_users = k_prefix.shape[0]
+    if users.numel() != q.shape[0]:
+        raise ValueError(f"cand_user has {users.numel()} entries for {q.shape[0]} candidates")
+    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= n_users):
+        raise ValueError(f"cand_user must lie in [0, {n_users}), got {users.min().item()}..{users.max().item()}")
+    valid = prefix_valid.reshape(-1)
+    out = torch.empty_like(q)
+    for u in range(n_users):
+        rows = (users == u).nonzero().reshape(-1)
+        if rows.numel():
+            out[rows] = shared_prefix_attention(q[rows], k_prefix[u:u + 1], v_prefix[u:u + 1], valid[u:u + 1],
+                                                k_own[rows], v_own[rows])
+    return out

@@ -34,6 +34,9 @@ OPS = {
     "TailCausalAttention": OpInfo(
         "TailCausalAttention", "onetrans_trt.plugins.tail_causal_attention",
         "user encoder: newest Lq of Lk S-tokens, bottom-right causal, padded histories"),
+    "SegmentedPrefixAttention": OpInfo(
+        "SegmentedPrefixAttention", "onetrans_trt.plugins.segmented_prefix_attention",
+        "candidate scorer across users: each candidate's NS queries over its own user's packed K/V plus its own"),
 }
 
 

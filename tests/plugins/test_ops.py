@@ -46,7 +46,22 @@ def tca_case(seed: int):
     return [q, k, v, valid]
 
 
-CASES = {"SharedPrefixAttention": spa_case, "TailCausalAttention": tca_case}
+def seg_case(seed: int):
+    """U users' packed K/V (rows left-padded to the longest), each candidate's user, in sorted
+    or shuffled order, users with no candidate, lengths 0 / partial / full / over per user."""
+    rng = np.random.default_rng(1000 + seed)
+    u, c, t, h = int(rng.integers(1, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 7)), int(rng.choice([1, 2, 4]))
+    dh = int([8, 16, 32, 48, 64, 128][seed % 6])
+    n = int(rng.choice([0, 1, 7, 33]))
+    valid = torch.tensor([int(rng.choice([0, n // 2, n, n + 5])) for _ in range(u)])
+    users = np.sort(rng.integers(0, u, c)) if seed % 2 else rng.integers(0, u, c)
+    g = torch.Generator().manual_seed(seed)
+    q, ko, vo = (torch.randn(c, h, t, dh, generator=g) for _ in range(3))
+    kp, vp = (torch.randn(u, h, n, dh, generator=g) for _ in range(2))
+    return [q, kp, vp, valid, torch.from_numpy(users.astype(np.int64)), ko, vo]
+
+
+CASES = {"SharedPrefixAttention": spa_case, "TailCausalAttention": tca_case, "SegmentedPrefixAttention": seg_case}
 
 
 def _ort_model(op: str, args: list[torch.Tensor]) -> onnx.ModelProto:
@@ -112,3 +127,44 @@ def test_cached_forward_equals_full_forward():
     mask = torch.cat([real.expand(t, n), torch.ones(t, t, dtype=torch.bool).tril()], dim=1)
     full = masked_attention(q, k, v, mask.expand(c, 1, t, n + t))
     assert (OPS["SharedPrefixAttention"].module("reference").reference(*args) - full).abs().max() <= 1e-5
+
+
+def test_segmented_with_one_user_is_shared_prefix_attention():
+    """U = 1, every candidate of user 0: the segmented op is SharedPrefixAttention (reference
+    bit for bit, ONNX function within 1e-6 of SharedPrefixAttention's)."""
+    import onnxruntime as ort
+
+    seg, spa = OPS["SegmentedPrefixAttention"], OPS["SharedPrefixAttention"]
+    for seed in range(8):
+        args = spa_case(seed)
+        users = torch.zeros(args[0].shape[0], dtype=torch.int64)
+        seg_args = args[:4] + [users] + args[4:]
+        assert torch.equal(seg.module("reference").reference(*seg_args), spa.module("reference").reference(*args))
+        outs = []
+        for op, a in (("SegmentedPrefixAttention", seg_args), ("SharedPrefixAttention", args)):
+            sess = ort.InferenceSession(_ort_model(op, a).SerializeToString(), providers=["CPUExecutionProvider"])
+            outs.append(sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), a)})[0])
+        assert np.abs(outs[0] - outs[1]).max() <= 1e-6
+
+
+def test_segmented_equals_one_call_per_user():
+    """Each candidate's output is SharedPrefixAttention over its own user's K/V alone (the
+    user's row cut to its own real length, not the batch's padding)."""
+    spa = OPS["SharedPrefixAttention"].module("reference").reference
+    for seed in range(12):
+        q, kp, vp, valid, users, ko, vo = seg_case(seed)
+        out = OPS["SegmentedPrefixAttention"].module("reference").reference(q, kp, vp, valid, users, ko, vo)
+        for c in range(q.shape[0]):
+            u = int(users[c])
+            keep = min(int(valid[u]), kp.shape[2])
+            alone = spa(q[c:c + 1], kp[u:u + 1, :, kp.shape[2] - keep:], vp[u:u + 1, :, kp.shape[2] - keep:],
+                        torch.tensor([keep]), ko[c:c + 1], vo[c:c + 1])
+            assert (out[c:c + 1] - alone).abs().max() <= 1e-6
+
+
+def test_segmented_refuses_a_candidate_of_no_user():
+    q, kp, vp, valid, users, ko, vo = seg_case(1)
+    bad = users.clone()
+    bad[0] = kp.shape[0]
+    with pytest.raises(ValueError, match="cand_user must lie in"):
+        OPS["SegmentedPrefixAttention"].module("reference").reference(q, kp, vp, valid, bad, ko, vo)
