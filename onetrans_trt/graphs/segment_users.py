@@ -241,7 +241,10 @@ def check(original: onnx.ModelProto, segmented: onnx.ModelProto, users: list[dic
     one = ort.InferenceSession(original.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     many = ort.InferenceSession(segmented.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in one.get_outputs()]
-    want = [dict(zip(names, one.run(names, {i.name: u[i.name] for i in one.get_inputs()}))) for u in users]
+    kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+    users = [{i.name: np.asarray(u[i.name]).astype(kinds.get(i.type, np.asarray(u[i.name]).dtype), copy=False)
+              for i in one.get_inputs()} for u in users]
+    want = [dict(zip(names, one.run(names, u))) for u in users]
     got = unpack(dict(zip(names, many.run(names, pack(plan, users)))),
                  [int(np.asarray(u[plan.per_candidate[0]]).shape[0]) for u in users])
     worst = max((float(np.abs(g[n].astype(np.float64) - w[n].astype(np.float64)).max(initial=0.0))

@@ -119,6 +119,8 @@ def _tensor(msg, t: dict) -> None:
     msg.name = t["name"]
     msg.data_type = pb2.DataType.Value(t["type"])
     msg.dims.extend(int(d) for d in t["dims"])
+    if t.get("ragged"):
+        msg.allow_ragged_batch = True  # the dynamic batcher merges requests whose shapes differ here
     if t.get("reshape") is not None:
         msg.reshape.shape.extend(int(d) for d in t["reshape"])
         if not t["reshape"]:

@@ -7,6 +7,9 @@ imports one class from here as ``TritonPythonModel``:
   (Triton hands it a list of requests, each ``[N, ...]``; each runs as its own batch).
 - :class:`CandidateScorer`: ``candidate_scorer.onnx``; one user per request, candidates
   scored in chunks of ``chunk_size`` (as :class:`~onetrans_trt.runtime.ranker.Ranker`).
+- :class:`UserBatchScorer`: ``candidate_scorer_users``, the packed scorer
+  (:mod:`onetrans_trt.graphs.segment_users`); Triton's dynamic batcher hands it the requests of
+  several users (one user each, shapes differing: ragged inputs), scored in one ORT call.
 - :class:`Preprocess`: the request JSON (a BYTES tensor ``[1]``) to the model tensors with
   :func:`~onetrans_trt.data.requests.encode_request` under the repository's
   :class:`~onetrans_trt.data.requests.RequestLimits`; a bad request is that request's
@@ -149,6 +152,112 @@ class CandidateScorer(_GraphModel):
         return responses
 
 
+class UserBatchScorer:
+    """Several users' requests (each ``[1, ...]``: one user's K/V, length, ``[1, C, ...]``
+    candidates) scored in one run of the packed scorer: users packed by
+    :func:`~onetrans_trt.graphs.segment_users.pack`, at most ``chunk_size`` candidates per run
+    (a user with more runs alone, in chunks). A malformed request is its own error response."""
+
+    def initialize(self, args: dict) -> None:
+        from onetrans_trt.graphs.segment_users import META_KEY, Plan
+        from onetrans_trt.runtime.ort_backend import graph_session
+
+        cfg = _config(args)
+        params = _params(cfg)
+        threads = int(params.get("intra_op_threads") or 0) or None
+        self.sess, self.note = graph_session(_version_dir(args) / "model.onnx", None, threads)
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        self.plan = Plan(**json.loads(meta[META_KEY]))
+        self.types = {i.name: _ORT.get(i.type) for i in self.sess.get_inputs()}
+        self.out_types = {o["name"]: _NP.get(o["data_type"]) for o in cfg["output"]}
+        self.out_dims = {o["name"]: [int(d) for d in o["dims"]] for o in cfg["output"]}
+        self.chunk = int(params.get("chunk_size") or 512)
+
+    def _user(self, request) -> dict[str, np.ndarray]:
+        """One request's tensors as the one-user scorer's feeds (the batch axis dropped)."""
+        from onetrans_trt.errors import InputError
+
+        pb = _pb()
+        feeds = {}
+        for name in [*self.plan.kv, *self.plan.lengths, *self.plan.per_candidate]:
+            t = pb.get_input_tensor_by_name(request, name)
+            if t is None:
+                raise InputError(f"input {name} missing")
+            x = t.as_numpy()
+            if x.ndim < 1 or x.shape[0] != 1:
+                raise InputError(f"{name}: one user per request (batch axis 1), got shape {list(x.shape)}")
+            if name in self.plan.lengths:
+                x = x.reshape(-1)[:1].astype(np.int64)
+            elif name in self.plan.per_candidate:
+                x = x[0]
+            want = self.types.get(name)
+            feeds[name] = x if want is None or x.dtype == want or name in self.plan.lengths else x.astype(want)
+        return feeds
+
+    def _run(self, users: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        from onetrans_trt.graphs.segment_users import pack, unpack
+
+        names = list(self.out_types)
+        counts = [int(u[self.plan.per_candidate[0]].shape[0]) for u in users]
+        outs = self.sess.run(names, pack(self.plan, users))
+        return unpack(dict(zip(names, outs)), counts)
+
+    def execute(self, requests: list) -> list:
+        pb = _pb()
+        results: list[Any] = [None] * len(requests)
+        users: list[tuple[int, dict[str, np.ndarray]]] = []
+        for i, r in enumerate(requests):
+            try:
+                users.append((i, self._user(r)))
+            except Exception as e:  # noqa: BLE001 - one request's error is its own response
+                results[i] = e
+        groups: list[list[tuple[int, dict[str, np.ndarray]]]] = [[]]
+        size = 0
+        for i, u in users:
+            c = int(u[self.plan.per_candidate[0]].shape[0])
+            if c > self.chunk:  # alone, in chunks of its candidates
+                groups.append([(i, {**u, **{n: u[n][s:s + self.chunk] for n in self.plan.per_candidate}})
+                               for s in range(0, c, self.chunk)])
+                groups.append([])
+                size = 0
+                continue
+            if size + c > self.chunk and groups[-1]:
+                groups.append([])
+                size = 0
+            groups[-1].append((i, u))
+            size += c
+        for group in (g for g in groups if g):
+            try:
+                live = [(i, u) for i, u in group if u[self.plan.per_candidate[0]].shape[0]]
+                parts = self._run([u for _, u in live]) if live else []
+                done = dict.fromkeys(i for i, _ in group)
+                for (i, _), part in zip(live, parts):
+                    results[i] = (results[i] or []) + [part]
+                for i in done:
+                    if results[i] is None:
+                        results[i] = []
+            except Exception as e:  # noqa: BLE001 - the group's error, for each of its requests
+                for i, _ in group:
+                    results[i] = e
+        responses = []
+        for res in results:
+            if isinstance(res, BaseException):
+                responses.append(_error(res))
+                continue
+            values = {}
+            for n, want in self.out_types.items():
+                if res:
+                    x = np.concatenate([p[n] for p in res])
+                else:  # no candidates: empty rows of the right width
+                    x = np.zeros((0, *[max(d, 0) for d in self.out_dims[n][1:]]), want or np.float32)
+                values[n] = np.ascontiguousarray((x if want is None or x.dtype == want else x.astype(want))[None])
+            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, v) for n, v in values.items()]))
+        return responses
+
+    def finalize(self) -> None:
+        self.sess = None
+
+
 class Preprocess:
     """Raw request JSON in, the ``onetrans`` ensemble's tensors out."""
 
@@ -231,12 +340,13 @@ class _State(dict):
 def _graph_files(repository: Path) -> list[tuple[str, Path]]:
     """``(label, path)`` of the two graphs' files a repository may hold, in a fixed order."""
     return [(f"{role}/{name}", repository / role / "1" / name)
-            for role in ("user_encoder", "candidate_scorer") for name in ("model.onnx", "model.onnx.data")]
+            for role in ("user_encoder", "candidate_scorer", "candidate_scorer_users")
+            for name in ("model.onnx", "model.onnx.data")]
 
 
 def graphs_sha256(repository: Path) -> str:
-    """The sha256 over the repository's ``user_encoder`` and ``candidate_scorer`` graphs
-    (``1/model.onnx`` and any ``1/model.onnx.data``), in that order."""
+    """The sha256 over the repository's ``user_encoder``, ``candidate_scorer`` and (when there)
+    ``candidate_scorer_users`` graphs (``1/model.onnx`` and any ``1/model.onnx.data``), in order."""
     import hashlib
 
     h = hashlib.sha256()
@@ -270,6 +380,7 @@ class CachedRank(Preprocess):
         self._setup(args, {t["name"]: (_NP[t["data_type"]], len(t["dims"])) for t in tensors})
         self.user_inputs, self.state = wiring["user_inputs"], wiring["state"]
         self.scorer_inputs = wiring["candidate_inputs"] + wiring.get("shared", []) + wiring["state"]
+        self.shared_user = set(wiring.get("shared", []))  # per-user inputs the scorer reads (s_length)
         self.out_names = [o["name"] for o in cfg["output"]]
         self.repository = Path(args["model_repository"]).parent
         self.sha = params["graphs_sha256"]
@@ -281,6 +392,9 @@ class CachedRank(Preprocess):
                              f"repository was written with (sha256 {got[:12]}.. != {self.sha[:12]}..); "
                              "regenerate it with `onetrans-trt serve-repo`")
         self.files = self._stamp()
+        # "candidate_scorer_users": the packed scorer, whose dynamic batcher merges the calls of
+        # concurrent requests (of this model's instances) into one run; else one user per call
+        self.scorer = params.get("scorer") or "candidate_scorer"
         self.cache = UserKVCache(int(params.get("user_cache_bytes") or 0))
         self.enabled = self.cache.max_bytes > 0
 
@@ -313,7 +427,13 @@ class CachedRank(Preprocess):
         else:
             state = encode()
         feeds = {n: (state[n] if n in state else tensors[n]) for n in self.scorer_inputs}
-        return self._call("candidate_scorer", feeds, self.out_names)
+        if self.scorer == "candidate_scorer":
+            return self._call("candidate_scorer", feeds, self.out_names)
+        # one user per request of the batching scorer: a batch axis of 1 on every tensor (the K/V
+        # and the per-user rows have it already: [1, ...])
+        batched = {n: (v if n in self.state else v.reshape(1, -1) if n in self.shared_user else v[None])
+                   for n, v in feeds.items()}
+        return {n: v[0] for n, v in self._call(self.scorer, batched, self.out_names).items()}
 
     def execute(self, requests: list) -> list:
         pb = _pb()

@@ -7,6 +7,10 @@
     REPO/rank/              ensemble, raw requests: request JSON -> logits, probs
     REPO/rank_cached/       Python model (BLS), raw requests like rank; users' K/V cached in the
                             server (a repeated user skips user_encoder), --user-cache-mb per instance
+    REPO/candidate_scorer_users/  Python model: the packed scorer (several users per call);
+                            its dynamic batcher merges concurrent requests of different users
+                            (one user each: K/V [1, H, L, dh], candidates [1, C, ...]); rank_cached
+                            calls it when cross-user batching is on (--batch-users)
 
 The tensors, their shapes and the ensemble wiring are those of the ``onnxruntime`` and
 ``tensorrt`` repositories (:func:`onetrans_trt.runtime.triton_repo.module_models`, checked
@@ -60,17 +64,25 @@ def rank_ensemble_config(models: dict[str, Any], name: str = "rank") -> str:
 def write_python_repository(build: str | Path, out: str | Path, *, precision: str = "fp32", force: bool = False,
                             limits: dict | None = None, threads: int = 0, chunk_size: int = 512,
                             user_cache_mb: float = 256, instances: int = 1,
-                            preferred_batch_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+                            preferred_batch_sizes: tuple[int, ...] = (), batch_users: int | None = None,
+                            batch_delay_us: int = 200) -> dict[str, Any]:
     """Write the repository (see the module docstring); ``limits``: a RequestLimits JSON
     object for ``preprocess`` and ``rank_cached`` (defaults without it); ``threads``: ONNX
     Runtime intra-op threads per model (0: its default); ``chunk_size``: candidates per scorer
     run; ``user_cache_mb``: ``rank_cached``'s K/V cache per model instance (0: no caching);
-    ``instances``, ``preferred_batch_sizes``: as :func:`~onetrans_trt.runtime.triton_repo.write_repository`."""
+    ``instances``, ``preferred_batch_sizes``: as :func:`~onetrans_trt.runtime.triton_repo.write_repository`;
+    ``batch_users``: the most users ``candidate_scorer_users`` scores per call (None: 8 when the
+    scorer can be packed, else no such model and the result says why; 0 or 1: off; more: the
+    scorer must be packable), ``batch_delay_us``: how long its batcher waits for more users."""
     from onetrans_trt.data.requests import RequestLimits
     from onetrans_trt.serving.python_models import graphs_sha256
 
     if not user_cache_mb >= 0:
         raise BuildError(f"user cache {user_cache_mb} MB: expected a size >= 0")
+    if batch_users is not None and not 0 <= batch_users <= 1024:
+        raise BuildError(f"batch users {batch_users}: expected 0..1024 (0 or 1: one user per scorer call)")
+    if not 0 <= batch_delay_us <= 10_000_000:
+        raise BuildError(f"batch delay {batch_delay_us} us: expected 0..10000000")
 
     build, out = Path(build), Path(out)
     if limits is not None:
@@ -104,10 +116,28 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
                                    warmup=warmup_for(build, m, tmp / role), **config_options), cls)
         put(tmp, "onetrans", module_ensemble_config(models), None)
         ens = models["onetrans"]
+        packed = None if batch_users is not None and batch_users <= 1 else \
+            _packed_scorer(build, tmp, models, sub, batch_users is not None)
+        batching = {"users_per_call": 1, "why": "one user per scorer call (--batch-users 0)"} if packed is None \
+            else packed if isinstance(packed, dict) else None
+        if batching is None:
+            users = batch_users or 8
+            m = models["candidate_scorer"]
+            per_user = {*ens["state"], *ens.get("shared", [])}  # [1, ...] rows: the batch axis is theirs
+            ins = [{**t, "dims": list(t["dims"][1:]) or [1] if t["name"] in per_user else t["dims"], "reshape": None,
+                    "ragged": True} for t in m["inputs"]]
+            put(tmp, "candidate_scorer_users", _config(
+                "candidate_scorer_users", "backend:python", ins, m["outputs"], users, True,
+                comment="the packed scorer: several users' candidates per call (cross-user batching); one user "
+                        "per request, shapes differ between users (allow_ragged_batch)",
+                parameters={**params, "chunk_size": str(int(chunk_size))}, instances=config_options["instances"],
+                max_queue_delay_us=batch_delay_us), "UserBatchScorer")
+            batching = {"users_per_call": users, "delay_us": batch_delay_us, "checked_worst": packed}
         if "protocol" in manifest or not (build / "config.json").is_file():
             # an `export --module` build has no feature schema to encode raw requests with: tensors only
             atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))
-            return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written)}
+            return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written),
+                    "cross_user_batching": batching}
         (tmp / "preprocess" / "1").mkdir(parents=True)
         shutil.copyfile(build / "config.json", tmp / "preprocess" / "1" / "config.json")
         pre_params = {"limits": json.dumps(limits)} if limits is not None else {}
@@ -126,8 +156,46 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
             comment="rank with the users' K/V cached in the server: key = graphs sha256 + user_key + the encoded "
                     "history's fingerprint; a hit never calls user_encoder",
             parameters={**pre_params, "wiring": json.dumps(wiring), "tensors": json.dumps(tensors),
-                        "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20)))},
+                        "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20))),
+                        "scorer": "candidate_scorer_users" if "candidate_scorer_users" in written
+                        else "candidate_scorer"},
             instances=config_options["instances"]),  # each instance (a process) holds its own cache
             "CachedRank")
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))
-    return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written)}
+    return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written),
+            "cross_user_batching": batching}
+
+
+def _packed_scorer(build: Path, tmp: Path, models: dict[str, Any], sub: str, asked: bool) -> float | dict:
+    """Write ``candidate_scorer_users/1/model.onnx`` (the build's scorer, packed) after proving it
+    on the build's samples (several users in one call == one call each, 1e-5); returns the worst
+    difference. When the scorer cannot be packed: a BuildError if ``asked``, else
+    ``{"users_per_call": 1, "why": ...}``."""
+    import numpy as np
+    import onnx
+
+    from onetrans_trt.graphs.segment_users import SegmentError, check, segment_users
+
+    src = (build / sub / "candidate_scorer.onnx") if sub else build / "candidate_scorer.onnx"
+    try:
+        original = onnx.load(str(src))
+        segmented, plan = segment_users(original)
+        samples = build / "samples" / "samples.npz"
+        if not samples.is_file():
+            raise SegmentError("the build has no samples/samples.npz to prove the packed scorer on")
+        with np.load(samples, allow_pickle=False) as z:
+            ids = sorted({k.split("/", 1)[0] for k in z.files})
+            names = [i.name for i in original.graph.input]
+            users = [{n: z[f"{i}/{n}"] for n in names} for i in ids if all(f"{i}/{n}" in z.files for n in names)]
+        if len(users) < 2:
+            raise SegmentError("the build's samples hold fewer than two users' scorer inputs to prove it on")
+        worst = check(original, segmented, users)
+    except SegmentError as e:
+        if asked:
+            raise BuildError(f"--batch-users: {e}") from None
+        return {"users_per_call": 1, "why": str(e)}
+    (tmp / "candidate_scorer_users" / "1").mkdir(parents=True)
+    big = segmented.ByteSize() > (1 << 30)  # tables of GiBs: beside the graph, as the build keeps them
+    onnx.save(segmented, str(tmp / "candidate_scorer_users" / "1" / "model.onnx"), save_as_external_data=big,
+              location="model.onnx.data")
+    return worst
