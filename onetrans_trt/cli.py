@@ -1101,15 +1101,22 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
 @click.option("--ort-accelerator", type=click.Choice(["none", "tensorrt", "tensorrt-fp16"]), default=None,
               help="With --backend onnxruntime: the ONNX Runtime backend's GPU execution accelerator (its TensorRT "
                    "execution provider, FP32 or FP16) [none].")
+@click.option("--batch-users", type=click.IntRange(0, 1024), default=None,
+              help="With --backend python: cross-user batching, the most users candidate_scorer_users scores in one "
+                   "call (rank_cached calls it; Triton's dynamic batcher merges concurrent users) [8 when the "
+                   "build's scorer packs, else off with the reason; 0 or 1: off].")
+@click.option("--batch-delay-us", type=click.IntRange(0, 10_000_000), default=None,
+              help="With --backend python: how long candidate_scorer_users' batcher waits for more users [200].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
 def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, instances,
-                   preferred_batch_sizes, ort_accelerator, force, as_json) -> None:
+                   preferred_batch_sizes, ort_accelerator, batch_users, batch_delay_us, force, as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
     users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
     + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
     `rank` ensemble: the request JSON (one BYTES element) -> logits, probs; and `rank_cached`,
-    the same with users' K/V cached in the server (a repeated user never reaches user_encoder).
+    the same with users' K/V cached in the server (a repeated user never reaches user_encoder)
+    and concurrent users' candidates scored in one call (candidate_scorer_users, --batch-users).
     Every config.pbtxt is parsed with Triton's ModelConfig protobuf first.
 
     \b
@@ -1127,7 +1134,7 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
     if backend != "onnxruntime":
         _refuse(("ort_accelerator",), f"to --backend {backend}", "it configures Triton's ONNX Runtime backend")
     if backend != "python":
-        _refuse(("limits_path", "threads", "user_cache_mb"), f"to --backend {backend}",
+        _refuse(("limits_path", "threads", "user_cache_mb", "batch_users", "batch_delay_us"), f"to --backend {backend}",
                 "they configure the python backend's models")
         from onetrans_trt.runtime.triton_repo import write_repository
 
@@ -1147,8 +1154,16 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
         res = write_python_repository(build, out, precision=precision, force=force, limits=limits,
                                       threads=threads or 0,
                                       user_cache_mb=256 if user_cache_mb is None else user_cache_mb,
+                                      batch_users=batch_users,
+                                      batch_delay_us=200 if batch_delay_us is None else batch_delay_us,
                                       **config_options)
-    _emit(res, as_json, f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})")
+    line = f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})"
+    if backend == "python":
+        b = res["cross_user_batching"]
+        line += (f"\ncross-user batching: up to {b['users_per_call']} users per scorer call (proved on the build's "
+                 f"samples: worst {b['checked_worst']:.2g})" if b["users_per_call"] > 1 else
+                 f"\ncross-user batching: off ({b['why']})")
+    _emit(res, as_json, line)
 
 
 PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]

@@ -132,6 +132,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("serve-repo", "instances"): ("0", "--instances"),
     ("serve-repo", "preferred_batch_sizes"): ("4,x", "--preferred-batch-sizes"),
     ("serve-repo", "ort_accelerator"): ("cuda", "--ort-accelerator"),
+    ("serve-repo", "batch_users"): ("-1", "--batch-users"),
+    ("serve-repo", "batch_delay_us"): ("-5", "--batch-delay-us"),
     ("bench", "build"): ("{MISSING}", "missing"),
     ("bench", "suite"): ("nope", "--suite"),
     ("bench", "preset"): ("huge", "--preset"),
