@@ -274,6 +274,8 @@ class Preprocess:
         self.limits = RequestLimits.from_json(json.loads(params["limits"])) if params.get("limits") \
             else RequestLimits()
         self.outputs = outputs
+        # tensors given a leading axis of 1 (preprocess_users: the candidates of one user, [1, C, ...])
+        self.leading = set(json.loads(params.get("leading_axis") or "[]"))
 
     def encode(self, raw: bytes) -> dict[str, np.ndarray]:
         """The tensors of one request, as the ensemble's inputs (raises RequestError)."""
@@ -298,7 +300,9 @@ class Preprocess:
         for name, (dtype, rank) in self.outputs.items():
             if name not in have:
                 raise RequestError(f"request: the encoding has no tensor {name}")
-            out[name] = np.ascontiguousarray(_to_rank(np.asarray(have[name]), rank).astype(dtype, copy=False))
+            lead = name in self.leading
+            x = _to_rank(np.asarray(have[name]), rank - lead).astype(dtype, copy=False)
+            out[name] = np.ascontiguousarray(x[None] if lead else x)
         return req, out
 
     def execute(self, requests: list) -> list:

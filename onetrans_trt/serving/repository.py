@@ -11,6 +11,8 @@
                             its dynamic batcher merges concurrent requests of different users
                             (one user each: K/V [1, H, L, dh], candidates [1, C, ...]); rank_cached
                             calls it when cross-user batching is on (--batch-users)
+    REPO/preprocess_users/, REPO/rank_users/  the rank ensemble over candidate_scorer_users:
+                            request JSON -> logits, probs as one user's row [1, C, tasks]
 
 The tensors, their shapes and the ensemble wiring are those of the ``onnxruntime`` and
 ``tensorrt`` repositories (:func:`onetrans_trt.runtime.triton_repo.module_models`, checked
@@ -147,6 +149,8 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
                                                "ensemble's tensors, with onetrans-trt's own encode_request",
                                        parameters=pre_params), "Preprocess")
         put(tmp, "rank", rank_ensemble_config(models), None)
+        if "candidate_scorer_users" in written:
+            _put_rank_users(put, tmp, build, models, pre_params)
         (tmp / "rank_cached" / "1").mkdir(parents=True)
         shutil.copyfile(build / "config.json", tmp / "rank_cached" / "1" / "config.json")
         wiring = {k: ens.get(k, []) for k in ("user_inputs", "state", "candidate_inputs", "shared")}
@@ -164,6 +168,32 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))
     return {"repository": str(out), "backend": "python", "precision": precision, "models": sorted(written),
             "cross_user_batching": batching}
+
+
+def _put_rank_users(put, tmp: Path, build: Path, models: dict[str, Any], pre_params: dict[str, str]) -> None:
+    """``preprocess_users`` (the request JSON -> the tensors, the candidates' with a leading axis
+    of 1) and the ``rank_users`` ensemble: preprocess_users -> user_encoder -> candidate_scorer_users,
+    whose dynamic batcher merges concurrent requests of different users; outputs ``[1, C, tasks]``."""
+    ens = models["onetrans"]
+    cand = set(ens["candidate_inputs"])
+    outs = [{**t, "dims": ([1] if t["name"] in cand else []) + list(t["dims"]), "reshape": None}
+            for t in ens["inputs"]]
+    (tmp / "preprocess_users" / "1").mkdir(parents=True)
+    shutil.copyfile(build / "config.json", tmp / "preprocess_users" / "1" / "config.json")
+    put(tmp, "preprocess_users", _config(
+        "preprocess_users", "backend:python", [REQUEST], outs, 0, False,
+        comment="preprocess for rank_users: the candidates' tensors as one user's row [1, C, ...]",
+        parameters={**pre_params, "leading_axis": json.dumps(sorted(cand))}), "Preprocess")
+    same = lambda names: {n: n for n in names}  # noqa: E731 - every tensor keeps its name
+    outputs = [{**t, "dims": [1] + list(t["dims"]), "reshape": None} for t in ens["outputs"]]
+    steps = [("preprocess_users", {"request": "request"}, same(t["name"] for t in outs)),
+             ("user_encoder", same(ens["user_inputs"]), same(ens["state"])),
+             ("candidate_scorer_users", same([*ens["candidate_inputs"], *ens.get("shared", []), *ens["state"]]),
+              same(t["name"] for t in ens["outputs"]))]
+    put(tmp, "rank_users", ensemble_config(
+        "rank_users", [REQUEST], outputs, steps,
+        comment="rank with cross-user batching: concurrent requests of different users share candidate_scorer_users "
+                "calls; outputs are one user's row [1, C, tasks]"), None)
 
 
 def _packed_scorer(build: Path, tmp: Path, models: dict[str, Any], sub: str, asked: bool) -> float | dict:

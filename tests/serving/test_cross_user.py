@@ -2,7 +2,7 @@
 one user per request and Triton's dynamic batcher merges concurrent requests of different users
 (their histories and candidate counts differ: ragged inputs) into one call, counted with Triton's
 own batch statistics; every answer equals the serial one (1e-5). ``rank_cached`` calls it, so
-concurrent raw requests share one scorer run. A scorer that cannot be packed is refused when
+concurrent raw requests share one scorer run, and so does the ``rank_users`` ensemble. A scorer that cannot be packed is refused when
 asked for and left out, with the reason, when not.
 """
 
@@ -82,6 +82,15 @@ def test_concurrent_users_are_scored_in_one_call(triton, tiny_build, batching_re
             assert float(np.abs(o["logits"] - ranker.rank(r).logits).max()) <= TOL
         sizes, inferences, executions = _batches(url, "candidate_scorer_users")
         assert inferences - before[1] == 2 and executions - before[2] == 1, (sizes, before)
+        # raw requests through the rank_users ensemble: four users at once, one scorer call
+        before = _batches(url, "candidate_scorer_users")
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda r: client.rank_http(url, r.to_json(), model="rank_users"), reqs))
+        for r, o in zip(reqs, outs):
+            assert o["logits"].shape == (1, len(r.candidates), 2)
+            assert float(np.abs(o["logits"][0] - ranker.rank(r).logits).max()) <= TOL
+        sizes, inferences, executions = _batches(url, "candidate_scorer_users")
+        assert inferences - before[1] == 4 and executions - before[2] == 1, (sizes, before)
         # a malformed request (two users in one request) is its own error; the others are answered
         bad = {k: np.concatenate([v, v]) for k, v in tensors[0].items()}
         with ThreadPoolExecutor(2) as ex:
@@ -100,7 +109,8 @@ def test_batching_off_and_what_cannot_be_packed(tiny_build, tmp_path):
     from tests.examples.test_example_stages import _export
 
     res = write_python_repository(tiny_build, tmp_path / "off", batch_users=0)
-    assert "candidate_scorer_users" not in res["models"] and res["cross_user_batching"]["users_per_call"] == 1
+    assert not {"candidate_scorer_users", "rank_users", "preprocess_users"} & set(res["models"])
+    assert res["cross_user_batching"]["users_per_call"] == 1
     assert 'string_value: "candidate_scorer"' in (tmp_path / "off" / "rank_cached" / "config.pbtxt").read_text()
     on = (tmp_path / "on")
     write_python_repository(tiny_build, on, batch_users=3, batch_delay_us=50)
