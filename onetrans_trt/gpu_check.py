@@ -103,16 +103,25 @@ def _cases(op: str, dh: int, rng: np.random.Generator):
         for c, tt, n, valid in ((5, 3, 40, 25), (1, 4, 0, 0), (33, 2, 17, 99), (3, 1, 64, 64)):
             yield [t(c, h, tt, dh), t(1, h, n, dh), t(1, h, n, dh), torch.tensor([valid]), t(c, h, tt, dh),
                    t(c, h, tt, dh)]
+    elif op == "SegmentedPrefixAttention":
+        # users (sorted, then shuffled, one with no candidate) with empty, partial, full and over-long prefixes
+        for users, tt, n, valid in (([0, 0, 1, 1, 1, 3, 3], 3, 40, [25, 0, 40, 99]),
+                                    ([2, 0, 1, 2, 0, 1, 0, 2, 1, 0, 2], 2, 17, [5, 17, 0]),
+                                    ([0, 0], 4, 0, [0]), ([1] * 9, 1, 64, [0, 64])):
+            c, u = len(users), len(valid)
+            yield [t(c, h, tt, dh), t(u, h, n, dh), t(u, h, n, dh), torch.tensor(valid), torch.tensor(users),
+                   t(c, h, tt, dh), t(c, h, tt, dh)]
     else:
         for b, lq, lk, valid in ((2, 7, 40, [40, 13]), (3, 20, 20, [0, 5, 99]), (1, 1, 33, [33])):
             yield [t(b, h, lq, dh), t(b, h, lk, dh), t(b, h, lk, dh), torch.tensor(valid)]
 
 
 def _geometry(op: str, args) -> tuple[tuple[int, int], list[int]]:
+    from onetrans_trt.plugins.segmented_prefix_attention import trt_plugin as seg
     from onetrans_trt.plugins.shared_prefix_attention import trt_plugin as spa
     from onetrans_trt.plugins.tail_causal_attention import trt_plugin as tca
 
-    mod = spa if op == "SharedPrefixAttention" else tca
+    mod = {"SharedPrefixAttention": spa, "SegmentedPrefixAttention": seg}.get(op, tca)
     gx, gy, extras = mod.launch_geometry(list(args[0].shape), list(args[1].shape))
     return (gx, gy), extras
 
@@ -176,6 +185,7 @@ def _launcher():
 
 def part_kernels_compile(head_sizes=(8, 64)) -> str:
     from onetrans_trt.plugins._triton import ptx_cap, ptx_entry_params
+    from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel as seg
     from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
     from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
     from onetrans_trt.plugins._trt import target_sm
@@ -183,12 +193,12 @@ def part_kernels_compile(head_sizes=(8, 64)) -> str:
     arch = target_sm()
     cap, why = ptx_cap(arch)
     n = 0
-    for mod, n_in in ((spa, 6), (tca, 4)):
+    for mod, n_in, n_extras in ((spa, 6, 4), (tca, 4, 4), (seg, 7, 5)):
         for dtype in ("float32", "float16"):
             for dh in head_sizes:
                 k = mod.compile(dtype, head_dim=dh, arch=arch)
                 kinds = [p.kind for p in ptx_entry_params(k.ptx, k.name)]
-                want = ["ptr"] * n_in + ["u32"] * 4 + ["ptr"]
+                want = ["ptr"] * n_in + ["u32"] * n_extras + ["ptr"]
                 if kinds[:len(want)] != want or any(x != "ptr" for x in kinds[len(want):]):
                     raise Failed(f"{k.name} {dtype} dh={dh}: parameters {kinds}, TensorRT passes {want} (+ null scratch)")
                 if k.ptx_version > cap:
@@ -215,11 +225,11 @@ def part_kernels_launch(head_sizes=(8, 64)) -> str:
             tdt = getattr(torch, dtype)
             for dh in head_sizes:
                 kernel = kmod.compile(dtype, head_dim=dh, arch=target_sm())
-                n_trailing = len(kernel.params()) - (len(_inputs(op)) + 4 + 1)  # Triton's scratch pointers: null
                 for args in _cases(op, dh, rng):
                     dev = [a.to("cuda", tdt if a.is_floating_point() else torch.int64).contiguous() for a in args]
                     out = torch.empty_like(dev[0])
                     grid, extras = _geometry(op, args)
+                    n_trailing = len(kernel.params()) - (len(_inputs(op)) + len(extras) + 1)  # Triton's scratch: null
                     launch(kernel, grid, [a.data_ptr() for a in dev], extras, [out.data_ptr()], n_trailing)
                     want = ref(*[a.to(torch.float32) if a.is_floating_point() else a for a in
                                  [d.cpu() for d in dev]]).numpy()

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from onetrans_trt.errors import MissingCapabilityError
+from onetrans_trt.plugins.segmented_prefix_attention import trt_plugin as seg_trt
 from onetrans_trt.plugins.shared_prefix_attention import trt_plugin as spa_trt
 from onetrans_trt.plugins.tail_causal_attention import trt_plugin as tca_trt
 
@@ -17,8 +18,9 @@ AOT_SCRIPT = r"""
 import json
 from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
 from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
+from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel as seg
 out = []
-for mod in (spa, tca):
+for mod in (spa, tca, seg):
     for arch in (80, 90):
         for dtype in ("float32", "float16"):
             k = mod.compile(dtype, head_dim=64, arch=arch)
@@ -30,18 +32,21 @@ print(json.dumps(out))
 """
 
 
-def test_both_kernels_compile_ahead_of_time_for_sm80_and_sm90():
+def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     p = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 12
+    assert sorted({r["name"] for r in results}) == ["segmented_prefix_attention_kernel",
+                                                    "shared_prefix_attention_kernel", "tail_causal_attention_kernel"]
     for r in results:
         assert r["target"] in ([f".target sm_{r['arch']}"], [f".target sm_{r['arch']}a"]), r
         assert r["entry"] and r["cubin"] > 1000 and r["threads"] >= 32, r
-        assert r["name"] in ("shared_prefix_attention_kernel", "tail_causal_attention_kernel")
+        assert r["name"] in ("shared_prefix_attention_kernel", "tail_causal_attention_kernel",
+                             "segmented_prefix_attention_kernel")
 
 
 def test_launch_geometry_on_ints_and_symbols():
@@ -64,6 +69,15 @@ def test_launch_geometry_on_ints_and_symbols():
     gx, gy, _ = tca_trt.launch_geometry([b, h, lq, 64], [b, h, lk, 64])
     env = {"B": 3, "H": 4, "Lq": 33, "Lk": 50}
     assert evaluate(gx, env) == 3 and evaluate(gy, env) == 12
+    # segmented: the grid of SharedPrefixAttention; extras C, H, T, L and U (the packed users)
+    gx, gy, extras = seg_trt.launch_geometry([5, 4, 3, 64], [3, 4, 100, 64])
+    assert (gx, gy, extras) == (1, 4, [5, 4, 3, 100, 3])
+    assert seg_trt.launch_geometry([100, 4, 3, 64], [7, 4, 7, 64])[0] == 19
+    u = ShapeExpr(("sym", "U"))
+    gx, gy, extras = seg_trt.launch_geometry([c, h, t, 64], [u, h, n, 64])
+    env = {"C": 37, "H": 4, "T": 3, "L": 300, "U": 5}
+    assert not gx.is_constant and evaluate(gx, env) == (37 * 3 + 15) // 16 and gy is h
+    assert [evaluate(e, env) for e in extras] == [37, 4, 3, 300, 5]
 
 
 def test_block_sizes_match_the_kernels():
@@ -71,18 +85,36 @@ def test_block_sizes_match_the_kernels():
     from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
     from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
 
-    assert spa_trt.BLOCK_M == spa.BLOCK_M and tca_trt.BLOCK_M == tca.BLOCK_M
+    from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel as seg
+
+    assert spa_trt.BLOCK_M == spa.BLOCK_M and tca_trt.BLOCK_M == tca.BLOCK_M and seg_trt.BLOCK_M == seg.BLOCK_M
+
+
+def test_launch_extras_follow_the_kernel_signature():
+    """The extras launch_geometry returns are the kernel's int32 parameters, one for one and in
+    order (TensorRT passes input pointers, extras, output pointers)."""
+    pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
+    from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel as seg
+
+    sig = seg.signature("float32")
+    assert [n for n, k in sig.items() if k == "i32"] == ["C", "H", "T", "L", "U"]
+    assert [n for n, k in sig.items() if k.startswith("*")] == ["Q", "KP", "VP", "VALID", "USER", "KO", "VO", "OUT"]
+    _, _, extras = seg_trt.launch_geometry([5, 4, 3, 64], [3, 4, 100, 64])
+    assert dict(zip(["C", "H", "T", "L", "U"], extras)) == {"C": 5, "H": 4, "T": 3, "L": 100, "U": 3}
 
 
 def test_io_types_and_output_desc():
     assert spa_trt.IO_TYPES.split(", ") == ["FP32|FP16"] * 3 + ["INT64|INT64"] + ["FP32|FP16"] * 3
     assert tca_trt.IO_TYPES.split(", ") == ["FP32|FP16"] * 3 + ["INT64|INT64", "FP32|FP16"]
+    # q, k_prefix, v_prefix, prefix_valid, cand_user, k_own, v_own -> out
+    assert seg_trt.IO_TYPES.split(", ") == ["FP32|FP16"] * 3 + ["INT64|INT64"] * 2 + ["FP32|FP16"] * 3
 
     class Desc:
         def like(self):
             return "same shape and dtype"
 
     assert spa_trt.output_desc(Desc()) == tca_trt.output_desc(Desc()) == "same shape and dtype"
+    assert seg_trt.output_desc(Desc()) == "same shape and dtype"
 
 
 def test_fused_nodes_carry_exactly_the_plugin_attributes(tiny_build):
@@ -98,12 +130,13 @@ def test_fused_nodes_carry_exactly_the_plugin_attributes(tiny_build):
             assert set(attrs) == {"scale", "plugin_namespace", "aot"}
 
 
-def test_registration_without_tensorrt_is_a_clear_error():
+@pytest.mark.parametrize("plugin", [spa_trt, tca_trt, seg_trt], ids=lambda m: m.PLUGIN_ID)
+def test_registration_without_tensorrt_is_a_clear_error(plugin):
     try:
         import tensorrt  # noqa: F401
     except Exception:  # noqa: BLE001
         with pytest.raises(MissingCapabilityError, match="install the 'trt' extra"):
-            spa_trt.register()
+            plugin.register()
         return
     pytest.skip("tensorrt is importable here; the GPU test below covers registration")
 

@@ -73,7 +73,17 @@ def _tca(h, dh):
     return dims, shapes, (triton_kernel.grid(b, h, lq), [b, h, lq, lk]), 4
 
 
-CASES = {"SharedPrefixAttention": _spa, "TailCausalAttention": _tca}
+def _seg(h, dh):
+    dims = [[None, h, None, dh], [None, h, None, dh], [None, h, None, dh], [None], [None], [None, h, None, dh],
+            [None, h, None, dh]]
+    c, t, n, u = 37, 3, 300, 5
+    shapes = [(c, h, t, dh), (u, h, n, dh), (u, h, n, dh), (u,), (c,), (c, h, t, dh), (c, h, t, dh)]
+    from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel
+
+    return dims, shapes, (triton_kernel.grid(c, h, t), [c, h, t, n, u]), 7
+
+
+CASES = {"SharedPrefixAttention": _spa, "TailCausalAttention": _tca, "SegmentedPrefixAttention": _seg}
 
 
 def entry_params(ptx: str, name: str) -> list[str]:
@@ -174,6 +184,10 @@ def test_string_annotations_are_refused_at_registration(standin):
 
     with pytest.raises(TypeError, match="must be a class"):
         trtp.register("probe::Stringly")(_desc)
+
+
+def test_every_op_is_covered_here():
+    assert set(CASES) == set(OPS)
 
 
 def test_our_plugin_modules_keep_live_annotations():
