@@ -5,6 +5,9 @@ served; MovieLens test requests (raw JSON over HTTP, one client thread per concu
 go to three contenders, interleaved round by round at each concurrency:
 
 - ``rank``: the ensemble; every request runs ``user_encoder``, then ``candidate_scorer``;
+- ``rank-users``: the ``rank_users`` ensemble, the same over ``candidate_scorer_users``: concurrent
+  requests of different users share scorer calls (cross-user batching; the users per call are
+  read from Triton's statistics);
 - ``cached-miss``: ``rank_cached`` with a fresh ``user_key`` per request (never a hit: the miss
   path, the cache's own cost included);
 - ``cached-hit``: ``rank_cached`` on users it has seen (``user_encoder`` is never called; counted
@@ -13,8 +16,9 @@ go to three contenders, interleaved round by round at each concurrency:
 Every response is compared with the serial answer of ``Ranker.load(build, backend="ort")``
 (1e-5); errors and mismatches are counted, never dropped. Requests/s, p50 and p99 per contender
 and concurrency, and the ratios against ``rank`` measured in the same rounds. After the run no
-process of the server may be left. Cross-user batching (several users per scorer call) is not
-there yet: the report says so.
+process of the server may be left. ``rank_cached`` runs one instance here, so its scorer calls
+hold one user each: batching and the cache are measured apart (``rank-users`` vs ``rank``, cache
+on vs off: ``cached-hit`` vs ``cached-miss``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import numpy as np
 from onetrans_trt.errors import InputError
 
 TOL = 1e-5
-CONTENDERS = ("rank", "cached-miss", "cached-hit")
+CONTENDERS = ("rank", "rank-users", "cached-miss", "cached-hit")
+MODEL = {"rank": "rank", "rank-users": "rank_users", "cached-miss": "rank_cached", "cached-hit": "rank_cached"}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -67,7 +72,9 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
 
     with interrupts.temporary_directory(prefix="onetrans-bench-server-") as tmp:
         repo = Path(tmp) / "repo"
-        write_python_repository(build, repo, user_cache_mb=user_cache_mb)
+        written = write_python_repository(build, repo, user_cache_mb=user_cache_mb)
+        batching = written["cross_user_batching"]
+        contenders = [c for c in CONTENDERS if c != "rank-users" or batching["users_per_call"] > 1]
         say(f"serving {repo} (python backend, fp32)")
         with TritonServer(repo) as server:
             url = server.http_url
@@ -75,36 +82,43 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
             def one(model: str, body: dict, want: np.ndarray) -> tuple[float, str | None]:
                 t0 = time.perf_counter()
                 try:
-                    got = client.rank_http(url, body, model=model)
+                        got = client.rank_http(url, body, model=model)
                 except client.ServingError as e:
                     return time.perf_counter() - t0, f"error: {str(e)[:200]}"
                 dt = time.perf_counter() - t0
+                if model == "rank_users":  # one user's row: [1, C, tasks]
+                    got = {k: v[0] if v.ndim == 3 and v.shape[0] == 1 else v for k, v in got.items()}
                 if got["logits"].shape != want.shape or float(np.abs(got["logits"] - want).max(initial=0.0)) > TOL:
                     return dt, "mismatch"
                 return dt, None
 
             for i, r in enumerate(pool):  # warm: every model loaded and run, every user cached
-                for model in ("rank", "rank_cached"):
+                for model in sorted({MODEL[c] for c in contenders}):
                     _, bad = one(model, r.to_json(), serial[i])
                     if bad:
                         raise InputError(f"the server's answer to request {i} ({model}): {bad}")
             levels = []
             hits_encoded = 0
             for c in concurrency:
-                lat: dict[str, list[float]] = {k: [] for k in CONTENDERS}
-                wall = {k: 0.0 for k in CONTENDERS}
-                problems = {k: [] for k in CONTENDERS}
+                lat: dict[str, list[float]] = {k: [] for k in contenders}
+                wall = {k: 0.0 for k in contenders}
+                problems = {k: [] for k in contenders}
+                merged = [0, 0]  # candidate_scorer_users: requests, executions during rank-users rounds
                 with ThreadPoolExecutor(max_workers=c) as ex:
                     for rnd in range(rounds):
-                        for name in CONTENDERS:
-                            model = "rank" if name == "rank" else "rank_cached"
+                        for name in contenders:
+                            model = MODEL[name]
                             bodies = [anonymous(r) if name == "cached-miss" else r.to_json() for r in pool[:n]]
                             before = client.successes_http(url, "user_encoder") if name == "cached-hit" else 0
+                            calls = _scorer_calls(url) if name == "rank-users" else (0, 0)
                             t0 = time.perf_counter()
                             outs = list(ex.map(lambda ib: one(model, ib[1], serial[ib[0]]), enumerate(bodies)))
                             wall[name] += time.perf_counter() - t0
                             if name == "cached-hit":
                                 hits_encoded += client.successes_http(url, "user_encoder") - before
+                            if name == "rank-users":
+                                after = _scorer_calls(url)
+                                merged = [merged[0] + after[0] - calls[0], merged[1] + after[1] - calls[1]]
                             lat[name] += [dt for dt, _ in outs]
                             problems[name] += [p for _, p in outs if p]
                         say(f"concurrency {c}: round {rnd + 1}/{rounds}")
@@ -113,10 +127,15 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
                               "errors": sum(1 for p in problems[name] if p.startswith("error")),
                               "mismatches": sum(1 for p in problems[name] if p == "mismatch"),
                               "first_problem": problems[name][0] if problems[name] else None}
-                       for name in CONTENDERS}
-                levels.append({"concurrency": c, "contenders": row,
-                               "hit_over_rank_rps": row["cached-hit"]["rps"] / row["rank"]["rps"],
-                               "miss_over_rank_rps": row["cached-miss"]["rps"] / row["rank"]["rps"]})
+                       for name in contenders}
+                level = {"concurrency": c, "contenders": row,
+                         "hit_over_rank_rps": row["cached-hit"]["rps"] / row["rank"]["rps"],
+                         "miss_over_rank_rps": row["cached-miss"]["rps"] / row["rank"]["rps"],
+                         "hit_over_miss_rps": row["cached-hit"]["rps"] / row["cached-miss"]["rps"]}
+                if "rank-users" in row:
+                    level["users_over_rank_rps"] = row["rank-users"]["rps"] / row["rank"]["rps"]
+                    level["users_per_scorer_call"] = merged[0] / merged[1] if merged[1] else float("nan")
+                levels.append(level)
             pid = server.pid
         leftovers = _session_members(pid) if pid else []  # the server's session after the stop
     return {"build": str(build), "candidates": candidates, "requests_per_round": n, "rounds": rounds,
@@ -125,7 +144,16 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
             "leftover_processes": leftovers, "user_cache_mb": user_cache_mb,
             "data": f"MovieLens-100K test requests ({n} users, {candidates} candidates each, seed {seed})",
             "transport": "HTTP/JSON (KServe v2), one connection per request",
-            "not_measured": "cross-user batching (several users per candidate_scorer call): not built yet"}
+            "cross_user_batching": batching}
+
+
+def _scorer_calls(url: str) -> tuple[int, int]:
+    """``candidate_scorer_users``' (requests, executions) so far (settled counts)."""
+    from onetrans_trt.serving import client
+
+    client.successes_http(url, "candidate_scorer_users")
+    st = client.model_statistics_http(url, "candidate_scorer_users")["model_stats"][0]
+    return int(st.get("inference_count", 0)), int(st.get("execution_count", 0))
 
 
 def table(res: dict[str, Any]) -> str:
@@ -139,5 +167,11 @@ def table(res: dict[str, Any]) -> str:
                          f"  {ratio:>6.2f}x  {v['errors'] + v['mismatches']}")
     lines.append(f"user_encoder calls while serving cached users: {res['encoder_calls_during_hits']}; "
                  f"errors and mismatches: {res['errors']}; server processes left: {len(res['leftover_processes'])}")
-    lines.append(f"not measured: {res['not_measured']}")
+    for lv in res["levels"]:
+        if "users_per_scorer_call" in lv:
+            lines.append(f"concurrency {lv['concurrency']}: rank-users scored {lv['users_per_scorer_call']:.2f} users per "
+                         f"candidate_scorer_users call (Triton statistics)")
+    b = res["cross_user_batching"]
+    if b["users_per_call"] <= 1:
+        lines.append(f"cross-user batching not measured: {b.get('why', 'off')}")
     return "\n".join(lines)

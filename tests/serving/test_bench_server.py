@@ -25,6 +25,11 @@ def _check(res: dict, levels: list[int]) -> None:
             assert v["errors"] == v["mismatches"] == 0 and v["rps"] > 0 and 0 < v["p50_ms"] <= v["p99_ms"]
         assert lv["hit_over_rank_rps"] == pytest.approx(lv["contenders"]["cached-hit"]["rps"] /
                                                         lv["contenders"]["rank"]["rps"])
+        assert set(lv["contenders"]) == {"rank", "rank-users", "cached-miss", "cached-hit"}
+        assert lv["users_over_rank_rps"] == pytest.approx(lv["contenders"]["rank-users"]["rps"] /
+                                                          lv["contenders"]["rank"]["rps"])
+        # concurrent users share scorer calls; one at a time, never
+        assert lv["users_per_scorer_call"] == 1.0 if lv["concurrency"] == 1 else lv["users_per_scorer_call"] >= 1.0
 
 
 def test_bench_server_small_load(triton, tiny_build, tmp_path):
@@ -34,7 +39,10 @@ def test_bench_server_small_load(triton, tiny_build, tmp_path):
     res = json.loads(r.stdout)
     _check(res, [1, 3])
     assert json.loads((tmp_path / "b.json").read_text()) == res
-    assert "cross-user batching" in res["not_measured"]
+    assert res["cross_user_batching"]["users_per_call"] == 8
+    assert "users per candidate_scorer_users call" in _run("bench", tiny_build, "--suite", "server", "--concurrency",
+                                                           "2", "--requests", "2", "--rounds", "1",
+                                                           "--candidates", "4").stdout
 
 
 @pytest.mark.serve_full
