@@ -24,7 +24,8 @@ SAY = {"missing": "missing", "model_type": "expected an object", "dict_type": "e
 SHA256, ONNX_NAME = r"^[0-9a-f]{64}$", r"^[^./\\][^/\\]*\.onnx$"  # patterns, and how they are said:
 PATTERNS = {SHA256: "a sha256 (64 lowercase hex digits)", ONNX_NAME: "a plain .onnx file name in the build directory"}
 SCHEMAS = {"request": "onetrans_trt.data.requests:RequestJSON", "limits": "onetrans_trt.data.requests:RequestLimits",
-           "policy": "onetrans_trt.validate.policy:Policy", "manifest": "onetrans_trt.manifest:Manifest"}
+           "policy": "onetrans_trt.validate.policy:Policy", "manifest": "onetrans_trt.manifest:Manifest",
+           "config": "onetrans_trt.models.config:ConfigJSON"}
 
 
 def _show(v: Any, n: int = 80) -> str:

@@ -4,7 +4,10 @@ agreeing with it.
 The schema printed is checked as a JSON Schema (with ``jsonschema`` where it is installed;
 always with the small validator below, which knows every keyword the schemas use and fails on
 any other), a real request validates against it, malformed ones do not, and for requests,
-limits and policies mutated at random the schema and the toolkit give the same verdict.
+limits and policies mutated at random the schema and the toolkit give the same verdict. A real
+checkpoint's config.json validates against the ``config`` schema; what the toolkit reads from a
+mutated one the schema accepts, and what the schema refuses the toolkit refuses (the config's
+rules across fields, such as d_model divisible by n_heads, are beyond JSON Schema).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +34,8 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 ANNOTATIONS = {"$schema", "$defs", "title", "description", "default"}
 KEYWORDS = ANNOTATIONS | {"$ref", "type", "properties", "required", "additionalProperties", "items", "anyOf",
-                          "enum", "const", "minimum", "exclusiveMinimum", "maximum", "pattern", "minProperties"}
+                          "oneOf", "enum", "const", "minimum", "exclusiveMinimum", "maximum", "pattern",
+                          "minProperties", "minItems", "minLength"}
 
 
 def _schema(name: str) -> dict:
@@ -44,7 +49,7 @@ def _subschemas(s: dict):
     for key in ("properties", "$defs"):
         for sub in s.get(key, {}).values():
             yield from _subschemas(sub)
-    for sub in s.get("anyOf", []):
+    for sub in s.get("anyOf", []) + s.get("oneOf", []):
         yield from _subschemas(sub)
     for key in ("items", "additionalProperties"):
         if isinstance(s.get(key), dict):
@@ -72,12 +77,14 @@ def valid(root: dict, v, s: dict | None = None) -> bool:
         return False
     if "anyOf" in s and not any(valid(root, v, sub) for sub in s["anyOf"]):
         return False
+    if "oneOf" in s and sum(valid(root, v, sub) for sub in s["oneOf"]) != 1:
+        return False
     if "enum" in s and v not in s["enum"] or "const" in s and v != s["const"]:
         return False
     if _is("number", v) and ("minimum" in s and v < s["minimum"] or "maximum" in s and v > s["maximum"]
                              or "exclusiveMinimum" in s and v <= s["exclusiveMinimum"]):
         return False
-    if isinstance(v, str) and "pattern" in s and not re.search(s["pattern"], v):
+    if isinstance(v, str) and ("pattern" in s and not re.search(s["pattern"], v) or len(v) < s.get("minLength", 0)):
         return False
     if isinstance(v, dict):
         if len(v) < s.get("minProperties", 0):
@@ -89,7 +96,8 @@ def valid(root: dict, v, s: dict | None = None) -> bool:
             sub = props.get(k, s.get("additionalProperties", True))
             if sub is False or isinstance(sub, dict) and not valid(root, x, sub):
                 return False
-    if isinstance(v, list) and "items" in s and not all(valid(root, x, s["items"]) for x in v):
+    if isinstance(v, list) and ("items" in s and not all(valid(root, x, s["items"]) for x in v)
+                                or len(v) < s.get("minItems", 0)):
         return False
     return True
 
@@ -241,6 +249,96 @@ def test_manifests_validate_against_the_manifest_schema(tmp_path):
             check_manifest(m, tmp_path / "manifest.json")
 
 
+def _real_configs(tmp_path) -> list[dict]:
+    """config.json of real checkpoints: the golden tiny preset on MovieLens and one checkpoint of
+    each family, as save_checkpoint writes them."""
+    from onetrans_trt.data.synthetic import synthetic_schema
+    from onetrans_trt.models.baseline import Baseline
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.hyformer import HyFormer
+    from onetrans_trt.models.onetrans import OneTrans
+
+    s = synthetic_schema(max_history=8)
+    docs = [json.loads((Path(__file__).parent / "data" / "golden_tiny_movielens_config.json").read_text())]
+    for i, model in enumerate([OneTrans(ModelConfig.from_preset("tiny", s, pyramid=[5], ns_tokenizer="group")),
+                               HyFormer(ModelConfig.from_preset("tiny", s, family="hyformer", seq_encoder="longer")),
+                               Baseline(ModelConfig.from_preset("tiny", s, family="baseline", tasks=["a", "b"]))]):
+        docs.append(json.loads((save_checkpoint(model, tmp_path / f"ck{i}") / "config.json").read_text()))
+    return docs
+
+
+# each refused by the schema and by the toolkit
+BAD_CONFIGS = [
+    lambda d: d.pop("schema"),
+    lambda d: d.update(d_model="16"),
+    lambda d: d.update(d_model=0),
+    lambda d: d.update(n_heads=True),
+    lambda d: d.update(family="gpt"),
+    lambda d: d.update(pyramid="triangle"),
+    lambda d: d.update(pyramid=[4, 0]),
+    lambda d: d.update(tasks=[]),
+    lambda d: d.update(tasks=[""]),
+    lambda d: d.update(ns_groups=[[1]]),
+    lambda d: d.update(d_modle=16),
+    lambda d: d["schema"].update(max_history=0),
+    lambda d: d["schema"].pop("tables"),
+    lambda d: d["schema"].update(features=[]),
+    lambda d: d["schema"]["tables"][0].update(size=(1 << 30) + 1),
+    lambda d: d["schema"]["tables"][0].update(tokens=[1]),
+    lambda d: d["schema"]["features"][0].update(kind="image"),
+    lambda d: d["schema"]["features"][0].update(extra=1),
+    lambda d: d["schema"]["sequences"][0].update(fields={}),
+]
+
+
+def test_real_configs_validate_against_the_config_schema_and_malformed_ones_do_not(tmp_path):
+    from onetrans_trt.models.config import ModelConfig
+
+    root = _schema("config")
+    assert root["title"] == "ModelConfig" and root["required"] == ["schema"]
+    assert set(root["$defs"]) == {"FeatureSchemaJSON", "TableJSON", "FeatureJSON", "SequenceJSON"}
+    assert root["$defs"]["FeatureSchemaJSON"]["required"] == ["max_history", "tables", "features", "sequences"]
+    docs = _real_configs(tmp_path)
+    for doc in docs:
+        assert set(doc) == set(root["properties"]) and set(doc["schema"]) == set(
+            root["$defs"]["FeatureSchemaJSON"]["properties"])  # every key a checkpoint writes, and nothing else
+        assert valid(root, doc), doc
+        assert ModelConfig.from_dict(doc).to_dict() == doc
+    bad = []
+    for mutate in BAD_CONFIGS:
+        doc = copy.deepcopy(docs[1])
+        mutate(doc)
+        assert not valid(root, doc), doc
+        with pytest.raises(OneTransError):
+            ModelConfig.from_dict(doc)
+        bad.append(doc)
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    v = jsonschema.Draft202012Validator(root)
+    assert all(v.is_valid(d) for d in docs) and not any(v.is_valid(d) for d in bad)
+
+
+def test_what_the_toolkit_reads_the_config_schema_accepts(tmp_path):
+    """Mutated config.json documents: the schema accepts all the toolkit reads and refuses only what
+    the toolkit refuses (a config the schema accepts may still break a rule across fields)."""
+    from onetrans_trt.models.config import ModelConfig
+
+    root, docs = _schema("config"), _real_configs(tmp_path)[1:]
+    rng = random.Random(3)
+    seen = {"both": 0, "neither": 0, "schema only": 0}
+    for i in range(600):
+        doc = docs[i % len(docs)]
+        for _ in range(rng.choice([1, 1, 2])):
+            doc = _mutate(doc, rng)
+        ours, theirs = _accepts(ModelConfig.from_dict, doc), valid(root, doc)
+        assert theirs or not ours, doc
+        seen["both" if ours else "schema only" if theirs else "neither"] += 1
+    assert seen["both"] > 10 and seen["neither"] > 100, seen
+
+
 def test_schema_out_writes_the_same_schema_atomically(tmp_path):
     out = tmp_path / "sub" / "request.schema.json"
     r = CliRunner().invoke(cli, ["schema", "request", "--out", str(out)])
@@ -263,7 +361,7 @@ def test_schema_help_teaches():
 
 @pytest.mark.parametrize("args, words", [
     (["schema", "requests"], "Invalid value for 'NAME': 'requests' is not one of 'request', 'limits', 'policy', "
-                             "'manifest'"),
+                             "'manifest', 'config'"),
     (["schema"], "Missing argument 'NAME'"),
     (["schema", "request", "extra"], "unexpected extra argument"),
 ])

@@ -18,9 +18,15 @@ merged S-token stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import contextlib
+from collections import Counter
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
+from typing import Annotated, Any, Iterator, Literal, get_type_hints
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from onetrans_trt.contracts import one_line
 from onetrans_trt.errors import ConfigError
 
 PAD = 0
@@ -33,14 +39,22 @@ MERGE_MODES = ("timestamp_aware", "timestamp_agnostic")
 MAX_SIZE = 1 << 30  # rows of one table; bigger would not fit a float32 checkpoint anyway
 
 
+def Int(least: int, most: int, what: str | None = None) -> Any:
+    """An integer in ``least..most``: a field's type, its bounds in the JSON Schema (the models are
+    strict: a bool, a float or a string is not an integer)."""
+    return Annotated[int, Field(ge=least, le=most, description=what)]
+
+
+# The classes below are dataclasses; their annotations (types and bounds) and defaults are also
+# the pydantic models of their JSON (``json_model``: TableJSON, ..., SchemaJSON) that check them.
 @dataclass
 class Table:
     """An embedding vocabulary."""
 
     name: str
-    size: int  # number of real values (excluding PAD and OOV)
-    dim: int
-    tokens: list[str] | None = None
+    size: Int(1, MAX_SIZE, "real values, excluding PAD (row 0) and OOV (row 1)")
+    dim: Int(1, 1 << 16)
+    tokens: list[str] | None = None  # the raw values in row order (2, 3, ...); size of them
     _lookup: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -84,11 +98,11 @@ class Feature:
     """A non-sequential feature."""
 
     name: str
-    kind: str  # categorical | multihot | dense
-    group: str  # user | item | context
+    kind: Literal[KINDS]
+    group: Literal[GROUPS]  # item features are per candidate
     table: str | None = None  # categorical / multihot
-    max_len: int = 1  # multihot: values kept per example
-    dim: int = 1  # dense: vector width
+    max_len: Int(1, 1 << 16, "multihot: values kept per example") = 1
+    dim: Int(1, 1 << 16, "dense: vector width") = 1
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, "group": self.group}
@@ -106,7 +120,7 @@ class Sequence:
     """A behaviour sequence: its events' categorical fields (each names a table)."""
 
     name: str
-    fields: dict[str, str]  # field name -> table name
+    fields: Annotated[dict[str, str], Field(min_length=1)]  # field name -> table name
 
     def to_dict(self) -> dict:
         return {"name": self.name, "fields": dict(self.fields)}
@@ -114,11 +128,13 @@ class Sequence:
 
 @dataclass
 class FeatureSchema:
+    """What a model reads: embedding tables, non-sequential features, behaviour sequences."""
+
     tables: dict[str, Table]
     features: list[Feature]
     sequences: list[Sequence]
-    max_history: int
-    merge_mode: str = "timestamp_aware"
+    max_history: Int(1, 1 << 20, "the most events kept per user (newest kept)")
+    merge_mode: Literal[MERGE_MODES] = "timestamp_aware"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,73 +170,20 @@ class FeatureSchema:
 
     # ---- validation and (de)serialization ------------------------------------------
     def validate(self) -> None:
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"feature schema: {msg}")
-
-        def posint(v: Any, what: str, most: int = MAX_SIZE) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
-                raise bad(f"{what} must be an integer in 1..{most}, got {str(v)[:40]!r}")
-
-        posint(self.max_history, "max_history", 1 << 20)
-        if not isinstance(self.tables, dict) or not isinstance(self.features, list) or \
-                not isinstance(self.sequences, list):
-            raise bad("tables must be an object, features and sequences lists")
-        for name, t in self.tables.items():
-            posint(t.size, f"table {name!r} size")
-            posint(t.dim, f"table {name!r} dim", 1 << 16)
-            if t.tokens is not None and not (isinstance(t.tokens, list) and all(isinstance(x, str) for x in t.tokens)):
-                raise bad(f"table {name!r} tokens must be a list of strings")
-        for f in self.features:
-            if f.kind == "multihot":
-                posint(f.max_len, f"feature {f.name!r} max_len", 1 << 16)
-            if f.kind == "dense":
-                posint(f.dim, f"feature {f.name!r} dim", 1 << 16)
-        for q in self.sequences:
-            if not isinstance(q.fields, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                         for k, v in q.fields.items()):
-                raise bad(f"sequence {q.name!r} fields must map names to table names")
-        if self.merge_mode not in MERGE_MODES:
-            raise bad(f"merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
-        for name, t in self.tables.items():
-            if t.name != name:
-                raise bad(f"table key {name!r} does not match its name {t.name!r}")
-            if t.size < 1 or t.dim < 1:
-                raise bad(f"table {name!r} needs size >= 1 and dim >= 1")
-            if t.tokens is not None and len(t.tokens) != t.size:
-                raise bad(f"table {name!r} has {len(t.tokens)} tokens but size {t.size}")
-        seen: set[str] = set()
-        for f in self.features:
-            if f.name in seen:
-                raise bad(f"feature {f.name!r} declared twice")
-            seen.add(f.name)
-            if f.kind not in KINDS:
-                raise bad(f"feature {f.name!r}: kind must be one of {KINDS}, got {f.kind!r}")
-            if f.group not in GROUPS:
-                raise bad(f"feature {f.name!r}: group must be one of {GROUPS}, got {f.group!r}")
-            if f.kind in ("categorical", "multihot") and f.table not in self.tables:
-                raise bad(f"feature {f.name!r} uses unknown table {f.table!r}")
-            if f.kind == "multihot" and f.max_len < 1:
-                raise bad(f"feature {f.name!r}: max_len must be >= 1")
-            if f.kind == "dense" and f.dim < 1:
-                raise bad(f"feature {f.name!r}: dim must be >= 1")
-        if not self.features:
-            raise bad("at least one non-sequential feature is needed")
-        if not self.sequences:
-            raise bad("at least one behaviour sequence is needed")
-        names = [s.name for s in self.sequences]
-        if len(set(names)) != len(names):
-            raise bad(f"sequence names must be unique, got {names}")
-        field_tables: dict[str, str] = {}
-        for s in self.sequences:
-            if not s.fields:
-                raise bad(f"sequence {s.name!r} has no fields")
-            for fname, tname in s.fields.items():
-                if tname not in self.tables:
-                    raise bad(f"sequence {s.name!r} field {fname!r} uses unknown table {tname!r}")
-                if field_tables.setdefault(fname, tname) != tname:
-                    raise bad(f"field {fname!r} maps to two tables across sequences")
-                if fname in ("type", "length"):
-                    raise bad(f"sequence field name {fname!r} is reserved")
+        """Check the schema as :meth:`from_dict` checks its JSON (through :class:`SchemaJSON`)."""
+        for name, kind in (("tables", dict), ("features", list), ("sequences", list)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"feature schema: {name}: expected a {kind.__name__}, got "
+                                  f"{type(getattr(self, name)).__name__}")
+        raw = {"max_history": self.max_history, "merge_mode": self.merge_mode,
+               "tables": [_fields_of(t, Table, f"tables[{k!r}]") for k, t in self.tables.items()],
+               "features": [_fields_of(f, Feature, f"features[{i}]") for i, f in enumerate(self.features)],
+               "sequences": [_fields_of(q, Sequence, f"sequences[{i}]") for i, q in enumerate(self.sequences)]}
+        with refusing(raw, "feature schema"):
+            SchemaJSON.model_validate(raw)
+        for key, t in self.tables.items():
+            if t.name != key:
+                raise ConfigError(f"feature schema: tables[{key!r}]: key {key!r} does not match its name {t.name!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -233,34 +196,89 @@ class FeatureSchema:
 
     @classmethod
     def from_dict(cls, d: Any) -> "FeatureSchema":
-        if not isinstance(d, dict):
-            raise ConfigError("feature schema: expected a JSON object")
+        with refusing(d, "feature schema"):
+            return cls._from_model(SchemaJSON.model_validate(d))
+
+    @classmethod
+    def _from_model(cls, m: Any) -> "FeatureSchema":
+        """The schema a validated :class:`SchemaJSON` holds."""
+        return cls({t.name: Table(**t.model_dump()) for t in m.tables}, [Feature(**f.model_dump()) for f in m.features],
+                   [Sequence(**q.model_dump()) for q in m.sequences], m.max_history, m.merge_mode)
+
+
+# ---- the JSON contract: pydantic models of the dataclasses' JSON ---------------------------
+_SAY = {"missing": "malformed: {where} is missing", "list_type": "expected a list, got {type}",
+        "dict_type": "expected an object, got {type}", "model_type": "expected an object, got {type}",
+        "string_too_short": "expected a non-empty string", "invalid_key": "keys must be strings, got {input}"}
+
+
+@contextlib.contextmanager
+def refusing(data: Any, what: str, say: dict[str, str] | None = None) -> Iterator[None]:
+    """A validation in the block that fails raises ``ConfigError("<what>: <field>: ...")``, about
+    unknown keys first (a misspelt key is named before the key it misses)."""
+    try:
+        yield
+    except ValidationError as e:
+        first = sorted(e.errors(include_url=False), key=lambda x: x["type"] not in ("extra_forbidden", "invalid_key"))
         try:
-            tables = {}
-            for t in d["tables"]:
-                tokens = t.get("tokens")
-                tables[t["name"]] = Table(
-                    name=str(t["name"]), size=int(t["size"]), dim=int(t["dim"]),
-                    tokens=[str(x) for x in tokens] if tokens is not None else None,
-                )
-            features = [
-                Feature(
-                    name=str(f["name"]), kind=str(f["kind"]), group=str(f["group"]),
-                    table=f.get("table"), max_len=int(f.get("max_len", 1)),
-                    dim=int(f.get("dim", 1)),
-                )
-                for f in d["features"]
-            ]
-            sequences = [
-                Sequence(name=str(s["name"]), fields={str(k): str(v) for k, v in s["fields"].items()})
-                for s in d["sequences"]
-            ]
-            return cls(
-                tables=tables, features=features, sequences=sequences,
-                max_history=int(d["max_history"]),
-                merge_mode=str(d.get("merge_mode", "timestamp_aware")),
-            )
-        except ConfigError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
-            raise ConfigError(f"feature schema: malformed ({type(e).__name__}: {e})") from None
+            line = one_line(SimpleNamespace(errors=lambda **_: first), data, "", {**_SAY, **(say or {})})
+        except RecursionError:  # a value nested too deep to be shown
+            line = ".".join(map(str, first[0]["loc"])) + ": a value nested too deeply"
+        raise ConfigError(f"{what}: {line}") from None
+
+
+def _fields_of(obj: Any, cls: type, where: str) -> dict[str, Any]:
+    """A dataclass's fields as the JSON object its model checks."""
+    if not isinstance(obj, cls):
+        raise ConfigError(f"feature schema: {where}: expected a {cls.__name__}, got {type(obj).__name__}")
+    return {f.name: getattr(obj, f.name) for f in fields(cls) if not f.name.startswith("_")}
+
+
+class _JSON(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def json_model(dc: type, title: str, rules: type[BaseModel] = _JSON, **types: Any) -> Any:
+    """The pydantic model of dataclass ``dc``'s JSON: its fields' types and defaults (``types``
+    replaces some: ``name=(type, default)``, ``name_`` for ``name``), ``rules`` its cross-field rules."""
+    hints = get_type_hints(dc, include_extras=True)
+    spec = {f.name: (hints[f.name], ... if f.default is MISSING and f.default_factory is MISSING else
+                     Field(default_factory=f.default_factory) if f.default is MISSING else f.default)
+            for f in fields(dc) if f.name[0] != "_" and f.name not in types and f"{f.name}_" not in types}
+    return create_model(f"{dc.__name__}JSON", __base__=rules, __doc__=dc.__doc__, __module__=dc.__module__,
+                        __cls_kwargs__={"title": title}, **spec, **types)
+
+
+class _SchemaRules(_JSON):
+    @model_validator(mode="after")
+    def _whole(self) -> Any:
+        tables = {t.name for t in self.tables}
+        for what, items in (("table", self.tables), ("feature", self.features), ("sequence", self.sequences)):
+            twice = [n for n, k in Counter(x.name for x in items).items() if k > 1]
+            if twice:
+                raise ValueError(f"{what} {twice[0]!r} declared twice")
+        for i, t in enumerate(self.tables):
+            if t.tokens is not None and len(t.tokens) != t.size:
+                raise ValueError(f"tables[{i}]: table {t.name!r} has {len(t.tokens)} tokens but size {t.size}")
+        for i, f in enumerate(self.features):
+            if f.kind != "dense" and f.table not in tables:
+                raise ValueError(f"features[{i}].table: feature {f.name!r} uses unknown table {f.table!r}")
+        field_tables: dict[str, str] = {}
+        for i, q in enumerate(self.sequences):
+            for name, table in q.fields.items():
+                where = f"sequences[{i}].fields.{name}: "
+                if table not in tables:
+                    raise ValueError(f"{where}sequence {q.name!r} field {name!r} uses unknown table {table!r}")
+                if field_tables.setdefault(name, table) != table:
+                    raise ValueError(f"{where}field {name!r} maps to two tables across sequences")
+                if name in ("type", "length"):
+                    raise ValueError(f"{where}sequence field name {name!r} is reserved")
+        return self
+
+
+TableJSON = json_model(Table, "Table")
+FeatureJSON = json_model(Feature, "Feature")
+SequenceJSON = json_model(Sequence, "Sequence")
+SchemaJSON = json_model(FeatureSchema, "FeatureSchema", _SchemaRules, tables=(list[TableJSON], ...),
+                        features=(Annotated[list[FeatureJSON], Field(min_length=1)], ...),
+                        sequences=(Annotated[list[SequenceJSON], Field(min_length=1)], ...))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from onetrans_trt.data.schema import FeatureSchema
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from onetrans_trt.data.schema import _JSON, FeatureSchema, Int, SchemaJSON, json_model, refusing
 from onetrans_trt.errors import ConfigError
 
 FAMILIES = ("onetrans", "hyformer", "baseline")
@@ -34,31 +36,39 @@ HYFORMER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# "linear", "off", or explicit S-query counts (said apart by type: an error names the right one)
+Pyramid = Annotated[Annotated[Literal["linear", "off"], Tag("name")] | Annotated[list[Int(1, 1 << 20)], Tag("counts")],
+                    Discriminator(lambda v: "name" if isinstance(v, str) else "counts")]
+
+
 @dataclass
 class ModelConfig:
+    """A model's architecture and the feature schema it reads (a checkpoint's config.json)."""
+
     schema: FeatureSchema
-    family: str = "onetrans"
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers: int = 3
-    ffn_mult: int = 2
-    ns_tokenizer: str = "auto_split"
-    ns_tokens: int = 4  # auto_split: number of NS-tokens
-    ns_groups: list[list[str]] | None = None  # group: feature names per NS-token
-    pyramid: str | list[int] = "linear"  # "linear", "off", or explicit S-query counts
-    final_queries: int = 16  # linear pyramid: S-queries of the second-to-last layer
+    family: Literal[FAMILIES] = "onetrans"
+    d_model: Int(1, 1 << 16, "token width; n_heads divides it") = 64
+    n_heads: Int(1, 1024) = 4
+    n_layers: Int(1, 1024) = 3
+    ffn_mult: Int(1, 64) = 2
+    ns_tokenizer: Literal[NS_TOKENIZERS] = "auto_split"
+    ns_tokens: Int(1, 4096, "auto_split: the number of NS-tokens") = 4
+    ns_groups: list[list[str]] | None = None  # group: feature names per NS-token (None: user/item/context)
+    pyramid: Pyramid = "linear"  # or the S-queries each layer but the last keeps (none increasing)
+    final_queries: Int(1, 1 << 20, "linear pyramid: S-queries of the second-to-last layer") = 16
     # How the user encoder realizes the pyramid: "slice_first" computes queries only for the
     # kept S-tokens; "compute_then_slice" computes the whole layer and slices the kept tail
     # afterwards (as PyTorch code often does; the `pyramid` graph pass makes it lean).
-    pyramid_impl: str = "slice_first"
-    tasks: list[str] = field(default_factory=lambda: ["label"])
-    tokenizer_hidden: int = 0  # 0: 2 * d_model
-    head_hidden: int = 0  # 0: d_model
+    pyramid_impl: Literal["slice_first", "compute_then_slice"] = "slice_first"
+    tasks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = field(
+        default_factory=lambda: ["label"])  # unique names, a score each
+    tokenizer_hidden: Int(0, 1 << 20, "0: 2 * d_model") = 0
+    head_hidden: Int(0, 1 << 20, "0: d_model") = 0
     preset: str | None = None
     # HyFormer only
-    hy_queries: int = 1  # global query tokens per sequence (N)
-    seq_encoder: str = "transformer"  # per-layer sequence encoder: transformer | longer | swiglu
-    longer_window: int = 16  # LONGER-style: the newest S-tokens used as queries
+    hy_queries: Int(1, 1024, "HyFormer: global query tokens per sequence (N)") = 1
+    seq_encoder: Literal[SEQ_ENCODERS] = "transformer"  # per-layer sequence encoder
+    longer_window: Int(1, 1 << 20, "HyFormer longer: the newest S-tokens used as queries") = 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,68 +114,12 @@ class ModelConfig:
 
     # ---- validation and (de)serialization ------------------------------------------
     def validate(self) -> None:
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"model config: {msg}")
-
-        if self.family not in FAMILIES:
-            raise bad(f"family must be one of {FAMILIES}, got {self.family!r}")
-        for name, most in (("d_model", 1 << 16), ("n_heads", 1024), ("n_layers", 1024), ("ffn_mult", 64),
-                           ("final_queries", 1 << 20), ("hy_queries", 1024), ("longer_window", 1 << 20)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
-                raise bad(f"{name} must be an integer in 1..{most}, got {str(v)[:40]!r}")
-        for name in ("tokenizer_hidden", "head_hidden"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1 << 20:
-                raise bad(f"{name} must be an integer in 0..{1 << 20} (0: default), got {str(v)[:40]!r}")
-        if self.ns_tokenizer == "auto_split" and (isinstance(self.ns_tokens, bool) or
-                                                  not isinstance(self.ns_tokens, int) or not 1 <= self.ns_tokens <= 4096):
-            raise bad(f"ns_tokens must be an integer in 1..4096, got {str(self.ns_tokens)[:40]!r}")
-        if not isinstance(self.tasks, list) or not all(isinstance(t, str) and t for t in self.tasks):
-            raise bad("tasks must be a list of names")
-        if self.d_model % self.n_heads:
-            raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.ns_tokenizer not in NS_TOKENIZERS:
-            raise bad(f"ns_tokenizer must be one of {NS_TOKENIZERS}, got {self.ns_tokenizer!r}")
-        if self.ns_tokenizer == "auto_split" and (not isinstance(self.ns_tokens, int) or self.ns_tokens < 1):
-            raise bad(f"ns_tokens must be a positive integer, got {self.ns_tokens!r}")
-        if self.ns_tokenizer == "group":
-            names = {f.name for f in self.schema.features}
-            groups = self.resolved_ns_groups()
-            if not groups:
-                raise bad("group tokenizer needs at least one group")
-            for g in groups:
-                if not g:
-                    raise bad("an NS group is empty")
-                for n in g:
-                    if n not in names:
-                        raise bad(f"NS group names unknown feature {n!r}")
-        if isinstance(self.pyramid, str):
-            if self.pyramid not in ("linear", "off"):
-                raise bad(f"pyramid must be 'linear', 'off' or a list of counts, got {self.pyramid!r}")
-        else:
-            p = list(self.pyramid)
-            if len(p) < self.n_layers - 1 or any((not isinstance(x, int)) or x < 1 for x in p):
-                raise bad(f"pyramid list needs {self.n_layers - 1} positive counts, got {p}")
-            if any(b > a for a, b in zip(p, p[1:])):
-                raise bad(f"pyramid counts must not increase, got {p}")
-        if self.pyramid_impl not in ("slice_first", "compute_then_slice"):
-            raise bad(f"pyramid_impl must be 'slice_first' or 'compute_then_slice', got {self.pyramid_impl!r}")
-        if not isinstance(self.final_queries, int) or self.final_queries < 1:
-            raise bad("final_queries must be a positive integer")
-        if self.family == "hyformer":
-            if not isinstance(self.hy_queries, int) or self.hy_queries < 1:
-                raise bad(f"hy_queries must be a positive integer, got {self.hy_queries!r}")
-            if self.seq_encoder not in SEQ_ENCODERS:
-                raise bad(f"seq_encoder must be one of {SEQ_ENCODERS}, got {self.seq_encoder!r}")
-            if not isinstance(self.longer_window, int) or self.longer_window < 1:
-                raise bad(f"longer_window must be a positive integer, got {self.longer_window!r}")
-            t = self.schema.num_sequences * self.hy_queries + self.num_ns_tokens
-            if self.d_model % t:
-                raise bad(f"HyFormer query boosting splits each token into T = sequences x hy_queries + "
-                          f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise bad(f"tasks must be a non-empty list of unique names, got {self.tasks}")
+        """Check the config as :meth:`from_dict` checks its JSON (through :class:`ConfigJSON`)."""
+        if not isinstance(self.schema, FeatureSchema):
+            raise ConfigError(f"model config: schema: expected a FeatureSchema, got {type(self.schema).__name__}")
+        raw = {**{f.name: getattr(self, f.name) for f in fields(self)}, "schema": self.schema.to_dict()}
+        with refusing(raw, "model config", _SAY):
+            ConfigJSON.model_validate(raw)
 
     def to_dict(self) -> dict:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "schema"}
@@ -174,20 +128,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise ConfigError("model config: expected a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"model config: unknown keys {unknown}")
-        if "schema" not in d:
-            raise ConfigError("model config: missing 'schema'")
-        kw = dict(d)
-        kw["schema"] = FeatureSchema.from_dict(d["schema"])
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ConfigError(f"model config: {e}") from None
+        with refusing(d, "model config", _SAY):
+            m = ConfigJSON.model_validate(d)
+        return cls(schema=FeatureSchema._from_model(m.schema_),
+                   **{k: getattr(m, k) for k in ConfigJSON.model_fields if k != "schema_"})
 
     @classmethod
     def from_preset(cls, preset: str, schema: FeatureSchema, **overrides: Any) -> "ModelConfig":
@@ -205,6 +149,41 @@ class ModelConfig:
             kw["ns_tokens"] = t - n_q
         kw.update(overrides)
         return cls(schema=schema, preset=preset, **kw)
+
+
+class _ConfigRules(_JSON):
+    @model_validator(mode="after")
+    def _whole(self) -> Any:
+        s = self.schema_
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.ns_tokenizer == "group" and self.ns_groups is not None:  # (None: user/item/context)
+            if not self.ns_groups:
+                raise ValueError("ns_groups: the group tokenizer needs at least one group")
+            for i, g in enumerate(self.ns_groups):
+                unknown = sorted(set(g) - {f.name for f in s.features})
+                if not g or unknown:
+                    raise ValueError(f"ns_groups[{i}]: " + (f"names unknown feature {unknown[0]!r}" if g else
+                                                            "an NS group is empty"))
+        if isinstance(self.pyramid, list):
+            if len(self.pyramid) < self.n_layers - 1:
+                raise ValueError(f"pyramid: a list needs {self.n_layers - 1} counts (n_layers - 1), got {self.pyramid}")
+            if any(b > a for a, b in zip(self.pyramid, self.pyramid[1:])):
+                raise ValueError(f"pyramid: counts must not increase, got {self.pyramid}")
+        if self.family == "hyformer":
+            groups = len(self.ns_groups) if self.ns_groups is not None else len({f.group for f in s.features})
+            t = len(s.sequences) * self.hy_queries + (groups if self.ns_tokenizer == "group" else self.ns_tokens)
+            if self.d_model % t:
+                raise ValueError(f"HyFormer query boosting splits each token into T = sequences x hy_queries + "
+                                 f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: names must be unique, got {self.tasks}")
+        return self
+
+
+ConfigJSON = json_model(ModelConfig, "ModelConfig", _ConfigRules,
+                        schema_=(SchemaJSON, Field(alias="schema", description="the feature schema")))
+_SAY = {"pyramid:list_type": "expected 'linear', 'off' or a list of counts, got {input}"}
 
 
 def read_config(directory) -> "ModelConfig":
