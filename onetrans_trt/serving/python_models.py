@@ -179,19 +179,21 @@ class UserBatchScorer:
 
         pb = _pb()
         feeds = {}
-        for name in [*self.plan.kv, *self.plan.lengths, *self.plan.per_candidate]:
+        for name in [*self.plan.kv, *self.plan.rows, *self.plan.per_candidate]:
             t = pb.get_input_tensor_by_name(request, name)
             if t is None:
                 raise InputError(f"input {name} missing")
             x = t.as_numpy()
             if x.ndim < 1 or x.shape[0] != 1:
                 raise InputError(f"{name}: one user per request (batch axis 1), got shape {list(x.shape)}")
-            if name in self.plan.lengths:
-                x = x.reshape(-1)[:1].astype(np.int64)
+            if name in self.plan.rows:  # one user's row in the graph's own shape ([1] for s_length)
+                shape = [1, *self.plan.shapes[name][1:]]
+                if shape.count(-1) <= 1:
+                    x = x.reshape(shape)
             elif name in self.plan.per_candidate:
                 x = x[0]
             want = self.types.get(name)
-            feeds[name] = x if want is None or x.dtype == want or name in self.plan.lengths else x.astype(want)
+            feeds[name] = x if want is None or x.dtype == want else x.astype(want)
         return feeds
 
     def _run(self, users: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -196,6 +196,42 @@ def _put_rank_users(put, tmp: Path, build: Path, models: dict[str, Any], pre_par
                 "calls; outputs are one user's row [1, C, tasks]"), None)
 
 
+def _sample_users(build: Path, sub: str, names: list[str]) -> list[dict]:
+    """The one-user scorer feeds of the users in the build's samples: a checkpoint build's
+    requests (``<i>/<tensor>``), or, for an ``export --module`` build (``inputs/``, ``state/``),
+    the user encoder run on the sample's users, each given the first C - u candidates."""
+    import numpy as np
+
+    samples = build / "samples" / "samples.npz"
+    if not samples.is_file():
+        from onetrans_trt.graphs.segment_users import SegmentError
+
+        raise SegmentError("the build has no samples/samples.npz to prove the packed scorer on")
+    with np.load(samples, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    ids = sorted({k.split("/", 1)[0] for k in arrays if k.split("/", 1)[0].isdigit()})
+    users = [{n: arrays[f"{i}/{n}"] for n in names} for i in ids if all(f"{i}/{n}" in arrays for n in names)]
+    if users or not any(k.startswith("inputs/") for k in arrays):
+        return users
+    import onnxruntime as ort
+
+    from onetrans_trt.ort_options import session_options
+
+    enc_path = (build / sub / "user_encoder.onnx") if sub else build / "user_encoder.onnx"
+    enc = ort.InferenceSession(str(enc_path), session_options(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: arrays[f"inputs/{i.name}"] for i in enc.get_inputs() if f"inputs/{i.name}" in arrays}
+    if len(feeds) != len(enc.get_inputs()):
+        return []
+    state = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, feeds)))
+    n_users = min(v.shape[0] for v in state.values())
+    cands = {n: arrays[f"inputs/{n}"] for n in names if n not in state and f"inputs/{n}" in arrays}
+    if len(cands) + len([n for n in names if n in state]) != len(names):
+        return []
+    c = min(v.shape[0] for v in cands.values()) if cands else 0
+    return [{**{n: state[n][u:u + 1] for n in names if n in state},
+             **{n: v[:max(1, c - u)] for n, v in cands.items()}} for u in range(n_users)]
+
+
 def _packed_scorer(build: Path, tmp: Path, models: dict[str, Any], sub: str, asked: bool) -> float | dict:
     """Write ``candidate_scorer_users/1/model.onnx`` (the build's scorer, packed) after proving it
     on the build's samples (several users in one call == one call each, 1e-5); returns the worst
@@ -210,13 +246,7 @@ def _packed_scorer(build: Path, tmp: Path, models: dict[str, Any], sub: str, ask
     try:
         original = onnx.load(str(src))
         segmented, plan = segment_users(original)
-        samples = build / "samples" / "samples.npz"
-        if not samples.is_file():
-            raise SegmentError("the build has no samples/samples.npz to prove the packed scorer on")
-        with np.load(samples, allow_pickle=False) as z:
-            ids = sorted({k.split("/", 1)[0] for k in z.files})
-            names = [i.name for i in original.graph.input]
-            users = [{n: z[f"{i}/{n}"] for n in names} for i in ids if all(f"{i}/{n}" in z.files for n in names)]
+        users = _sample_users(build, sub, [i.name for i in original.graph.input])
         if len(users) < 2:
             raise SegmentError("the build's samples hold fewer than two users' scorer inputs to prove it on")
         worst = check(original, segmented, users)

@@ -38,7 +38,8 @@ def tiny_scorer(tiny_build):
 
 def test_packed_scorer_equals_one_call_per_user(tiny_build, tiny_scorer, movielens):
     seg, plan = segment_users(tiny_scorer)
-    assert plan.lengths == ["s_length"] and CAND_USER in [i.name for i in seg.graph.input]
+    assert plan.rows == ["s_length"] and plan.kv_len == {"user_k_0_len": "user_k_0", "user_k_1_len": "user_k_1"}
+    assert CAND_USER in [i.name for i in seg.graph.input]
     ops = {n.op_type for n in seg.graph.node}
     assert "SegmentedPrefixAttention" in ops and "SharedPrefixAttention" not in ops
     worst = 0.0
@@ -51,17 +52,23 @@ def test_packed_scorer_equals_one_call_per_user(tiny_build, tiny_scorer, moviele
     assert check(tiny_scorer, seg, _users(tiny_build, movielens, 1, 10, tiny_scorer)) <= 1e-6
 
 
-def test_a_wrong_packing_is_caught(tiny_build, tiny_scorer, movielens):
-    """The check can fail: users given the wrong length (not clamped per layer) differ."""
+def test_a_length_meaning_all_is_capped_per_user(tiny_build, tiny_scorer, movielens):
+    """A length >= the K/V's means "all real" to the one-user scorer; in a packed batch a shorter
+    user's row is left-padded, so the packed graph caps each length at the user's own K/V
+    length. Equal with the cap; without it (the caps fed huge) the padding leaks in."""
     seg, plan = segment_users(tiny_scorer)
-    users = _users(tiny_build, movielens, 3, 4, tiny_scorer)
+    users = _users(tiny_build, movielens, 2, 4, tiny_scorer, history_cut=3) + \
+        _users(tiny_build, movielens, 1, 5, tiny_scorer, history_cut=40)
+    users[0]["s_length"] = np.array([10 ** 6], np.int64)  # "all": 3 real tokens, a row padded to 40
+    assert check(tiny_scorer, seg, users) <= 1e-5
     sess = ort.InferenceSession(seg.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = pack(plan, users)
     good = sess.run(["logits"], feeds)[0]
-    for v in plan.valid:
-        feeds[v] = np.full_like(feeds[v], 10 ** 6)  # "all real": the padding of shorter users leaks in
+    for v in plan.kv_len:
+        feeds[v] = np.full_like(feeds[v], 10 ** 6)
     bad = sess.run(["logits"], feeds)[0]
-    assert np.abs(good - bad).max() > 1e-3
+    n0 = users[0]["ns_item_id"].shape[0]
+    assert np.abs(good[:n0] - bad[:n0]).max() > 1e-3 and np.abs(good[n0:] - bad[n0:]).max() == 0
     parts = unpack({"logits": good}, [u["ns_item_id"].shape[0] for u in users])
     assert [p["logits"].shape[0] for p in parts] == [u["ns_item_id"].shape[0] for u in users]
 
@@ -74,13 +81,19 @@ def test_plan_travels_in_the_graph(tiny_scorer):
         Plan.from_model(tiny_scorer)
 
 
-def test_refuses_a_length_read_besides_attention(tiny_scorer):
+def test_a_length_read_besides_attention_is_gathered_per_candidate(tiny_build, tiny_scorer, movielens):
+    """A per-user input read by another op: that op reads each candidate's own user's row."""
     m = onnx.ModelProto()
     m.CopyFrom(tiny_scorer)
-    m.graph.node.append(onnx.helper.make_node("Identity", ["s_length"], ["s_length_too"]))
-    m.graph.output.append(onnx.helper.make_tensor_value_info("s_length_too", onnx.TensorProto.INT64, [1]))
-    with pytest.raises(SegmentError, match="s_length is read by Identity.*outputs"):
-        segment_users(m)
+    m.graph.node.append(onnx.helper.make_node("Cast", ["s_length"], ["s_length_f"], to=onnx.TensorProto.FLOAT))
+    m.graph.node.append(onnx.helper.make_node("Unsqueeze", ["s_length_f", "one_ax"], ["s_length_col"]))
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "one_ax"))
+    m.graph.node.append(onnx.helper.make_node("Add", ["logits", "s_length_col"], ["logits_plus_len"]))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("logits_plus_len", onnx.TensorProto.FLOAT, ["candidates", 2]))
+    seg, _ = segment_users(m)
+    assert "Gather" in {n.op_type for n in seg.graph.node}
+    users = _users(tiny_build, movielens, 4, 12, tiny_scorer)
+    assert check(m, seg, users) <= 1e-5
 
 
 def test_refuses_kv_read_by_other_ops(tiny_scorer):
@@ -88,7 +101,7 @@ def test_refuses_kv_read_by_other_ops(tiny_scorer):
     m.CopyFrom(tiny_scorer)
     m.graph.node.append(onnx.helper.make_node("ReduceSum", ["user_k_0"], ["k_sum"], keepdims=0))
     m.graph.output.append(onnx.helper.make_tensor_value_info("k_sum", onnx.TensorProto.FLOAT, []))
-    with pytest.raises(SegmentError, match="user_k_0 is read by .*ReduceSum"):
+    with pytest.raises(SegmentError, match="user_k_0 is read by ReduceSum .*besides SharedPrefixAttention"):
         segment_users(m)
 
 

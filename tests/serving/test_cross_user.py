@@ -118,6 +118,11 @@ def test_batching_off_and_what_cannot_be_packed(tiny_build, tmp_path):
     assert "max_batch_size: 3" in text and "max_queue_delay_microseconds: 50" in text
     assert text.count("allow_ragged_batch: true") == text.count("input {")
     assert 'string_value: "candidate_scorer_users"' in (on / "rank_cached" / "config.pbtxt").read_text()
+    # a module build with fused attention, a SEP-counted length (n_hist + 1) and a user token
+    # read per candidate: packed, proved on its users from the build's samples
+    sep = _export("sep_pyramid", tmp_path / "sep")
+    res = write_python_repository(sep, tmp_path / "seprepo")
+    assert res["cross_user_batching"]["users_per_call"] == 8 and res["cross_user_batching"]["checked_worst"] <= TOL
     # a module build whose attention is not fused: left out with the reason, refused when asked
     mod = _export("fused_qkv_cls", tmp_path / "mod")
     res = write_python_repository(mod, tmp_path / "mrepo")
