@@ -10,7 +10,7 @@ EPOCHS ?= 2
 SEEDS  ?= 3
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv data test test-heavy serve-test demo clean browser qemu fuzz gpu-check doctor mutation readme-figures
+.PHONY: venv data test test-heavy serve-test demo clean browser qemu redis fuzz gpu-check doctor mutation readme-figures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,13 +36,20 @@ qemu:
 	  (apt-get install -y -q qemu-user >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
 	   apt-get install -y -q qemu-user >/dev/null 2>&1)) || echo "qemu-user not installed: the no-VNNI INT8 tests will skip")
 
+# redis-server (Debian's package): tests/runtime/test_store.py starts one on a loopback port for the
+# shared user-state store (two Rankers sharing it, Redis killed mid-load); those tests skip without it
+redis:
+	@command -v redis-server >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q redis-server >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q redis-server >/dev/null 2>&1)) || echo "redis-server not installed: the redis store tests will skip")
+
 # the fast subset of the Triton server tests runs here (one real tritonserver on the tiny build:
 # raw JSON over HTTP and gRPC, tensors, start/stop with no process left); `make serve-test` runs all
 # two pytest workers (pytest-xdist --dist loadfile: a test file stays on one worker, so its module
 # fixtures are built once; loadgroup does not group under pytest 9.2, xdist 3.8), one math thread
 # each; the slowest tests are listed at the end (a CI log's tail shows where the time went)
 TEST_WORKERS ?= 2
-test: venv data browser qemu
+test: venv data browser qemu redis
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not heavy and not serve_full" --durations=25
 
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside

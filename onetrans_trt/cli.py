@@ -404,7 +404,13 @@ def info(ckpt: Path, as_json: bool) -> None:
 @click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of request limits (max_history, max_candidates, max_request_bytes, "
                    "over_limit refuse|truncate); defaults apply without it.")
-def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path | None) -> None:
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="Keep users' states across requests and processes: redis://host:port/db"
+                   "[?ttl_s=3600&max_mb=64&timeout_s=0.25] (shared; a store that is down only costs "
+                   "local encodes) or memory://[?max_mb=256]. Split backends only. With -v the "
+                   "store's hits, misses and errors are logged.")
+def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path | None,
+         store_url: str | None) -> None:
     """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
 
     CKPT is a checkpoint directory or a build directory (from `export`).
@@ -419,10 +425,24 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
     from onetrans_trt.data.requests import RequestLimits, load_requests
     from onetrans_trt.runtime.ranker import Ranker
 
+    if store_url is not None:
+        from onetrans_trt.runtime.store import parse_store_url
+
+        parse_store_url(store_url)  # a bad URL is refused before any model loads
     limits = RequestLimits.load(limits_path) if limits_path else RequestLimits()
-    ranker = Ranker.load(ckpt, backend=backend, limits=limits)
+    ranker = Ranker.load(ckpt, backend=backend, limits=limits, store=store_url)
     reqs = load_requests(request_path, limits)
-    results = [ranker.rank(r).to_json() for r in reqs]
+    try:
+        results = [ranker.rank(r).to_json() for r in reqs]
+    finally:
+        if ranker.store is not None:
+            from onetrans_trt.log import get_logger
+
+            s = ranker.store.stats()
+            get_logger("onetrans_trt.cli").info(
+                f"store: {s['hits']} hits, {s['misses']} misses, {ranker.encoder_runs} encoder runs, "
+                f"{s.get('store_errors', 0)} store errors, {s.get('corrupt', 0)} corrupt entries dropped")
+            ranker.store.close()
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
 
 

@@ -9,6 +9,8 @@ Candidates are scored in chunks of ``chunk_size`` so memory stays bounded for an
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,15 +55,47 @@ class Ranker:
     """Requests in, per-task scores out, over one backend; build it with :meth:`Ranker.load`."""
 
     def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512,
-                 cache: Any = None, limits: RequestLimits | None = None):
+                 cache: Any = None, limits: RequestLimits | None = None, store: Any = None,
+                 build_hash: str | None = None, family: str = ""):
         """``cache``: a :class:`~onetrans_trt.runtime.cache.UserKVCache` shared across requests
         (split backends only); ``limits``: what a request may hold (defaults: see
-        :class:`~onetrans_trt.data.requests.RequestLimits`)."""
+        :class:`~onetrans_trt.data.requests.RequestLimits`).
+
+        ``store``: users' states kept across requests and processes, a URL
+        (``memory://?max_mb=256``, ``redis://host:6379/0?ttl_s=3600``; see
+        :func:`~onetrans_trt.runtime.store.store_from_url`) or a
+        :class:`~onetrans_trt.runtime.store.UserStateStore` made for this build (split backends
+        only; not with ``cache``). ``build_hash`` names the user encoder the states come from
+        (:meth:`load` passes the sha256 of the graph or engine it runs; a torch backend's
+        default: :func:`model_hash`); ``family`` is written into each stored state.
+        ``encoder_runs`` counts the user-encoder runs of this Ranker."""
         if chunk_size < 1:
             raise InputError("chunk_size must be >= 1")
         self.schema, self.tasks, self.backend, self.chunk_size = schema, tasks, backend, chunk_size
         self.cache = cache
         self.limits = limits or RequestLimits()
+        self.encoder_runs = 0
+        self._runs_lock = threading.Lock()
+        self.store, self.build_hash = None, build_hash
+        if store is not None:
+            from onetrans_trt.runtime.cache import UserKVCache
+            from onetrans_trt.runtime.store import store_from_url
+
+            if isinstance(store, UserKVCache):
+                raise InputError("a UserKVCache goes in cache=; store= takes a URL or a LocalStore/RedisStore")
+            if cache is not None:
+                raise InputError("give the Ranker a cache= or a store=, not both")
+            if not getattr(backend, "split", False):
+                raise InputError(f"backend {backend.name!r} encodes no user state to store; use a split backend "
+                                 "(torch-split, ort, ort-fp16, ort-int8, trt...) with store=")
+            if self.build_hash is None:
+                if not hasattr(backend, "model"):
+                    raise InputError("store= needs build_hash= naming the user encoder the states come from "
+                                     "(Ranker.load computes it)")
+                self.build_hash = model_hash(backend.model, backend.name)
+            self.store = (store_from_url(store, build_hash=self.build_hash, family=family)
+                          if isinstance(store, str) else store)
+            self.store.bind(self.build_hash)
 
     @property
     def backend_name(self) -> str:
@@ -76,7 +110,10 @@ class Ranker:
         ``trt``/``trt-fp16``/``trt-int8`` for a build. Without ``backend`` a checkpoint gets
         ``torch-split`` when its model splits into user encoder and candidate scorer, else
         (the ``baseline`` family) ``torch-unified``. ``kw``: ``cache``, ``limits``,
-        ``chunk_size`` (see :class:`Ranker`); ``providers``, ``threads`` for ORT backends.
+        ``chunk_size``, ``store`` (see :class:`Ranker`); ``providers``, ``threads`` for ORT
+        backends. With ``store``, the build hash is the sha256 of the backend's name and the user
+        encoder it runs (the graph file and its external data, or the TensorRT engine),
+        computed here once; a checkpoint's is :func:`model_hash`.
         """
         path = Path(path)
         if (path / "manifest.json").is_file():
@@ -89,6 +126,8 @@ class Ranker:
         model = load_checkpoint(path)
         if backend is None:
             backend = "torch-split" if hasattr(model, "encode_user") else "torch-unified"
+        if kw.get("store") is not None:
+            kw.setdefault("family", model.cfg.family)
         return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
 
     @classmethod
@@ -125,12 +164,19 @@ class Ranker:
         else:
             raise InputError(f"unknown backend {backend!r} for a build; choose one of "
                              f"'ort', 'ort-fp16', 'ort-int8', 'ort-unified', 'trt', 'trt-fp16', 'trt-int8'")
+        if kw.get("store") is not None and getattr(b, "split", False):
+            kw.setdefault("family", cfg.family)
+            if kw.get("build_hash") is None:
+                kw["build_hash"] = files_hash(b.name, encoder_files(build, backend))
         return cls(cfg.schema, list(cfg.tasks), b, **kw)
 
     @classmethod
     def from_model(cls, model: Any, backend: str = "torch-split", **kw: Any) -> "Ranker":
+        """A Ranker over an in-memory model; with ``store``, the build hash is :func:`model_hash`."""
         from onetrans_trt.runtime.backends import TORCH_BACKENDS
 
+        if kw.get("store") is not None:
+            kw.setdefault("family", getattr(model.cfg, "family", ""))
         return cls(model.cfg.schema, list(model.cfg.tasks), TORCH_BACKENDS[backend](model), **kw)
 
     def rank(self, request: Request | dict) -> RankResult:
@@ -140,12 +186,53 @@ class Ranker:
         c = len(req.candidates)
         chunks = [{k: v[i:i + self.chunk_size] for k, v in ns.items()} for i in range(0, c, self.chunk_size)]
         if self.backend.split:
-            if self.cache is not None:
-                kv = self.cache.get_or_compute(req.user_key, hist, lambda: self.backend.encode_user(hist))
+            if self.store is not None:
+                kv, _ = self.store.get_or_compute(req.user_key, hist, lambda: self._encode(hist))
+            elif self.cache is not None:
+                kv = self.cache.get_or_compute(req.user_key, hist, lambda: self._encode(hist))
             else:
-                kv = self.backend.encode_user(hist)
+                kv = self._encode(hist)
             parts = [self.backend.score(kv, ch) for ch in chunks]
         else:
             parts = [self.backend.score_unified(hist, ch) for ch in chunks]
         logits = np.concatenate(parts) if parts else np.zeros((0, len(self.tasks)), np.float32)
         return RankResult(self.tasks, logits, req.user_key, cut or None)
+
+    def _encode(self, hist: dict[str, np.ndarray]) -> Any:
+        with self._runs_lock:
+            self.encoder_runs += 1
+        return self.backend.encode_user(hist)
+
+
+def encoder_files(build: Path, backend: str) -> list[Path]:
+    """The files the user encoder of ``backend`` runs from in ``build``: the graph and its
+    external data (``<graph>.data``, when there), or the TensorRT engine."""
+    if backend.startswith("trt"):
+        precision = backend.split("-")[1] if "-" in backend else "fp32"
+        return [build / "engines" / precision / "user_encoder.engine"]
+    sub = backend.split("-")[1] if backend in ("ort-fp16", "ort-int8") else ""
+    graph = build / sub / "user_encoder.onnx" if sub else build / "user_encoder.onnx"
+    return [graph] + [p for p in [graph.with_name(graph.name + ".data")] if p.is_file()]
+
+
+def files_hash(name: str, files: list[Path]) -> str:
+    """sha256 over ``name`` and each file's length and bytes, in order (a build hash)."""
+    h = hashlib.sha256(f"{name}\0".encode())
+    for f in files:
+        h.update(f"{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(model: Any, name: str = "") -> str:
+    """sha256 over ``name``, the model's class and every state-dict tensor (name, dtype,
+    shape, bytes) in name order: the build hash of an in-memory model's states."""
+    import torch
+
+    h = hashlib.sha256(f"{name}\0{type(model).__name__}\0".encode())
+    for key, t in sorted(model.state_dict().items()):
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
