@@ -1127,10 +1127,15 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
                    "build's scorer packs, else off with the reason; 0 or 1: off].")
 @click.option("--batch-delay-us", type=click.IntRange(0, 10_000_000), default=None,
               help="With --backend python: how long candidate_scorer_users' batcher waits for more users [200].")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="With --backend python: rank_cached keeps users' K/V in this store instead of its own cache: "
+                   "redis://host:port/db[?ttl_s=3600&max_mb=64] is shared by every instance and server (a store "
+                   "that is down only costs encodes); memory://?max_mb=N is per instance.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @JSON_OUT
 def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_cache_mb, instances,
-                   preferred_batch_sizes, ort_accelerator, batch_users, batch_delay_us, force, as_json) -> None:
+                   preferred_batch_sizes, ort_accelerator, batch_users, batch_delay_us, store_url, force,
+                   as_json) -> None:
     """Write a Triton Inference Server model repository: user_encoder (dynamic batching over
     users), candidate_scorer, and the `onetrans` ensemble (one user's history tensors [1, ...]
     + C candidates' tensors -> logits, probs). With --backend python also `preprocess` and the
@@ -1154,7 +1159,8 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
     if backend != "onnxruntime":
         _refuse(("ort_accelerator",), f"to --backend {backend}", "it configures Triton's ONNX Runtime backend")
     if backend != "python":
-        _refuse(("limits_path", "threads", "user_cache_mb", "batch_users", "batch_delay_us"), f"to --backend {backend}",
+        _refuse(("limits_path", "threads", "user_cache_mb", "batch_users", "batch_delay_us", "store_url"),
+                f"to --backend {backend}",
                 "they configure the python backend's models")
         from onetrans_trt.runtime.triton_repo import write_repository
 
@@ -1164,9 +1170,13 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
         from onetrans_trt.data.requests import RequestLimits
         from onetrans_trt.serving.repository import write_python_repository
 
-        if user_cache_mb is not None and not (build / "config.json").is_file():
-            raise InputError(f"--user-cache-mb does not apply to {build}: a module build has no feature schema to "
-                             "encode raw requests with, so its repository has no rank_cached model")
+        for opt, given in (("--user-cache-mb", user_cache_mb), ("--store", store_url)):
+            if given is not None and not (build / "config.json").is_file():
+                raise InputError(f"{opt} does not apply to {build}: a module build has no feature schema to encode "
+                                 "raw requests with, so its repository has no rank_cached model")
+        if store_url is not None and user_cache_mb is not None:
+            raise InputError("--store and --user-cache-mb: give one (rank_cached keeps users either in the store "
+                             "or in its own cache)")
         limits = None
         if limits_path is not None:
             lim = RequestLimits.load(limits_path)
@@ -1176,6 +1186,7 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
                                       user_cache_mb=256 if user_cache_mb is None else user_cache_mb,
                                       batch_users=batch_users,
                                       batch_delay_us=200 if batch_delay_us is None else batch_delay_us,
+                                      store=store_url,
                                       **config_options)
     line = f"wrote {out}: models {', '.join(res['models'])} ({backend}, {precision})"
     if backend == "python":

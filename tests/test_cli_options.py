@@ -132,7 +132,9 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("serve-repo", "instances"): ("0", "--instances"),
     ("serve-repo", "preferred_batch_sizes"): ("4,x", "--preferred-batch-sizes"),
     ("serve-repo", "ort_accelerator"): ("cuda", "--ort-accelerator"),
+    ("rank", "store_url"): ("nope://x", "store URL"),
     ("serve-repo", "batch_users"): ("-1", "--batch-users"),
+    ("serve-repo", "store_url"): ("nope://x", "--store"),  # refused for --backend onnxruntime
     ("serve-repo", "batch_delay_us"): ("-5", "--batch-delay-us"),
     ("bench", "build"): ("{MISSING}", "missing"),
     ("bench", "suite"): ("nope", "--suite"),

@@ -403,6 +403,14 @@ class CachedRank(Preprocess):
         self.scorer = params.get("scorer") or "candidate_scorer"
         self.cache = UserKVCache(int(params.get("user_cache_bytes") or 0))
         self.enabled = self.cache.max_bytes > 0
+        # a shared store (serve-repo --store URL): every instance and replica reads the users any
+        # of them encoded; keyed by the same graphs sha256, so another build never reads them
+        self.store = None
+        if params.get("store"):
+            from onetrans_trt.runtime.store import store_from_url
+
+            self.store = store_from_url(params["store"], build_hash=self.sha)
+            self.enabled = True
 
     def _stamp(self) -> list[tuple[int, int]]:
         stats = [f.stat() if f.is_file() else None for _, f in _graph_files(self.repository)]
@@ -428,7 +436,15 @@ class CachedRank(Preprocess):
         if self.enabled and self._stamp() != self.files:
             self.enabled = False  # a graph file changed under us: never serve K/V of the old one
             self.cache = type(self.cache)(0)
-        if self.enabled:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+        if self.enabled and self.store is not None:
+            from onetrans_trt.runtime.state import named_state
+
+            kv, _ = self.store.get_or_compute(req.user_key or "", hist, lambda: named_state(encode()))
+            state = _State(kv.extras)
+        elif self.enabled:
             state = self.cache.get_or_compute(f"{self.sha}/{req.user_key or ''}", hist, encode)
         else:
             state = encode()

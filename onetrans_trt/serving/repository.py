@@ -67,7 +67,7 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
                             limits: dict | None = None, threads: int = 0, chunk_size: int = 512,
                             user_cache_mb: float = 256, instances: int = 1,
                             preferred_batch_sizes: tuple[int, ...] = (), batch_users: int | None = None,
-                            batch_delay_us: int = 200) -> dict[str, Any]:
+                            batch_delay_us: int = 200, store: str | None = None) -> dict[str, Any]:
     """Write the repository (see the module docstring); ``limits``: a RequestLimits JSON
     object for ``preprocess`` and ``rank_cached`` (defaults without it); ``threads``: ONNX
     Runtime intra-op threads per model (0: its default); ``chunk_size``: candidates per scorer
@@ -75,7 +75,9 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
     ``instances``, ``preferred_batch_sizes``: as :func:`~onetrans_trt.runtime.triton_repo.write_repository`;
     ``batch_users``: the most users ``candidate_scorer_users`` scores per call (None: 8 when the
     scorer can be packed, else no such model and the result says why; 0 or 1: off; more: the
-    scorer must be packable), ``batch_delay_us``: how long its batcher waits for more users."""
+    scorer must be packable), ``batch_delay_us``: how long its batcher waits for more users;
+    ``store``: a user state store URL for ``rank_cached`` (``redis://host:port/db?ttl_s=..``,
+    shared by every instance and server; ``memory://``: per instance) instead of its own cache."""
     from onetrans_trt.data.requests import RequestLimits
     from onetrans_trt.serving.python_models import graphs_sha256
 
@@ -83,6 +85,10 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
         raise BuildError(f"user cache {user_cache_mb} MB: expected a size >= 0")
     if batch_users is not None and not 0 <= batch_users <= 1024:
         raise BuildError(f"batch users {batch_users}: expected 0..1024 (0 or 1: one user per scorer call)")
+    if store is not None:
+        from onetrans_trt.runtime.store import parse_store_url
+
+        parse_store_url(store)  # a bad URL is refused before anything is written
     if not 0 <= batch_delay_us <= 10_000_000:
         raise BuildError(f"batch delay {batch_delay_us} us: expected 0..10000000")
 
@@ -162,7 +168,7 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
             parameters={**pre_params, "wiring": json.dumps(wiring), "tensors": json.dumps(tensors),
                         "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20))),
                         "scorer": "candidate_scorer_users" if "candidate_scorer_users" in written
-                        else "candidate_scorer"},
+                        else "candidate_scorer", **({"store": store} if store else {})},
             instances=config_options["instances"]),  # each instance (a process) holds its own cache
             "CachedRank")
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))

@@ -69,7 +69,7 @@ def test_bench_server_refusals(tiny_build, args, what):
 @pytest.mark.serve_full
 def test_perf_analyzer_drives_rank_and_rank_cached_without_errors(triton, tiny_build, movielens, tmp_path):
     """Triton's own load generator (perf_analyzer, from the tritonclient 2.40.0 wheel) at
-    concurrency 1 and 4 on both raw-request models: it exits 0 only when every response
+    concurrency 1 and 4 on the three raw-request models: it exits 0 only when every response
     succeeded; a model that answers with errors fails it."""
     from onetrans_trt.serving.perf import run_perf_analyzer
     from onetrans_trt.serving.repository import write_python_repository
@@ -79,7 +79,7 @@ def test_perf_analyzer_drives_rank_and_rank_cached_without_errors(triton, tiny_b
     write_python_repository(tiny_build, repo)
     reqs = [r for r, _ in movielens.requests(6, n_candidates=10, seed=48)]
     with TritonServer(repo, install_dir=triton) as server:
-        for model in ("rank", "rank_cached"):
+        for model in ("rank", "rank_cached", "rank_users"):
             rows = run_perf_analyzer(server.http_url, model, reqs, concurrency=(1, 4), interval_ms=1000,
                                      workdir=tmp_path)
             assert [int(r["Concurrency"]) for r in rows] == [1, 4], rows

@@ -134,3 +134,32 @@ def test_a_new_build_or_a_replaced_graph_encodes_the_user_again(triton, tiny_ckp
             client.load_model_http(server.http_url, "rank_cached")
     with pytest.raises(BuildError, match="user cache"):
         write_python_repository(tiny_build, tmp_path / "r3", user_cache_mb=-1)
+
+
+def test_a_shared_store_serves_users_across_instances_and_survives_its_loss(triton, tiny_build, movielens, tmp_path,
+                                                                            redis_server):
+    """``serve-repo --store redis://``: two rank_cached instances share one Redis, so a user
+    encoded by either is a hit for both (Triton's statistics of user_encoder); with Redis killed
+    every request is still answered, correctly, by encoding locally."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onetrans_trt.runtime.ranker import Ranker
+    from onetrans_trt.serving.repository import write_python_repository
+
+    repo = tmp_path / "repo"
+    write_python_repository(tiny_build, repo, instances=2, store=redis_server.url + "?ttl_s=600", batch_users=0)
+    assert f'"{redis_server.url}?ttl_s=600"' in (repo / "rank_cached" / "config.pbtxt").read_text()
+    ranker = Ranker.load(tiny_build, backend="ort")
+    reqs = [r for r, _ in movielens.requests(3, n_candidates=5, seed=91)]
+    with TritonServer(repo, install_dir=triton) as server:
+        for r in reqs:
+            assert _scores(server, ranker, r) <= TOL
+        before = _encodes(server)
+        with ThreadPoolExecutor(2) as ex:  # both instances busy: each serves users the other encoded too
+            worst = max(ex.map(lambda r: _scores(server, ranker, r), reqs * 4))
+        assert worst <= TOL and _encodes(server) == before
+        assert len(redis_server.client().keys("onetrans:*")) == 3
+        redis_server.stop()  # the store is gone: answered anyway, by encoding
+        with ThreadPoolExecutor(2) as ex:
+            worst = max(ex.map(lambda r: _scores(server, ranker, r), reqs * 2))
+        assert worst <= TOL and _encodes(server) - before == 6
