@@ -1229,6 +1229,9 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
               help="server: comma-separated concurrent requests per level [1,4,16].")
 @click.option("--requests", "n_requests", type=click.IntRange(1), default=None,
               help="server: requests per contender per round at each concurrency [32].")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="server: rank_cached keeps users in this store (redis://host:port/db, memory://) instead of "
+                   "its own cache.")
 @click.option("--rounds", type=click.IntRange(1), default=None, help="Interleaved rounds [peers 8 (12 quick, within a 6 s budget per section); else 10].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, callback=_out_file,
               help="Also write the JSON result here.")
@@ -1239,7 +1242,7 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
               help="With --module: its weights (default: the ones the manifest names).")
 @JSON_OUT
 def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
-              backends, no_pyramid, threads, concurrency, n_requests, rounds, out, module_ref, weights,
+              backends, no_pyramid, threads, concurrency, n_requests, store_url, rounds, out, module_ref, weights,
               as_json) -> None:
     """Benchmarks, measured side by side in one run and reported as ratios.
 
@@ -1263,8 +1266,9 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
     if suite == "server":
         return _bench_server(build, preset, quick, candidates, history, scorer_candidates, cache_history,
                              cache_candidates, backends, no_pyramid, threads, concurrency, n_requests, rounds, out,
-                             module_ref, weights, as_json)
+                             module_ref, weights, as_json, store_url)
     _refuse(("concurrency", "n_requests"), f"to --suite {suite}", "they size the server suite's load")
+    _refuse(("store_url",), f"to --suite {suite}", "it is where the server suite's rank_cached keeps users")
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
     if build is not None and _module_build(build):
         return _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history,
@@ -1333,7 +1337,7 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
 
 def _bench_server(build, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
                   backends, no_pyramid, threads, concurrency, n_requests, rounds, out, module_ref, weights,
-                  as_json) -> None:
+                  as_json, store_url=None) -> None:
     from onetrans_trt.io import atomic_write_json
 
     _refuse(("preset", "quick", "history", "scorer_candidates", "cache_history", "cache_candidates", "backends",
@@ -1352,8 +1356,12 @@ def _bench_server(build, preset, quick, candidates, history, scorer_candidates, 
             raise InputError(f"--concurrency {concurrency!r}: comma-separated integers from 1 to 256, e.g. 1,4,16")
     from onetrans_trt.serving.bench import bench_server, table
 
+    if store_url is not None:
+        from onetrans_trt.runtime.store import parse_store_url
+
+        parse_store_url(store_url)  # refused before a server starts
     res = bench_server(build, candidates=candidates or 50, concurrency=levels, requests=n_requests or 32,
-                       rounds=rounds or 2, say=_note)
+                       rounds=rounds or 2, say=_note, store=store_url)
     if out:
         atomic_write_json(out, res)
     _emit(res, as_json, table(res))

@@ -103,6 +103,8 @@ REFUSED = [
     ("bench", "history", ["{BUILD}", "--suite", "server", "--history", "8"], ["--history", "--suite server"]),
     ("bench", "concurrency", ["{BUILD}", "--concurrency", "4"], ["--concurrency", "--suite peers"]),
     ("bench", "n_requests", ["--suite", "fused", "--requests", "4"], ["--requests", "--suite fused"]),
+    ("bench", "store_url", ["--suite", "int8", "--store", "memory://"], ["--store", "--suite int8"]),
+    ("bench", "store_url", ["{BUILD}", "--suite", "server", "--store", "nope://x"], ["store URL", "nope://x"]),
     ("bench", "module_ref", [*M], ["--module", "export --module"]),
     ("bench", "weights", ["--weights", "{FILE}"], ["--weights", "export --module"]),
     *[("bench", p, ["--suite", "fused", *a], [a[0], "--suite peers"]) for p, a in (

@@ -149,6 +149,7 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "rounds"): ("0", "--rounds"),
     ("bench", "concurrency"): ("0", "--concurrency"),
     ("bench", "n_requests"): ("0", "--requests"),
+    ("bench", "store_url"): ("nope://x", "--store"),
     ("bench", "out"): ("{DIR}", "--out"),
     ("bench", "module_ref"): ("{MISSING}.py:make", "--module"),  # without a module build
     ("bench", "weights"): ("{MISSING}", "--weights"),

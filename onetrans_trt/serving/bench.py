@@ -43,9 +43,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[int, ...] = (1, 4, 16),
                  requests: int = 32, rounds: int = 2, seed: int = 0, data_dir=None, user_cache_mb: float = 256,
-                 say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 say: Callable[[str], None] | None = None, store: str | None = None) -> dict[str, Any]:
     """The measurements above; ``requests``: requests per contender per round at each
-    concurrency (at least the concurrency); ``rounds``: interleaved rounds."""
+    concurrency (at least the concurrency); ``rounds``: interleaved rounds;
+    ``store``: a user state store URL for ``rank_cached`` instead of its own cache."""
     from onetrans_trt import interrupts
     from onetrans_trt.data.movielens import MovieLens
     from onetrans_trt.data.requests import Request
@@ -72,7 +73,7 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
 
     with interrupts.temporary_directory(prefix="onetrans-bench-server-") as tmp:
         repo = Path(tmp) / "repo"
-        written = write_python_repository(build, repo, user_cache_mb=user_cache_mb)
+        written = write_python_repository(build, repo, user_cache_mb=user_cache_mb, store=store)
         batching = written["cross_user_batching"]
         contenders = [c for c in CONTENDERS if c != "rank-users" or batching["users_per_call"] > 1]
         say(f"serving {repo} (python backend, fp32)")
@@ -141,10 +142,20 @@ def bench_server(build: str | Path, *, candidates: int = 50, concurrency: tuple[
     return {"build": str(build), "candidates": candidates, "requests_per_round": n, "rounds": rounds,
             "concurrency": list(concurrency), "levels": levels, "encoder_calls_during_hits": hits_encoded,
             "errors": sum(v["errors"] + v["mismatches"] for lv in levels for v in lv["contenders"].values()),
-            "leftover_processes": leftovers, "user_cache_mb": user_cache_mb,
+            "leftover_processes": leftovers, "user_cache_mb": None if store else user_cache_mb,
+            "store": _safe(store),
             "data": f"MovieLens-100K test requests ({n} users, {candidates} candidates each, seed {seed})",
             "transport": "HTTP/JSON (KServe v2), one connection per request",
             "cross_user_batching": batching}
+
+
+def _safe(url: str | None) -> str | None:
+    """A store URL without its password (it goes into reports)."""
+    if url is None:
+        return None
+    from onetrans_trt.runtime.store import _safe_url
+
+    return _safe_url(url)
 
 
 def _scorer_calls(url: str) -> tuple[int, int]:
