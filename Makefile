@@ -60,7 +60,7 @@ test-heavy: venv data browser
 # the whole Triton server suite: a real tritonserver (the nvidia-pytriton 0.7.0 wheel, fetched with
 # `pip download` into ~/.cache/onetrans-trt/tritonserver on first use) on loopback; both families,
 # FP16/INT8 variants, request limits, concurrent users. Fails (instead of skipping) without a server.
-serve-test: venv data
+serve-test: venv data redis
 	ONETRANS_TRT_REQUIRE_TRITON=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/serving
 
 # the hardening suite at full strength: 10x the fuzz inputs (33,000: 22,000 requests, 3,000 of them

@@ -17,6 +17,8 @@ The public Python API is the names in ``__all__``, importable from here::
   TensorRT backends) and picks a backend that works for it when none is given.
 - :class:`RankResult` -- what ``Ranker.rank`` returns (``scores``, ``logits``, ``to_json()``).
 - :class:`UserKVCache` -- users' K/V shared across requests, LRU bounded in bytes.
+- :class:`LocalStore`, :class:`RedisStore`, :func:`store_from_url` -- users' states in a store
+  (``Ranker.load(path, store="redis://host:6379/0")``): in-process, or shared by processes.
 - :class:`Request`, :class:`RequestLimits` -- a parsed serving request; what one may hold.
 - :func:`load_checkpoint` -- a checkpoint directory as an eval-mode PyTorch model.
 - :func:`export_build` -- checkpoint -> build directory (``onetrans-trt export``).
@@ -53,6 +55,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Ranker": ("onetrans_trt.runtime.ranker", "Ranker"),
     "RankResult": ("onetrans_trt.runtime.ranker", "RankResult"),
     "UserKVCache": ("onetrans_trt.runtime.cache", "UserKVCache"),
+    "LocalStore": ("onetrans_trt.runtime.store", "LocalStore"),
+    "RedisStore": ("onetrans_trt.runtime.store", "RedisStore"),
+    "store_from_url": ("onetrans_trt.runtime.store", "store_from_url"),
     "Request": ("onetrans_trt.data.requests", "Request"),
     "RequestLimits": ("onetrans_trt.data.requests", "RequestLimits"),
     "load_checkpoint": ("onetrans_trt.models.checkpoint", "load_checkpoint"),
@@ -61,7 +66,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
-    "Ranker", "RankResult", "UserKVCache", "Request", "RequestLimits",
+    "Ranker", "RankResult", "UserKVCache", "LocalStore", "RedisStore", "store_from_url", "Request", "RequestLimits",
     "load_checkpoint", "export_build", "validate_build",
     "OneTransError", "InputError", "CheckpointError", "RequestError", "BuildError",
     "MissingCapabilityError", "ValidationFailed", "__version__",

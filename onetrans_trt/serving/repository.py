@@ -167,8 +167,11 @@ def write_python_repository(build: str | Path, out: str | Path, *, precision: st
                     "history's fingerprint; a hit never calls user_encoder",
             parameters={**pre_params, "wiring": json.dumps(wiring), "tensors": json.dumps(tensors),
                         "graphs_sha256": graphs_sha256(tmp), "user_cache_bytes": str(int(user_cache_mb * (1 << 20))),
+                        # the packed scorer only when instances can send it users at once (one
+                        # instance: one user per call, and the batcher's delay would be pure cost)
                         "scorer": "candidate_scorer_users" if "candidate_scorer_users" in written
-                        else "candidate_scorer", **({"store": store} if store else {})},
+                        and config_options["instances"] > 1 else "candidate_scorer",
+                        **({"store": store} if store else {})},
             instances=config_options["instances"]),  # each instance (a process) holds its own cache
             "CachedRank")
         atomic_write_json(tmp / "lineage.json", lineage_record(build, manifest, ios, "python", precision))

@@ -113,11 +113,14 @@ def test_batching_off_and_what_cannot_be_packed(tiny_build, tmp_path):
     assert res["cross_user_batching"]["users_per_call"] == 1
     assert 'string_value: "candidate_scorer"' in (tmp_path / "off" / "rank_cached" / "config.pbtxt").read_text()
     on = (tmp_path / "on")
-    write_python_repository(tiny_build, on, batch_users=3, batch_delay_us=50)
+    write_python_repository(tiny_build, on, batch_users=3, batch_delay_us=50, instances=2)
     text = (on / "candidate_scorer_users" / "config.pbtxt").read_text()
     assert "max_batch_size: 3" in text and "max_queue_delay_microseconds: 50" in text
     assert text.count("allow_ragged_batch: true") == text.count("input {")
     assert 'string_value: "candidate_scorer_users"' in (on / "rank_cached" / "config.pbtxt").read_text()
+    # one rank_cached instance never has two users at once: it keeps the one-user scorer
+    write_python_repository(tiny_build, tmp_path / "one", batch_users=3)
+    assert 'string_value: "candidate_scorer"' in (tmp_path / "one" / "rank_cached" / "config.pbtxt").read_text()
     # a module build with fused attention, a SEP-counted length (n_hist + 1) and a user token
     # read per candidate: packed, proved on its users from the build's samples
     sep = _export("sep_pyramid", tmp_path / "sep")
