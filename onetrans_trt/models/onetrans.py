@@ -112,6 +112,27 @@ class OneTransLayer(nn.Module):
         o = merge_heads(tail_causal_attention(q, k, v, valid))
         return k, v, self.s_update(x_tail, o)
 
+    def append_s(self, x_new: Tensor, k_past: Tensor, v_past: Tensor, valid: Tensor, n_queries: int | None):
+        """:meth:`encode_s` for S-tokens appended after cached ones (``models/append.py``).
+
+        ``x_new`` ``[U, k, d]``: this layer's input for the k newest S-tokens; ``k_past`` /
+        ``v_past`` ``[U, H, n, dh]``: the cached K/V of the tokens before them (left-padded);
+        ``valid`` ``[U]``: real tokens among all ``n + k``. Returns the K/V of all ``n + k``
+        tokens and the layer's output for the newest ``n_queries`` of the new ones (None: all);
+        equal to :meth:`encode_s` over the whole window when the cached K/V are that window's.
+        """
+        h = self.n_heads
+        hs = self.s_norm1(x_new)
+        k = torch.cat([k_past, split_heads(self.s_k(hs), h)], dim=2)
+        v = torch.cat([v_past, split_heads(self.s_v(hs), h)], dim=2)
+        if not self.s_queries:
+            return k, v, None
+        x_tail = x_new if n_queries is None else x_new[:, -n_queries:]
+        hs_tail = hs if n_queries is None else hs[:, -n_queries:]
+        q = split_heads(self.s_q(hs_tail), h)
+        o = merge_heads(tail_causal_attention(q, k, v, valid.clamp(max=k.shape[2])))
+        return k, v, self.s_update(x_tail, o)
+
     # -- candidate side ----------------------------------------------------------------
     def score_ns(self, x_ns: Tensor, k_s: Tensor, v_s: Tensor, length: Tensor) -> Tensor:
         h = self.n_heads
