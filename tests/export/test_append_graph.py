@@ -3,7 +3,7 @@ Runtime extends a cached OneTrans user state by k new S-tokens, and the result e
 PyTorch ``encode_user`` of the longer history (the real K/V columns, <= 1e-5) and scores
 the same through ``score_candidates`` (<= 1e-5), wherever ``can_append`` says the append is
 exact. Three models: the trained tiny checkpoint (2 layers, linear pyramid, windows
-[50, 4]) exported into a real build (the graph recorded in its manifest), and random
+[50, 4]) in a copy of the session's tiny build (the graph recorded in its manifest), and random
 weights with 3 layers / linear pyramid (windows [50, 27, 4]) and 2 layers / pyramid off
 (windows [50, 50]). k = 1..32, cached histories 0..50 (and past 50 where the stream slides
 but the append stays exact), one user and several at once, an append of an append.
@@ -161,17 +161,21 @@ def _cases(cfg, n: int, seed: int) -> list[tuple[int, int]]:
 
 # ---- the models ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tiny_ckpt, tmp_path_factory):
-    """The trained tiny checkpoint exported into a build, then its append graph."""
-    from onetrans_trt.export.api import export_build
+def trained(tiny_build, tmp_path_factory):
+    """A copy of the session's tiny build (the trained tiny checkpoint exported), then its
+    append graph (recorded in the copy's manifest; the shared build is left alone)."""
+    import shutil
+
+    from onetrans_trt.export.api import read_manifest
     from onetrans_trt.models.checkpoint import load_checkpoint
 
     build = tmp_path_factory.mktemp("append") / "tiny"
-    export_build(tiny_ckpt, build, n_samples=1)
+    shutil.copytree(tiny_build, build)
+    ckpt = read_manifest(build)["checkpoint"]["path"]
     t0 = time.perf_counter()
-    path = export_append(tiny_ckpt, build)
+    path = export_append(ckpt, build)
     EXPORT_SECONDS["trained tiny (2 layers, linear)"] = time.perf_counter() - t0
-    return Appender(load_checkpoint(tiny_ckpt).eval(), path)
+    return Appender(load_checkpoint(ckpt).eval(), path)
 
 
 def _random(movielens, tmp_path_factory, name, **over):
