@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from onetrans_trt.errors import BuildError, InputError
 from onetrans_trt.kv import UserKV, kv_names
-from onetrans_trt.models.append import windows
+from onetrans_trt.models.append import can_append, windows
 from onetrans_trt.models.attention import merge_heads, split_heads
 
 APPEND_GRAPH = "user_encoder_append.onnx"
@@ -79,10 +80,9 @@ class AppendGraph(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         cfg = model.cfg
-        if cfg.family != "onetrans":
-            raise ValueError(f"the append graph covers OneTrans only, not family {cfg.family!r}")
-        if cfg.schema.merge_mode != "timestamp_aware":
-            raise ValueError(f"the append graph needs timestamp_aware streams, not {cfg.schema.merge_mode!r}")
+        ok, why = can_append(cfg, 0, 1)  # the family and merge mode (the lengths are the host's)
+        if not ok:
+            raise InputError(f"no append graph: {why}")
         self.model = model.eval()
         self.cfg = cfg
         self.m = windows(cfg)
@@ -184,11 +184,14 @@ def _name_output_dims(proto, cfg):
 def export_append(ckpt_or_model: str | Path | nn.Module, build_dir: str | Path, *, opset: int | None = None,
                   record: bool = True) -> Path:
     """Trace :class:`AppendGraph` to ``build_dir/user_encoder_append.onnx`` (atomically, with our
-    ops' ONNX functions attached so ONNX Runtime runs it) and return its path.
+    ops' ONNX functions attached so ONNX Runtime runs it) and return its path. OneTrans with
+    timestamp-aware streams only (else :class:`InputError`, nothing written).
 
     When ``build_dir`` holds a manifest (an ``export`` build) and ``record``, the graph is listed
     there as ``graphs.user_encoder_append`` (file, sha256, bytes, inputs, outputs, and the
-    ``windows`` / ``export_seconds`` it was made with), the manifest replaced atomically."""
+    ``windows`` / ``export_seconds`` it was made with), the manifest replaced atomically; a
+    checkpoint other than the build's is refused (:class:`BuildError`). An ``nn.Module`` is
+    taken as the build's model (not checked)."""
     from onetrans_trt.export.api import MANIFEST, graph_entry, read_manifest, trace_onnx
     from onetrans_trt import interrupts
     from onetrans_trt.io import atomic_write_json, build_lock
@@ -204,6 +207,13 @@ def export_append(ckpt_or_model: str | Path | nn.Module, build_dir: str | Path, 
         model = load_splittable(ckpt_or_model)
     build = Path(build_dir)
     has_manifest = (build / MANIFEST).is_file()
+    if has_manifest and record and not isinstance(ckpt_or_model, nn.Module):
+        from onetrans_trt.models.checkpoint import checkpoint_hash
+
+        made_from = read_manifest(build)["checkpoint"]["sha256"]
+        if checkpoint_hash(ckpt_or_model) != made_from:
+            raise BuildError(f"{ckpt_or_model} is not the checkpoint {build} was exported from "
+                             f"(sha256 {made_from[:12]}); export the append graph of that one")
     if opset is None:
         opset = read_manifest(build)["opset"] if has_manifest else DEFAULT_OPSET
     check_opset(opset)

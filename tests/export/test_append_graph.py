@@ -284,3 +284,29 @@ def test_append_of_an_append(trained, linear3):
                 assert_matches_full(app, state, static, [full], [ns], k)
                 n += k
         assert n >= 10
+
+
+def test_refused_where_no_append_exists(trained, tmp_path):
+    """HyFormer and timestamp-agnostic streams have no append graph; another checkpoint's graph is
+    never recorded in a build; nothing is written either way."""
+    from onetrans_trt.data.synthetic import synthetic_schema
+    from onetrans_trt.errors import BuildError, InputError
+    from onetrans_trt.export.append import AppendGraph
+    from onetrans_trt.export.api import sha256_file
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.hyformer import HyFormer
+    from onetrans_trt.models.onetrans import OneTrans
+
+    agnostic = OneTrans(ModelConfig.from_preset("tiny", synthetic_schema(merge_mode="timestamp_agnostic")))
+    with pytest.raises(InputError, match="timestamp_agnostic"):
+        export_append(agnostic, tmp_path / "a")
+    with pytest.raises(InputError, match="OneTrans only"):
+        AppendGraph(HyFormer(ModelConfig.from_preset("tiny", trained.cfg.schema, family="hyformer")))
+    assert not (tmp_path / "a").exists()
+    other = save_checkpoint(OneTrans(ModelConfig.from_preset("tiny", trained.cfg.schema)), tmp_path / "other")
+    build = trained.path.parent
+    before = sha256_file(build / "manifest.json"), sha256_file(trained.path)
+    with pytest.raises(BuildError, match="not the checkpoint"):
+        export_append(other, build)
+    assert (sha256_file(build / "manifest.json"), sha256_file(trained.path)) == before
