@@ -310,3 +310,19 @@ def test_refused_where_no_append_exists(trained, tmp_path):
     with pytest.raises(BuildError, match="not the checkpoint"):
         export_append(other, build)
     assert (sha256_file(build / "manifest.json"), sha256_file(trained.path)) == before
+
+
+def test_zero_width_cache(trained, off2):
+    """A user with no cached state at all: K/V of width 0 (kv_len_<l> = 0) and s_length 0."""
+    for app in (trained, off2):
+        schema, model = app.cfg.schema, app.model
+        req = _request(schema, 5, 6)
+        h_new, ns = encode_request(schema, req)
+        _, tokens, _ = new_tokens(schema, _hist(schema, req, 0), h_new, k=6)
+        tokens = {key: v for key, v in tokens.items() if key != "s_length"}
+        h, dh = app.cfg.n_heads, app.cfg.d_model // app.cfg.n_heads
+        empty = [torch.zeros(1, h, 0, dh) for _ in range(app.cfg.n_layers)]
+        kv = UserKV(empty, empty, torch.zeros(1, dtype=torch.int64))
+        with torch.no_grad():
+            assert_matches_full(app, app.run(kv, tokens), append_user(model, kv, tokens, widths="static"),
+                                [model.encode_user(_t(h_new))], [ns], 6)
