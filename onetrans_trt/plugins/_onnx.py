@@ -55,6 +55,28 @@ class Body:
         return self.op("Range", self.const(0), self.scalar(n_1), self.const(1), hint="range")
 
 
+def own_causal_merged(b: Body, q: str, k_own: str, v_own: str, scale: str, zero: str, ninf: str, last: str,
+                      prefix: tuple[str, str, str], out: str) -> None:
+    """The candidates' own NS-tokens part of the shared-prefix ops (token i sees own tokens
+    <= i), merged with the prefix part ``(m1, l1, o1)`` through their running max and sums
+    into ``out``: an online softmax over the two blocks (m2 is finite: i sees itself, so an
+    empty prefix gives exp(-inf) = 0 for its weight)."""
+    m1, l1, o1 = prefix
+    s2 = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k_own, perm=[0, 1, 3, 2])), scale)
+    i = b.arange(b.dim(q, 2))
+    causal = b.op("LessOrEqual", b.op("Unsqueeze", i, b.const([0])), b.op("Unsqueeze", i, b.const([1])))
+    s2 = b.op("Add", s2, b.op("Where", causal, zero, ninf))
+    m2 = b.op("ReduceMax", s2, last, keepdims=1)
+    p2 = b.op("Exp", b.op("Sub", s2, m2))
+    l2 = b.op("ReduceSum", p2, last, keepdims=1)
+    o2 = b.op("MatMul", p2, v_own)
+    m = b.op("Max", m1, m2)
+    a1, a2 = b.op("Exp", b.op("Sub", m1, m)), b.op("Exp", b.op("Sub", m2, m))
+    num = b.op("Add", b.op("Mul", a1, o1), b.op("Mul", a2, o2))
+    den = b.op("Add", b.op("Mul", a1, l1), b.op("Mul", a2, l2))
+    b.nodes.append(helper.make_node("Div", [num, den], [out]))
+
+
 def make_function(name: str, inputs: list[str], outputs: list[str], body: Body,
                   attributes: list[str], opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
     """A model-local function; ``opset`` must equal the model's default-domain opset (>= 18)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onetrans_trt.plugins._onnx import Body, make_function
+from onetrans_trt.plugins._onnx import Body, make_function, own_causal_merged
 from onetrans_trt.plugins.shared_prefix_attention import INPUTS, OP, OUTPUTS
 
 ATTRIBUTES = ["scale", "plugin_namespace", "aot"]
@@ -45,19 +45,6 @@ def function(opset: int = 18) -> onnx.FunctionProto:
         return b.op("Transpose", b.op("Reshape", x, back), perm=[1, 0, 2, 3])
 
     m1, l1, o1 = per_candidate(m1), per_candidate(l1), per_candidate(o1)
-    # part 2: own NS-tokens, causal
-    s2 = b.op("Mul", b.op("MatMul", q, b.op("Transpose", ko, perm=[0, 1, 3, 2])), scale)
-    i = b.arange(t)
-    causal = b.op("LessOrEqual", b.op("Unsqueeze", i, b.const([0])), b.op("Unsqueeze", i, b.const([1])))
-    s2 = b.op("Add", s2, b.op("Where", causal, zero, ninf))
-    m2 = b.op("ReduceMax", s2, last, keepdims=1)
-    p2 = b.op("Exp", b.op("Sub", s2, m2))
-    l2 = b.op("ReduceSum", p2, last, keepdims=1)
-    o2 = b.op("MatMul", p2, vo)
-    # merge
-    m = b.op("Max", m1, m2)
-    a1, a2 = b.op("Exp", b.op("Sub", m1, m)), b.op("Exp", b.op("Sub", m2, m))
-    num = b.op("Add", b.op("Mul", a1, o1), b.op("Mul", a2, o2))
-    den = b.op("Add", b.op("Mul", a1, l1), b.op("Mul", a2, l2))
-    b.nodes.append(onnx.helper.make_node("Div", [num, den], OUTPUTS))
+    # part 2: own NS-tokens, causal, merged with part 1
+    own_causal_merged(b, q, ko, vo, scale, zero, ninf, last, (m1, l1, o1), OUTPUTS[0])
     return make_function(OP, INPUTS, OUTPUTS, b, ATTRIBUTES, opset)
