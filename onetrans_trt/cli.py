@@ -510,11 +510,14 @@ def schema_cmd(name: str, out: Path | None) -> None:
                                               "sequence per candidate), for the ort-unified backend.")
 @click.option("--samples", "n_samples", type=click.IntRange(1, 100), default=4, show_default=True,
               help="Real requests saved with their PyTorch outputs under samples/.")
+@click.option("--append", "append_graph", is_flag=True,
+              help="Also write user_encoder_append.onnx: a cached user's K/V extended by its k newest events "
+                   "(OneTrans, timestamp_aware streams). Not used by the runtime yet.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
 def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, out, opset, no_passes, fuse_attention,
-               unified, n_samples, force, data_dir, as_json) -> None:
+               unified, n_samples, append_graph, force, data_dir, as_json) -> None:
     """Export a OneTrans/HyFormer checkpoint, or your own ranker (--module), to a build
     directory of ONNX graphs.
 
@@ -525,6 +528,8 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
     BUILD/manifest.json          checkpoint hash, versions, inputs/outputs, dynamic dims,
                                  pyramid schedule, passes applied
     BUILD/samples/               real requests, inputs (npz + polygraphy JSON), PyTorch outputs
+    BUILD/user_encoder_append.onnx  with --append: cached K/V + k new events -> the K/V
+                                 of the longer history (exact where can_append says so)
 
     \b
     Try the saved samples with polygraphy:
@@ -535,6 +540,8 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
         _refuse(("no_passes", "fuse_attention", "n_samples", "data_dir"), "to --module",
                 "a module build runs the passes its protocol needs (shared-prefix, no-broadcast, cleanup) and "
                 "saves one sample from --inputs or its spec")
+        _refuse(("append_graph",), "to --module", "the append graph extends a OneTrans checkpoint's cached "
+                                                "user state; a module build has none")
         if check_only:
             _refuse(("out", "opset", "unified", "force"), "with --check-only",
                     "it runs the protocol checks and writes nothing; drop --check-only to export")
@@ -547,6 +554,17 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
             _refuse(("fuse_attention",), "to a HyFormer checkpoint",
                     "fuse-attention rewrites OneTrans's shared-prefix and causal-tail attention; HyFormer's graphs "
                     "keep their attention as exported")
+    if append_graph and module_ref is None and ckpt is not None:
+        from onetrans_trt.models.append import can_append
+        from onetrans_trt.models.config import read_config
+
+        cfg = read_config(ckpt)
+        if cfg.family != "onetrans":
+            _refuse(("append_graph",), f"to a {'HyFormer' if cfg.family == 'hyformer' else cfg.family} checkpoint",
+                    "appending new events to a cached user state covers OneTrans only")
+        elif not can_append(cfg, 0, 1)[0]:
+            _refuse(("append_graph",), f"to a {cfg.schema.merge_mode} checkpoint", can_append(cfg, 0, 1)[1]
+                    + "; only timestamp_aware streams append")
     if out is None and not check_only:
         raise InputError("--out BUILD is required (the build directory to write)")
     if module_ref is not None:
@@ -566,9 +584,16 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
                                 force=force, unified=unified,
                                 n_samples=n_samples, data_dir=data_dir,
                                 progress=lambda msg: prog.update(task, status=msg))
+        if append_graph:
+            from onetrans_trt.export.api import read_manifest
+            from onetrans_trt.export.append import export_append
+
+            prog.update(task, status="append graph")
+            export_append(ckpt, out)
+            manifest = read_manifest(out)
     nodes = {k: v for k, v in ((r["graph"], r["nodes_after"]) for r in manifest["passes"])}
     human = (f"wrote {out}\n  user_encoder.onnx, candidate_scorer.onnx"
-             f"{', unified.onnx' if unified else ''}; passes: "
+             f"{', unified.onnx' if unified else ''}{', user_encoder_append.onnx' if append_graph else ''}; passes: "
              f"{', '.join(r['pass'] for r in manifest['passes'])}; nodes {nodes}")
     _emit({"out": str(out), "manifest": manifest}, as_json, human)
 

@@ -326,3 +326,69 @@ def test_zero_width_cache(trained, off2):
         with torch.no_grad():
             assert_matches_full(app, app.run(kv, tokens), append_user(model, kv, tokens, widths="static"),
                                 [model.encode_user(_t(h_new))], [ns], 6)
+
+
+# ---- the CLI: `export CKPT --out BUILD --append` -------------------------------------------------
+def test_cli_export_append_writes_and_records_the_graph(tiny_build, tmp_path, monkeypatch):
+    """``--append`` runs ``export_append`` after ``export_build`` (here stood in for by a copy of the
+    session's tiny build, so only the append graph is traced) and the build records it."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    import onetrans_trt.export.api as api
+    from onetrans_trt.cli import cli
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.trust import check_build
+
+    out = tmp_path / "b"
+    seen = {}
+
+    def fake_export_build(ckpt, out_dir, **kw):
+        seen.update(kw, ckpt=str(ckpt))
+        shutil.copytree(tiny_build, out_dir)
+        return read_manifest(out_dir)
+
+    monkeypatch.setattr(api, "export_build", fake_export_build)
+    ckpt = read_manifest(tiny_build)["checkpoint"]["path"]
+    r = CliRunner().invoke(cli, ["export", ckpt, "--out", str(out), "--append", "--json"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert seen["ckpt"] == ckpt
+    assert (out / APPEND_GRAPH).is_file()
+    entry = read_manifest(out)["graphs"]["user_encoder_append"]
+    assert entry["file"] == APPEND_GRAPH and entry["windows"] == [50, 4]
+    assert json.loads(r.stdout)["manifest"]["graphs"]["user_encoder_append"] == entry
+    check_build(out)
+
+
+def test_cli_export_append_refused_before_any_work(movielens, tmp_path, monkeypatch):
+    """timestamp_agnostic and HyFormer checkpoints: exit 2, one line naming --append, nothing written
+    (export_build is never reached)."""
+    from click.testing import CliRunner
+
+    import onetrans_trt.export.api as api
+    from onetrans_trt.cli import cli
+    from onetrans_trt.data.synthetic import synthetic_schema
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.hyformer import HyFormer
+    from onetrans_trt.models.onetrans import OneTrans
+
+    def boom(*a, **kw):
+        raise AssertionError("export_build ran")
+
+    monkeypatch.setattr(api, "export_build", boom)
+    agnostic = save_checkpoint(OneTrans(ModelConfig.from_preset(
+        "tiny", synthetic_schema(merge_mode="timestamp_agnostic"))), tmp_path / "agnostic")
+    hy = save_checkpoint(HyFormer(ModelConfig.from_preset("tiny", movielens.schema, family="hyformer")),
+                         tmp_path / "hy")
+    for ckpt, words in ((agnostic, ["--append", "timestamp_agnostic", "timestamp_aware"]),
+                        (hy, ["--append", "HyFormer", "OneTrans only"])):
+        out = tmp_path / "out"
+        r = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(out), "--append"])
+        assert r.exit_code == 2, r.output[-2000:]
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert all(w in lines[0] for w in words), lines[0]
+        assert not out.exists()
