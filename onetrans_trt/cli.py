@@ -1227,20 +1227,23 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
 
 @cli.command("bench")
 @click.argument("build", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--suite", type=click.Choice(["peers", "fused", "int8", "server"]), default="peers", show_default=True,
+@click.option("--suite", type=click.Choice(["peers", "fused", "int8", "server", "cache"]), default="peers",
+              show_default=True,
               help="peers: the split serving path against the naive peers (torch-unified, torch-split, "
                    "ort-unified), scorer GFLOP/s against this machine's MatMul, K/V cache hit vs miss, "
                    "pyramid on vs off. fused: fused vs unfused scorer (peak memory, latency). "
                    "int8: INT8 vs FP32 scorer latency. server: a real tritonserver on BUILD's python-backend "
-                   "repository under load (rank vs rank_cached miss/hit per --concurrency).")
+                   "repository under load (rank vs rank_cached miss/hit per --concurrency). "
+                   "cache: appending 1 event to a cached user (user_encoder_append.onnx) vs a full encode, "
+                   "ORT CPU, with the model's pyramid and with it off.")
 @click.option("--preset", type=click.Choice(["tiny", "small", "onetrans-s", "onetrans-l"]), default=None,
               help="Without BUILD: model size, random weights, synthetic schema "
-                   "[peers: onetrans-s (small with --quick); fused/int8: small].")
+                   "[peers: onetrans-s (small with --quick); fused/int8: small; cache: onetrans-s].")
 @click.option("--quick", is_flag=True, help="peers: the one-minute version (smaller L, C and model, fewer rounds).")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="C per request [peers: 128 (64 quick); fused: 1024; int8: 256].")
 @click.option("--history", type=click.IntRange(1), default=None,
-              help="L history events [peers: 512 (256 quick); fused: 1024; int8: 512].")
+              help="L history events [peers: 512 (256 quick); fused: 1024; int8: 512; cache: 1024].")
 @click.option("--scorer-candidates", type=click.IntRange(1), default=None,
               help="peers: C for the scorer-alone GFLOP/s [1024 (512 quick)].")
 @click.option("--cache-history", type=click.IntRange(1), default=None,
@@ -1294,6 +1297,10 @@ def bench_cmd(build, suite, preset, quick, candidates, history, scorer_candidate
                              module_ref, weights, as_json, store_url)
     _refuse(("concurrency", "n_requests"), f"to --suite {suite}", "they size the server suite's load")
     _refuse(("store_url",), f"to --suite {suite}", "it is where the server suite's rank_cached keeps users")
+    if suite == "cache":
+        return _bench_cache(build, preset, quick, candidates, history, scorer_candidates, cache_history,
+                            cache_candidates, backends, no_pyramid, threads, rounds, out, module_ref, weights,
+                            as_json)
     chosen = [b.strip() for b in backends.split(",") if b.strip()] if backends is not None else None
     if build is not None and _module_build(build):
         return _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history,
@@ -1395,6 +1402,35 @@ def _bench_server(build, preset, quick, candidates, history, scorer_candidates, 
 
         raise ValidationFailed(f"the server answered {res['errors']} request(s) wrongly or with an error, "
                          f"{len(res['leftover_processes'])} server process(es) left")
+
+
+def _bench_cache(build, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,
+                 backends, no_pyramid, threads, rounds, out, module_ref, weights, as_json) -> None:
+    """``bench --suite cache``: append 1 event to a cached user vs a full encode (bench/cache.py)."""
+    from onetrans_trt.io import atomic_write_json
+
+    _refuse(("candidates",), "to --suite cache", "it appends to and encodes one user's history; no candidate "
+                                                "is scored (--history sizes it)")
+    _refuse(("quick", "scorer_candidates", "cache_history", "cache_candidates", "backends", "no_pyramid",
+             "threads"), "to --suite cache", "they size the peers suite; the cache suite times ORT CPU at "
+                                             "--history, with the model's pyramid and with it off")
+    _refuse(("module_ref", "weights"), "to --suite cache", "it runs a OneTrans build's append graph, not a build "
+                                                          "from `export --module`")
+    if build is not None:
+        _refuse(("preset",), "with a BUILD", "the build's own model is measured; --preset picks a random-weight "
+                                            "model when no BUILD is given")
+        if _module_build(build):
+            raise InputError(f"--suite cache: {build} is a build from `export --module`; it has no append graph")
+        if not (build / "user_encoder_append.onnx").is_file():
+            raise InputError(f"--suite cache: {build} has no user_encoder_append.onnx; export it again with "
+                             f"`onetrans-trt export CKPT --out {build} --append --force`")
+    from onetrans_trt.bench.cache import bench_cache, table
+
+    res = bench_cache(build, preset=preset, history=history, rounds=rounds,
+                      say=lambda msg: _stderr_console().print(f"[dim]{msg}[/dim]"))
+    if out:
+        atomic_write_json(out, res)
+    _emit(res, as_json, table(res))
 
 
 def _bench_module(build, suite, preset, quick, candidates, history, scorer_candidates, cache_history, cache_candidates,

@@ -38,7 +38,6 @@ APPLIES = {
        for p in ("build", "precision", "profile_specs", "workspace_mb", "tf32", "as_json")},
     ("bench", "suite"): "picks the suite", ("bench", "rounds"): "every suite", ("bench", "out"): "every suite",
     ("bench", "as_json"): "every suite",
-    ("bench", "candidates"): "every suite",
 }
 
 # (command, parameter refused, arguments, words the one-line error must hold)
@@ -115,6 +114,15 @@ REFUSED = [
     ("bench", "cache_history", ["{MODBUILD}", "--cache-history", "8"], ["--cache-history"]),
     ("bench", "cache_candidates", ["{MODBUILD}", "--cache-candidates", "8"], ["--cache-candidates"]),
     ("bench", "no_pyramid", ["{MODBUILD}", "--no-pyramid"], ["--no-pyramid"]),
+    ("export", "append_graph", ["{HYCKPT}", "--out", "{OUT}", "--append"], ["--append", "HyFormer"]),
+    ("export", "append_graph", [*M, "--out", "{OUT}", "--append"], ["--append", "--module"]),
+    ("bench", "candidates", ["--suite", "cache", "--candidates", "8"], ["--candidates", "--suite cache"]),
+    ("bench", "build", ["{BUILD}", "--suite", "cache"], ["user_encoder_append.onnx", "export", "--append"]),
+    ("bench", "preset", ["{BUILD}", "--suite", "cache", "--preset", "tiny"], ["--preset", "BUILD"]),
+    *[("bench", p, ["--suite", "cache", *a], [a[0], "--suite cache"]) for p, a in (
+        ("quick", ["--quick"]), ("threads", ["--threads", "1"]), ("no_pyramid", ["--no-pyramid"]),
+        ("cache_history", ["--cache-history", "8"]), ("backends", ["--backends", "ort"]),
+        ("module_ref", list(M)))],
 ]
 TRAIN_BASE = ["--out", "{OUT}", "--preset", "tiny", "--epochs", "1", "--limit", "50"]
 
