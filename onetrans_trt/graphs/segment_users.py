@@ -283,8 +283,8 @@ def check(original: onnx.ModelProto, segmented: onnx.ModelProto, users: list[dic
     from onetrans_trt.ort_options import session_options
 
     plan = Plan.from_model(segmented)
-    one = ort.InferenceSession(original.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    many = ort.InferenceSession(segmented.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    one = ort.InferenceSession(original.SerializeToString(), sess_options=session_options(), providers=["CPUExecutionProvider"])
+    many = ort.InferenceSession(segmented.SerializeToString(), sess_options=session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in one.get_outputs()]
     kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
     users = [{i.name: np.asarray(u[i.name]).astype(kinds.get(i.type, np.asarray(u[i.name]).dtype), copy=False)

@@ -227,7 +227,7 @@ def _sample_users(build: Path, sub: str, names: list[str]) -> list[dict]:
     from onetrans_trt.ort_options import session_options
 
     enc_path = (build / sub / "user_encoder.onnx") if sub else build / "user_encoder.onnx"
-    enc = ort.InferenceSession(str(enc_path), session_options(), providers=["CPUExecutionProvider"])
+    enc = ort.InferenceSession(str(enc_path), sess_options=session_options(), providers=["CPUExecutionProvider"])
     feeds = {i.name: arrays[f"inputs/{i.name}"] for i in enc.get_inputs() if f"inputs/{i.name}" in arrays}
     if len(feeds) != len(enc.get_inputs()):
         return []
