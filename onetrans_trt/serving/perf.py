@@ -65,11 +65,14 @@ def perf_analyzer(timeout: float = 600.0) -> tuple[Path, Path]:
 
 
 def run_perf_analyzer(url: str, model: str, requests: list[Any], *, concurrency: tuple[int, ...] = (1, 4),
-                      interval_ms: int = 2000, workdir: str | os.PathLike, timeout: float = 600.0) -> list[dict]:
+                      interval_ms: int = 2000, workdir: str | os.PathLike, timeout: float = 600.0,
+                      stability_percent: int = 10) -> list[dict]:
     """Run ``perf_analyzer`` over HTTP on ``model`` (input ``request``: each of ``requests`` as
     its JSON, in turn) at each concurrency; returns its CSV rows (``Concurrency``,
     ``Inferences/Second``, latencies in microseconds). A failed run (an error response
-    included) raises ServerError with perf_analyzer's last lines."""
+    included) raises ServerError with perf_analyzer's last lines. ``stability_percent``:
+    perf_analyzer's ``--stability-percentage`` (how far three measurement windows may differ
+    before it calls the measurement stable; it fails a run it cannot call stable)."""
     from onetrans_trt.serving.server import ServerError
 
     binary, lib = perf_analyzer()
@@ -81,7 +84,8 @@ def run_perf_analyzer(url: str, model: str, requests: list[Any], *, concurrency:
     for c in concurrency:
         out = workdir / f"perf_{model}_{c}.csv"
         cmd = [str(binary), "-m", model, "-u", url, "-i", "http", "--input-data", str(workdir / "perf_input.json"),
-               "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms), "-f", str(out)]
+               "--concurrency-range", f"{c}:{c}", "--measurement-interval", str(interval_ms),
+               "--stability-percentage", str(int(stability_percent)), "-f", str(out)]
         env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join([str(lib), os.environ.get("LD_LIBRARY_PATH", "")])}
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if p.returncode != 0:

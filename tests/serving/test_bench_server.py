@@ -80,8 +80,10 @@ def test_perf_analyzer_drives_rank_and_rank_cached_without_errors(triton, tiny_b
     reqs = [r for r, _ in movielens.requests(6, n_candidates=10, seed=48)]
     with TritonServer(repo, install_dir=triton) as server:
         for model in ("rank", "rank_cached", "rank_users"):
+            # the test is about errors (none), not a stable figure: on 2 shared cores a 1 s window
+            # can differ from the next by more than perf_analyzer's default 10%, which it fails
             rows = run_perf_analyzer(server.http_url, model, reqs, concurrency=(1, 4), interval_ms=1000,
-                                     workdir=tmp_path)
+                                     workdir=tmp_path, stability_percent=50)
             assert [int(r["Concurrency"]) for r in rows] == [1, 4], rows
             assert all(float(r["Inferences/Second"]) > 0 for r in rows)
         with pytest.raises(ServerError, match="perf_analyzer on rank_cached"):  # a malformed request: errors
