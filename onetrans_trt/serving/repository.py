@@ -253,6 +253,9 @@ def _packed_scorer(build: Path, tmp: Path, models: dict[str, Any], sub: str, ask
 
     src = (build / sub / "candidate_scorer.onnx") if sub else build / "candidate_scorer.onnx"
     try:
+        if sum(f.stat().st_size for f in src.parent.glob(f"{src.name}*")) > (3 << 29):  # 1.5 GiB with its data
+            raise SegmentError("the scorer is over 1.5 GiB with its external data: the packed graph's proof runs "
+                               "it from one protobuf, which holds at most 2 GiB")
         original = onnx.load(str(src))
         segmented, plan = segment_users(original)
         users = _sample_users(build, sub, [i.name for i in original.graph.input])
