@@ -87,8 +87,8 @@ def test_local_store_ttl():
     assert c.calls == 2 and s.stats()["expired"] == 1
 
 
-def test_local_store_single_flight_eight_threads_one_compute():
-    s = LocalStore()
+def _eight_at_once(s) -> tuple["Compute", list]:
+    """Eight threads miss one user at the same moment; the compute (0.3 s) and their answers."""
     c = Compute(delay=0.3)
     barrier = threading.Barrier(8)
 
@@ -97,7 +97,12 @@ def test_local_store_single_flight_eight_threads_one_compute():
         return s.get_or_compute("u", _hist(), c)
 
     with ThreadPoolExecutor(8) as ex:
-        out = list(ex.map(one, range(8)))
+        return c, list(ex.map(one, range(8)))
+
+
+def test_local_store_single_flight_eight_threads_one_compute():
+    s = LocalStore()
+    c, out = _eight_at_once(s)
     assert c.calls == 1
     assert all(kv is out[0][0] for kv, _ in out) and sorted(h for _, h in out) == [False] + [True] * 7
     st = s.stats()
@@ -240,15 +245,7 @@ def test_named_states_of_any_names_travel_through_redis(redis_server):
 
 def test_redis_single_flight_threads(redis_server):
     s = store_from_url(redis_server.url, build_hash=BUILD)
-    c = Compute(delay=0.3)
-    barrier = threading.Barrier(8)
-
-    def one(_):
-        barrier.wait(5)
-        return s.get_or_compute("u", _hist(), c)
-
-    with ThreadPoolExecutor(8) as ex:
-        out = list(ex.map(one, range(8)))
+    c, out = _eight_at_once(s)
     assert c.calls == 1 and sorted(h for _, h in out) == [False] + [True] * 7
     assert s.stats()["waits"] == 7 and s.stats()["writes"] == 1
 
