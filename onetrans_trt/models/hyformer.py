@@ -77,18 +77,31 @@ class SequenceEncoderLayer(nn.Module):
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``[U, n, d]`` left-padded with ``valid`` real tokens; returns the layer's
         output tokens (the newest ``window`` for LONGER) and their K/V ``[U, H, n', dh]``."""
+        return self.run(x, valid)[:3]
+
+    def run(self, x: Tensor, valid: Tensor, past: tuple[Tensor, Tensor] | None = None):
+        """:meth:`forward` and the self-attention's own K/V ``[U, H, n_keys, dh]`` (None for
+        ``swiglu``): ``(out, k, v, self_k, self_v)``.
+
+        ``past``: self-attention K/V of cached tokens before ``x`` (all real, no padding; then
+        ``x`` must be real too): the keys are ``past ++ x``, so the new tokens' outputs equal
+        those of a full pass over the longer sequence (the append path,
+        :mod:`onetrans_trt.models.append_hyformer`)."""
         h = self.n_heads
         if self.kind == "swiglu":
             out = x + self.ffn(self.norm1(x))
+            sk = sv = None
         else:
             hx = self.norm1(x)
             tail = x if self.kind == "transformer" else x[:, -self.window:]
             q = split_heads(self.q(hx if self.kind == "transformer" else hx[:, -self.window:]), h)
-            k, v = split_heads(self.k(hx), h), split_heads(self.v(hx), h)
-            z = tail + self.o(merge_heads(tail_causal_attention(q, k, v, valid.clamp(max=x.shape[1]))))
+            sk, sv = split_heads(self.k(hx), h), split_heads(self.v(hx), h)
+            if past is not None:
+                sk, sv = torch.cat([past[0], sk], dim=2), torch.cat([past[1], sv], dim=2)
+            z = tail + self.o(merge_heads(tail_causal_attention(q, sk, sv, valid.clamp(max=sk.shape[2]))))
             out = z + self.ffn(self.norm2(z))
         hk = self.kv_norm(out)
-        return out, split_heads(self.to_k(hk), h), split_heads(self.to_v(hk), h)
+        return out, split_heads(self.to_k(hk), h), split_heads(self.to_v(hk), h), sk, sv
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Tensor, sink_v: Tensor,
