@@ -28,6 +28,7 @@ class RankResult:
     logits: np.ndarray  # [C, tasks]
     user_key: str | None = None
     truncated: dict[str, Any] | None = None  # what RequestLimits(over_limit="truncate") cut
+    user_state: dict[str, Any] | None = None  # with append: where the state came from, and why
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -48,6 +49,7 @@ class RankResult:
             "logits": {t: self.logits[:, i].astype(float).tolist() for i, t in enumerate(self.tasks)},
             "order": order,
             **({"truncated": self.truncated} if self.truncated else {}),
+            **({"user_state": self.user_state} if self.user_state else {}),
         }
 
 
@@ -56,7 +58,7 @@ class Ranker:
 
     def __init__(self, schema: FeatureSchema, tasks: list[str], backend: Any, *, chunk_size: int = 512,
                  cache: Any = None, limits: RequestLimits | None = None, store: Any = None,
-                 build_hash: str | None = None, family: str = ""):
+                 build_hash: str | None = None, family: str = "", append: Any = False):
         """``cache``: a :class:`~onetrans_trt.runtime.cache.UserKVCache` shared across requests
         (split backends only); ``limits``: what a request may hold (defaults: see
         :class:`~onetrans_trt.data.requests.RequestLimits`).
@@ -68,7 +70,14 @@ class Ranker:
         only; not with ``cache``). ``build_hash`` names the user encoder the states come from
         (:meth:`load` passes the sha256 of the graph or engine it runs; a torch backend's
         default: :func:`model_hash`); ``family`` is written into each stored state.
-        ``encoder_runs`` counts the user-encoder runs of this Ranker."""
+        ``encoder_runs`` counts the user-encoder runs of this Ranker.
+
+        ``append`` (with ``store``): a user whose history grew since the stored one has only
+        the new events encoded against the stored state, when that is exact (see
+        :mod:`onetrans_trt.runtime.append`); ``True`` for a torch backend, or an appender
+        (:meth:`load` makes the ONNX Runtime one from the build's append graph).
+        ``append_runs`` counts the appends, ``RankResult.user_state`` says per request where
+        the state came from (``stored``, ``appended``, ``encoded``) and why."""
         if chunk_size < 1:
             raise InputError("chunk_size must be >= 1")
         self.schema, self.tasks, self.backend, self.chunk_size = schema, tasks, backend, chunk_size
@@ -96,6 +105,16 @@ class Ranker:
             self.store = (store_from_url(store, build_hash=self.build_hash, family=family)
                           if isinstance(store, str) else store)
             self.store.bind(self.build_hash)
+        self.appender = None
+        self.append_runs = 0
+        if append is not False and append is not None:
+            if self.store is None:
+                raise InputError("append needs a store= (the stored states are what new events are appended to)")
+            if append is True:
+                from onetrans_trt.runtime.append import appender_for
+
+                append = appender_for(backend)
+            self.appender = append
 
     @property
     def backend_name(self) -> str:
@@ -164,6 +183,10 @@ class Ranker:
         else:
             raise InputError(f"unknown backend {backend!r} for a build; choose one of "
                              f"'ort', 'ort-fp16', 'ort-int8', 'ort-unified', 'trt', 'trt-fp16', 'trt-int8'")
+        if kw.get("append") is True:
+            from onetrans_trt.runtime.append import appender_for
+
+            kw["append"] = appender_for(b, build, cfg, providers=providers, threads=threads)
         if kw.get("store") is not None and getattr(b, "split", False):
             kw.setdefault("family", cfg.family)
             if kw.get("build_hash") is None:
@@ -185,8 +208,11 @@ class Ranker:
         hist, ns = encode_request(self.schema, req)
         c = len(req.candidates)
         chunks = [{k: v[i:i + self.chunk_size] for k, v in ns.items()} for i in range(0, c, self.chunk_size)]
+        said = None
         if self.backend.split:
-            if self.store is not None:
+            if self.store is not None and self.appender is not None:
+                kv, said = self._stored_or_appended(req.user_key, hist)
+            elif self.store is not None:
                 kv, _ = self.store.get_or_compute(req.user_key, hist, lambda: self._encode(hist))
             elif self.cache is not None:
                 kv = self.cache.get_or_compute(req.user_key, hist, lambda: self._encode(hist))
@@ -196,12 +222,52 @@ class Ranker:
         else:
             parts = [self.backend.score_unified(hist, ch) for ch in chunks]
         logits = np.concatenate(parts) if parts else np.zeros((0, len(self.tasks)), np.float32)
-        return RankResult(self.tasks, logits, req.user_key, cut or None)
+        return RankResult(self.tasks, logits, req.user_key, cut or None, said)
 
     def _encode(self, hist: dict[str, np.ndarray]) -> Any:
         with self._runs_lock:
             self.encoder_runs += 1
+        if self.appender is not None:
+            kv = self.appender.encode(hist)  # a state the appender can extend later (HyFormer: + self-attn K/V)
+            if kv is not None:
+                return kv
         return self.backend.encode_user(hist)
+
+    def _stored_or_appended(self, user_key: str | None, hist: dict[str, np.ndarray]) -> tuple[Any, dict]:
+        """The state of ``hist``: stored, else appended to the user's latest stored state when
+        exact, else encoded; stores it and ``hist`` as the user's latest history."""
+        from onetrans_trt.runtime.append import LATEST, plan
+        from onetrans_trt.runtime.state import history_fingerprint, named_state
+
+        said: dict[str, Any] = {}
+
+        def compute() -> Any:
+            reason = "the request has no user_key" if not user_key else "no earlier history of this user is stored"
+            latest = self.store.get(user_key, LATEST) if user_key else None
+            if latest is not None:
+                old_hist = {k: np.asarray(v) for k, v in latest.extras.items()}
+                kv_old = self.store.get(user_key, history_fingerprint(old_hist))
+                reason = "the latest history's state is no longer stored" if kv_old is None else \
+                    self.appender.fits(kv_old, old_hist)
+                if kv_old is not None and not reason:
+                    d = plan(self.appender.cfg, old_hist, hist)
+                    reason = d.reason
+                    if d.ok:
+                        kv = kv_old if d.k == 0 else self.appender.append(kv_old, d, old_hist, hist)
+                        with self._runs_lock:
+                            self.append_runs += d.k > 0
+                        said.update(source="appended", new_events=d.k, reason=d.reason)
+                        return kv
+            said.update(source="encoded", reason=reason)
+            return self._encode(hist)
+
+        kv, hit = self.store.get_or_compute(user_key, hist, compute)
+        if hit:
+            said.clear()
+            said.update(source="stored", reason="this history's state was stored")
+        elif user_key:
+            self.store.put(user_key, LATEST, named_state(hist))
+        return kv, said
 
 
 def encoder_files(build: Path, backend: str) -> list[Path]:

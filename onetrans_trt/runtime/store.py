@@ -170,13 +170,15 @@ class LocalStore:
         self._items.move_to_end(key)
         return item[0]
 
-    def _store(self, key: tuple[str, str], kv: Any) -> bool:  # under the lock
+    def _store(self, key: tuple[str, str], kv: Any, replace: bool = False) -> bool:  # under the lock
         size = int(kv.nbytes())
         if size > self.max_bytes:
             self.too_big += 1
             return False
-        if key in self._items:  # a concurrent compute of the same key stored it first: keep that one
-            return True
+        if key in self._items:
+            if not replace:  # a concurrent compute of the same key stored it first: keep that one
+                return True
+            self._bytes -= self._items.pop(key)[1]
         self._items[key] = (kv, size, time.monotonic())
         self._bytes += size
         while self._bytes > self.max_bytes:
@@ -190,8 +192,9 @@ class LocalStore:
             return self._lookup((user_key or "", fingerprint))
 
     def put(self, user_key: str | None, fingerprint: str, kv: Any) -> bool:
+        """Keep ``kv`` under the key, replacing what was there (Redis ``SET`` does the same)."""
         with self._lock:
-            return self._store((user_key or "", fingerprint), kv)
+            return self._store((user_key or "", fingerprint), kv, replace=True)
 
     def get_or_compute(self, user_key: str | None, hist: dict[str, np.ndarray],
                        compute: Callable[[], Any]) -> tuple[Any, bool]:

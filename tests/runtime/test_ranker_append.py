@@ -1,0 +1,153 @@
+"""The Ranker with ``store=`` and ``append=True`` (runtime/append.py): a user whose history
+grew since the stored one gets only the new events encoded against the stored state, and
+every answer equals a Ranker that encodes every history in full (<= 1e-5). Torch backends
+(OneTrans, HyFormer), the ONNX Runtime build with its append graph, a Redis store shared by
+two Rankers, the fallbacks (changed history, full stream, store down) and the refusals.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from onetrans_trt.data.synthetic import synthetic_schema
+from onetrans_trt.errors import InputError
+from onetrans_trt.models.config import ModelConfig
+from onetrans_trt.models.hyformer import HyFormer
+from onetrans_trt.models.onetrans import OneTrans
+from onetrans_trt.runtime.ranker import Ranker
+from tests.models.test_append import _history_request, _upto
+from tests.models.test_split_exactness import _randomize
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _onetrans(max_history=20, **kw):
+    cfg = ModelConfig.from_preset("tiny", synthetic_schema(max_history=max_history), pyramid="off", **kw)
+    model = OneTrans(cfg).eval()
+    _randomize(model, torch.Generator().manual_seed(0))
+    return model
+
+
+def _hyformer(encoder="transformer", max_history=20):
+    schema = synthetic_schema(max_history=max_history, n_sequences=2)
+    cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, ns_tokens=4,
+                      seq_encoder=encoder, longer_window=6)
+    model = HyFormer(cfg).eval()
+    _randomize(model, torch.Generator().manual_seed(1))
+    return model
+
+
+def grow(ranker: Ranker, plain: Ranker, req, counts) -> list[dict]:
+    """Rank ``req`` cut to each of ``counts`` events in turn; every answer equals ``plain``'s."""
+    said = []
+    for n in counts:
+        r = _upto(req, n)
+        a, b = ranker.rank(r), plain.rank(r)
+        assert np.abs(a.logits - b.logits).max() <= TOL, (n, a.user_state)
+        assert a.to_json()["user_state"] == a.user_state
+        said.append(a.user_state)
+    return said
+
+
+@pytest.mark.parametrize("family", ["onetrans", "hyformer-transformer", "hyformer-longer", "hyformer-swiglu"])
+def test_torch_ranker_appends_each_new_event(family):
+    model = _onetrans() if family == "onetrans" else _hyformer(family.split("-")[1])
+    ranker = Ranker.from_model(model, store="memory://", append=True)
+    plain = Ranker.from_model(model)
+    req = _history_request(model.cfg.schema, np.random.default_rng(3), 20)
+    req.user_key = "u1"
+    said = grow(ranker, plain, req, range(0, 21))
+    assert said[0]["source"] == "encoded" and "no earlier history" in said[0]["reason"]
+    sources = [s["source"] for s in said[1:]]
+    if family == "hyformer-longer":  # LONGER's window (6, 2 layers) slides once a sequence passes it
+        assert "appended" in sources and "encoded" in sources
+        assert all("slides" in s["reason"] for s in said[1:] if s["source"] == "encoded")
+    else:
+        assert sources == ["appended"] * 20, said
+        assert all(s["new_events"] == 1 for s in said[1:])
+        assert ranker.encoder_runs == 1 and ranker.append_runs == 20
+    assert ranker.encoder_runs + ranker.append_runs == 21
+    # the same history again: the stored state
+    again = ranker.rank(_upto(req, 20))
+    assert again.user_state["source"] == "stored"
+
+
+def test_fallbacks_say_why():
+    model = _onetrans(max_history=12)
+    ranker = Ranker.from_model(model, store="memory://", append=True)
+    plain = Ranker.from_model(model)
+    req = _history_request(model.cfg.schema, np.random.default_rng(5), 16)
+    req.user_key = "u"
+    said = grow(ranker, plain, req, [4, 12, 13])
+    assert [s["source"] for s in said] == ["encoded", "appended", "encoded"]
+    assert "slides" in said[2]["reason"]  # the stream is full (12): one more event slides it
+    changed = _upto(req, 14)
+    changed.history = [dict(ev) for ev in changed.history]
+    changed.history[-3]["item_id"] = changed.history[-3]["item_id"] % 40 + 1
+    b = ranker.rank(changed)
+    assert b.user_state["source"] == "encoded"
+    assert np.abs(b.logits - plain.rank(changed).logits).max() <= TOL
+    anon = _upto(req, 3)
+    anon.user_key = None
+    assert "no user_key" in ranker.rank(anon).user_state["reason"]
+
+
+def test_ort_build_appends_through_its_graph(movielens, tiny_build, tmp_path):
+    from onetrans_trt.export.append import export_append
+    from onetrans_trt.export.api import read_manifest
+
+    build = tmp_path / "b"
+    shutil.copytree(tiny_build, build)
+    export_append(read_manifest(build)["checkpoint"]["path"], build)
+    ranker = Ranker.load(build, backend="ort", store="memory://", append=True, threads=1)
+    plain = Ranker.load(build, backend="ort", threads=1)
+    appended = 0
+    for i, (req, _) in enumerate(movielens.requests(3, n_candidates=20, seed=11)):
+        req.user_key = f"user{i}"
+        n = len(req.history)
+        said = grow(ranker, plain, req, [max(0, n - 6), n - 4, n - 3, n])
+        appended += sum(s["source"] == "appended" for s in said)
+    assert appended >= 6, appended  # real histories (ties in time may reorder a few: then encoded)
+    assert ranker.append_runs == appended
+
+
+def test_two_rankers_share_a_redis_store_and_survive_it_going_away(redis_server):
+    model = _onetrans()
+    first = Ranker.from_model(model, store=redis_server.url, append=True)
+    second = Ranker.from_model(model, store=redis_server.url, append=True)
+    plain = Ranker.from_model(model)
+    req = _history_request(model.cfg.schema, np.random.default_rng(9), 16)
+    req.user_key = "shared"
+    assert grow(first, plain, req, [8])[0]["source"] == "encoded"
+    said = grow(second, plain, req, [11, 12])
+    assert [s["source"] for s in said] == ["appended", "appended"] and said[0]["new_events"] == 3
+    assert second.encoder_runs == 0 and second.append_runs == 2
+    redis_server.stop()
+    said = grow(second, plain, req, [14])  # the store is gone: encoded in full, still correct
+    assert said[0]["source"] == "encoded"
+    assert second.encoder_runs == 1
+
+
+def test_refusals(tiny_build, tiny_ckpt):
+    model = _onetrans()
+    with pytest.raises(InputError, match="needs a store"):
+        Ranker.from_model(model, append=True)
+    with pytest.raises(InputError, match="export CKPT --out .* --append"):
+        Ranker.load(tiny_build, backend="ort", store="memory://", append=True)
+    with pytest.raises(InputError, match="encodes no user state"):
+        Ranker.load(tiny_ckpt, backend="torch-unified", store="memory://", append=True)
+    agnostic = ModelConfig.from_preset("tiny", synthetic_schema(max_history=8, merge_mode="timestamp_agnostic"))
+    with pytest.raises(InputError, match="SEP"):
+        Ranker.from_model(OneTrans(agnostic).eval(), store="memory://", append=True)
