@@ -409,8 +409,13 @@ def info(ckpt: Path, as_json: bool) -> None:
                    "[?ttl_s=3600&max_mb=64&timeout_s=0.25] (shared; a store that is down only costs "
                    "local encodes) or memory://[?max_mb=256]. Split backends only. With -v the "
                    "store's hits, misses and errors are logged.")
+@click.option("--append", "append", is_flag=True, default=False,
+              help="With --store: a user whose history grew since the stored one has only the new events "
+                   "encoded against the stored state, where that equals a full encode (else the whole "
+                   "history is encoded); each result's user_state says which and why. torch-split, or "
+                   "ort on a build exported with --append (OneTrans).")
 def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path | None,
-         store_url: str | None) -> None:
+         store_url: str | None, append: bool) -> None:
     """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
 
     CKPT is a checkpoint directory or a build directory (from `export`).
@@ -425,12 +430,14 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
     from onetrans_trt.data.requests import RequestLimits, load_requests
     from onetrans_trt.runtime.ranker import Ranker
 
+    if append and store_url is None:
+        raise InputError("--append needs --store URL (the stored states are what new events are appended to)")
     if store_url is not None:
         from onetrans_trt.runtime.store import parse_store_url
 
         parse_store_url(store_url)  # a bad URL is refused before any model loads
     limits = RequestLimits.load(limits_path) if limits_path else RequestLimits()
-    ranker = Ranker.load(ckpt, backend=backend, limits=limits, store=store_url)
+    ranker = Ranker.load(ckpt, backend=backend, limits=limits, store=store_url, append=append)
     reqs = load_requests(request_path, limits)
     try:
         results = [ranker.rank(r).to_json() for r in reqs]
@@ -441,6 +448,7 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
             s = ranker.store.stats()
             get_logger("onetrans_trt.cli").info(
                 f"store: {s['hits']} hits, {s['misses']} misses, {ranker.encoder_runs} encoder runs, "
+                f"{ranker.append_runs} appends, "
                 f"{s.get('store_errors', 0)} store errors, {s.get('corrupt', 0)} corrupt entries dropped")
             ranker.store.close()
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))

@@ -151,3 +151,31 @@ def test_refusals(tiny_build, tiny_ckpt):
     agnostic = ModelConfig.from_preset("tiny", synthetic_schema(max_history=8, merge_mode="timestamp_agnostic"))
     with pytest.raises(InputError, match="SEP"):
         Ranker.from_model(OneTrans(agnostic).eval(), store="memory://", append=True)
+
+
+def test_cli_rank_append(tiny_ckpt, movielens, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onetrans_trt.cli import cli
+
+    req, _ = movielens.requests(1, n_candidates=5, seed=21)[0]
+    req.user_key = "cli-user"
+    assert len(req.history) > 60  # its newest 50 events fill the stream
+    lines = [json.dumps(_upto(req, m).to_json()) for m in (10, 11, 14, 60, 61)]
+    path = tmp_path / "reqs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(cli, ["rank", str(tiny_ckpt), "--request", str(path), "--store", "memory://", "--append"])
+    assert r.exit_code == 0, r.output[-2000:]
+    out = json.loads(r.stdout)
+    # 14 -> 60: 46 new events fill every window past layer 0 (tiny: [50, 4]), exact though 10 cached
+    # ones fall out of the stream; 60 -> 61: one new event slides the full stream: encoded
+    assert [o["user_state"]["source"] for o in out] == ["encoded", "appended", "appended", "appended", "encoded"], out
+    assert "slides" in out[4]["user_state"]["reason"]
+    plain = json.loads(CliRunner().invoke(cli, ["rank", str(tiny_ckpt), "--request", str(path)]).stdout)
+    for a, b in zip(out, plain):
+        assert "user_state" not in b
+        assert np.abs(np.array(a["logits"]["like"]) - np.array(b["logits"]["like"])).max() <= TOL
+    bad = CliRunner().invoke(cli, ["rank", str(tiny_ckpt), "--request", str(path), "--append"])
+    assert bad.exit_code == 2 and "--append needs --store" in bad.output
