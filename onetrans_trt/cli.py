@@ -346,12 +346,21 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
     _emit({"out": str(out), **summary}, as_json, human)
 
 
+def dense_parameters(model) -> int:
+    """Parameters outside embedding tables (the papers' "dense parameters")."""
+    import torch
+
+    sparse = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return int(sum(p.numel() for p in model.parameters() if id(p) not in sparse))
+
+
 @cli.command()
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @JSON_OUT
 def info(ckpt: Path, as_json: bool) -> None:
     """Summarize a checkpoint: architecture, schema, pyramid, parameters, metrics."""
     from onetrans_trt.models.checkpoint import checkpoint_hash, load_checkpoint, read_metrics
+    from onetrans_trt.models.config import PAPER_FIGURES
 
     model = load_checkpoint(ckpt)
     cfg = model.cfg
@@ -362,6 +371,8 @@ def info(ckpt: Path, as_json: bool) -> None:
         "ns_tokenizer": cfg.ns_tokenizer, "ns_tokens": cfg.num_ns_tokens, "tasks": cfg.tasks,
         "pyramid_schedule": cfg.query_schedule() if cfg.family == "onetrans" else None,
         "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dense_parameters": dense_parameters(model),
+        "paper": PAPER_FIGURES.get(cfg.preset or ""),
         "schema": {
             "max_history": s.max_history, "merge_mode": s.merge_mode,
             "features": {g: [f.name for f in s.features_in(g)] for g in ("user", "item", "context")},
@@ -374,6 +385,10 @@ def info(ckpt: Path, as_json: bool) -> None:
              f"  d_model {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers, "
              f"{cfg.num_ns_tokens} NS-tokens ({cfg.ns_tokenizer}), tasks {', '.join(cfg.tasks)}",
              f"  history: up to {s.max_history} events, {len(s.sequences)} sequences, {s.merge_mode}"]
+    dense = f"  dense parameters (embedding tables excluded, as the papers count): {d['dense_parameters']:,}"
+    if d["paper"]:
+        dense += f"; the paper's {cfg.preset}: {d['paper']['dense_parameters']:,} ({d['paper']['source']})"
+    lines.append(dense)
     if cfg.family == "hyformer":
         d["hyformer"] = {"seq_encoder": cfg.seq_encoder, "queries_per_sequence": cfg.hy_queries,
                          "longer_window": cfg.longer_window}

@@ -272,3 +272,28 @@ def test_bench_fused_and_int8_suites_at_the_smallest_sizes(suite, tmp_path):
     names = ("fused", "unfused") if suite == "fused" else ("int8", "fp32")
     for name in names:
         assert res["latency"][name]["runs"] == 1 and res["latency"][name]["p50_ms"] > 0
+
+
+def test_info_puts_paper_presets_next_to_the_papers_figures(tmp_path, movielens):
+    """``info`` counts dense parameters (embedding tables excluded, as the papers do) and, for a
+    paper preset, prints the paper's figure beside them; a tiny model has no paper figure."""
+    import torch
+
+    from onetrans_trt.models.checkpoint import save_checkpoint
+    from onetrans_trt.models.config import ModelConfig
+    from onetrans_trt.models.onetrans import OneTrans
+
+    torch.manual_seed(0)
+    for preset, paper in (("onetrans-s", 91_000_000), ("tiny", None)):
+        model = OneTrans(ModelConfig.from_preset(preset, movielens.schema))
+        out = tmp_path / preset
+        save_checkpoint(model, out)
+        r = CliRunner().invoke(cli, ["info", str(out), "--json"])
+        assert r.exit_code == 0, r.output[-2000:]
+        d = json.loads(r.stdout)
+        emb = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        assert emb > 0 and d["dense_parameters"] == d["parameters"] - emb
+        assert (d["paper"] or {}).get("dense_parameters") == paper
+        human = CliRunner().invoke(cli, ["info", str(out)]).stdout
+        assert f"dense parameters (embedding tables excluded, as the papers count): {d['dense_parameters']:,}" in human
+        assert ("arXiv 2510.26104" in human) == (paper is not None)

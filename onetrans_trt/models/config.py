@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=64, n_heads=4, n_layers=3, ffn_mult=2, ns_tokens=4, final_queries=16),
     # paper sizes (arXiv 2510.26104), for benchmarks with random weights
     "onetrans-s": dict(d_model=256, n_heads=4, n_layers=6, ffn_mult=4, ns_tokens=16, final_queries=12),
-    "onetrans-l": dict(d_model=384, n_heads=6, n_layers=8, ffn_mult=4, ns_tokens=16, final_queries=16),
+    "onetrans-l": dict(d_model=384, n_heads=4, n_layers=8, ffn_mult=4, ns_tokens=16, final_queries=16),
 }
 
 # HyFormer sizes. ``mixer_tokens`` (T) is the token count of query boosting: the J*N global
@@ -34,6 +34,28 @@ HYFORMER_PRESETS: dict[str, dict[str, Any]] = {
     # the paper's multi-sequence setting: 16 mixer tokens = 13 NS + 3 global (one per sequence)
     "hyformer-paper": dict(d_model=256, n_heads=4, n_layers=4, ffn_mult=4, mixer_tokens=16, longer_window=64),
 }
+
+
+# The presets that stand for a paper's model: a config naming one must have its sizes
+# (heads change no weight shape, so a wrong head count would load and compute garbage).
+PAPER_PRESETS = ("onetrans-s", "onetrans-l", "hyformer-paper")
+SIZE_KEYS = ("d_model", "n_heads", "n_layers", "ffn_mult")
+# What the papers report for them: dense parameters (sparse embedding tables excluded), and where.
+PAPER_FIGURES: dict[str, dict[str, Any]] = {
+    "onetrans-s": {"dense_parameters": 91_000_000, "source": "OneTrans (arXiv 2510.26104) Table 2: 91M"},
+    "onetrans-l": {"dense_parameters": 330_000_000, "source": "OneTrans (arXiv 2510.26104) Table 2: 330M"},
+    "hyformer-paper": {"dense_parameters": 418_000_000, "source": "HyFormer (arXiv 2601.12681) Table 1: 418M"},
+}
+
+
+def preset_sizes(preset: str | None, family: str) -> dict[str, int] | None:
+    """The sizes a config claiming ``preset`` must have (None: it claims no paper preset)."""
+    if preset not in PAPER_PRESETS:
+        return None
+    table = HYFORMER_PRESETS if family == "hyformer" else PRESETS
+    if preset not in table:
+        return {}
+    return {k: table[preset][k] for k in SIZE_KEYS if k in table[preset]}
 
 
 # "linear", "off", or explicit S-query counts (said apart by type: an error names the right one)
@@ -148,7 +170,11 @@ class ModelConfig:
                                   f"{n_q} global queries")
             kw["ns_tokens"] = t - n_q
         kw.update(overrides)
-        return cls(schema=schema, preset=preset, **kw)
+        claim = preset
+        sizes = preset_sizes(preset, overrides.get("family", "onetrans"))
+        if sizes and any(kw.get(k) != v for k, v in sizes.items()):
+            claim = None  # resized: no longer the paper's model, so it does not claim to be
+        return cls(schema=schema, preset=claim, **kw)
 
 
 class _ConfigRules(_JSON):
@@ -176,6 +202,14 @@ class _ConfigRules(_JSON):
             if self.d_model % t:
                 raise ValueError(f"HyFormer query boosting splits each token into T = sequences x hy_queries + "
                                  f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
+        sizes = preset_sizes(self.preset, self.family)
+        if sizes == {}:
+            raise ValueError(f"preset {self.preset!r} is not a {self.family} preset")
+        for key, want in (sizes or {}).items():
+            if getattr(self, key) != want:
+                raise ValueError(f"preset {self.preset!r} has {key} = {want} (the paper's), this config {key} = "
+                                 f"{getattr(self, key)}: a config naming a paper preset must have its sizes; set "
+                                 f"\"preset\" to null for a custom model")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: names must be unique, got {self.tasks}")
         return self

@@ -303,3 +303,35 @@ def test_fuzz_mutated_configs_raise_config_error_only():
             seen["ok"] += 1
     assert seen["ok"] > 100 and seen["refused"] > 1500, seen
     assert time.perf_counter() - t0 < 10
+
+
+# ---- paper presets: a config naming one has its sizes --------------------------------------
+def test_paper_presets_have_the_papers_heads():
+    from onetrans_trt.models.config import HYFORMER_PRESETS, PRESETS
+
+    assert (PRESETS["onetrans-s"]["n_layers"], PRESETS["onetrans-s"]["d_model"], PRESETS["onetrans-s"]["n_heads"]) \
+        == (6, 256, 4)
+    assert (PRESETS["onetrans-l"]["n_layers"], PRESETS["onetrans-l"]["d_model"], PRESETS["onetrans-l"]["n_heads"]) \
+        == (8, 384, 4)
+    assert HYFORMER_PRESETS["hyformer-paper"]["n_heads"] == 4
+
+
+@pytest.mark.parametrize("key,value", [("n_heads", 6), ("n_heads", 8), ("d_model", 512), ("n_layers", 7),
+                                       ("ffn_mult", 2)])
+def test_a_config_claiming_a_paper_preset_with_other_sizes_is_refused(movielens, key, value):
+    good = ModelConfig.from_preset("onetrans-l", movielens.schema).to_dict()
+    assert good["preset"] == "onetrans-l"
+    ModelConfig.from_dict(good)  # as saved: loads
+    bad = {**good, key: value}
+    with pytest.raises(ConfigError, match=f"preset 'onetrans-l' has {key} = .*this config {key} = {value}"):
+        ModelConfig.from_dict(bad)
+    ModelConfig.from_dict({**bad, "preset": None})  # a custom model says so, and loads
+
+
+def test_resizing_a_paper_preset_drops_its_claim_and_other_overrides_keep_it(movielens):
+    s = movielens.schema
+    assert ModelConfig.from_preset("onetrans-s", s, n_layers=3).preset is None
+    assert ModelConfig.from_preset("onetrans-s", s, pyramid="off").preset == "onetrans-s"
+    assert ModelConfig.from_preset("tiny", s, n_layers=3).preset == "tiny"  # not a paper preset: unchecked
+    with pytest.raises(ConfigError, match="not a onetrans preset"):
+        ModelConfig.from_dict({**ModelConfig.from_preset("tiny", s).to_dict(), "preset": "hyformer-paper"})
