@@ -20,7 +20,7 @@ from tests.plugins import trt_standin
 
 pytest.importorskip("triton", reason="the 'kernels' extra (triton) is not installed")
 
-HEAD_SIZES = (8, 16, 64)  # tiny, small, onetrans-s / onetrans-l
+HEAD_SIZES = (8, 16, 64, 96)  # tiny, small, onetrans-s, onetrans-l (d=384, H=4: 96, padded to 128)
 
 
 def _real_tensorrt() -> bool:
