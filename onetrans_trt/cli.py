@@ -428,7 +428,7 @@ def info(ckpt: Path, as_json: bool) -> None:
               help="With --store: a user whose history grew since the stored one has only the new events "
                    "encoded against the stored state, where that equals a full encode (else the whole "
                    "history is encoded); each result's user_state says which and why. torch-split, or "
-                   "ort on a build exported with --append (OneTrans).")
+                   "ort on a build exported with --append.")
 def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path | None,
          store_url: str | None, append: bool) -> None:
     """Score a request's candidates; prints JSON (per-task probabilities, logits, order).
@@ -535,7 +535,8 @@ def schema_cmd(name: str, out: Path | None) -> None:
               help="Real requests saved with their PyTorch outputs under samples/.")
 @click.option("--append", "append_graph", is_flag=True,
               help="Also write user_encoder_append.onnx: a cached user's K/V extended by its k newest events "
-                   "(OneTrans, timestamp_aware streams). Not used by the runtime yet.")
+                   "(OneTrans with timestamp_aware streams, HyFormer). `rank --store URL --append` (the Ranker's "
+                   "append=True) uses it.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
@@ -563,8 +564,8 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
         _refuse(("no_passes", "fuse_attention", "n_samples", "data_dir"), "to --module",
                 "a module build runs the passes its protocol needs (shared-prefix, no-broadcast, cleanup) and "
                 "saves one sample from --inputs or its spec")
-        _refuse(("append_graph",), "to --module", "the append graph extends a OneTrans checkpoint's cached "
-                                                "user state; a module build has none")
+        _refuse(("append_graph",), "to --module", "the append graph extends a OneTrans or HyFormer checkpoint's "
+                                                "cached user state; a module build has none")
         if check_only:
             _refuse(("out", "opset", "unified", "force"), "with --check-only",
                     "it runs the protocol checks and writes nothing; drop --check-only to export")
@@ -582,10 +583,10 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
         from onetrans_trt.models.config import read_config
 
         cfg = read_config(ckpt)
-        if cfg.family != "onetrans":
-            _refuse(("append_graph",), f"to a {'HyFormer' if cfg.family == 'hyformer' else cfg.family} checkpoint",
-                    "appending new events to a cached user state covers OneTrans only")
-        elif not can_append(cfg, 0, 1)[0]:
+        if cfg.family not in ("onetrans", "hyformer"):
+            _refuse(("append_graph",), f"to a {cfg.family} checkpoint",
+                    "appending new events to a cached user state covers OneTrans and HyFormer")
+        elif cfg.family == "onetrans" and not can_append(cfg, 0, 1)[0]:
             _refuse(("append_graph",), f"to a {cfg.schema.merge_mode} checkpoint", can_append(cfg, 0, 1)[1]
                     + "; only timestamp_aware streams append")
     if out is None and not check_only:

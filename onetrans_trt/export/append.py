@@ -185,7 +185,8 @@ def export_append(ckpt_or_model: str | Path | nn.Module, build_dir: str | Path, 
                   record: bool = True) -> Path:
     """Trace :class:`AppendGraph` to ``build_dir/user_encoder_append.onnx`` (atomically, with our
     ops' ONNX functions attached so ONNX Runtime runs it) and return its path. OneTrans with
-    timestamp-aware streams only (else :class:`InputError`, nothing written).
+    timestamp-aware streams (else :class:`InputError`, nothing written), or HyFormer (its own
+    graph: :mod:`onetrans_trt.export.append_hyformer`).
 
     When ``build_dir`` holds a manifest (an ``export`` build) and ``record``, the graph is listed
     there as ``graphs.user_encoder_append`` (file, sha256, bytes, inputs, outputs, and the
@@ -217,21 +218,29 @@ def export_append(ckpt_or_model: str | Path | nn.Module, build_dir: str | Path, 
     if opset is None:
         opset = read_manifest(build)["opset"] if has_manifest else DEFAULT_OPSET
     check_opset(opset)
-    graph = AppendGraph(model)
+    hyformer = model.cfg.family == "hyformer"
+    graph = None if hyformer else AppendGraph(model)
     t0 = time.perf_counter()
     with build_lock(build, "export --append"):
         build.mkdir(parents=True, exist_ok=True)
-        with interrupts.temporary_directory(prefix="onetrans-append-") as tmp:
-            raw = tmp / APPEND_GRAPH
-            trace_onnx(graph, _example_feeds(model), raw, opset, dynamic=append_dynamic_axes(model.cfg))
-            proto = attach_op_functions(_name_output_dims(load_model(raw), model.cfg))
         path = build / APPEND_GRAPH
-        save_model_atomic(proto, path)
+        if hyformer:  # per-sequence inputs, its own module (export/append_hyformer.py)
+            from onetrans_trt.export.append_hyformer import export_hyformer_append
+
+            export_hyformer_append(model, path, opset)
+        else:
+            with interrupts.temporary_directory(prefix="onetrans-append-") as tmp:
+                raw = tmp / APPEND_GRAPH
+                trace_onnx(graph, _example_feeds(model), raw, opset, dynamic=append_dynamic_axes(model.cfg))
+                proto = attach_op_functions(_name_output_dims(load_model(raw), model.cfg))
+            save_model_atomic(proto, path)
         seconds = time.perf_counter() - t0
         if has_manifest and record:
             manifest = read_manifest(build)
             manifest["graphs"].pop(MANIFEST_KEY, None)
-            manifest["graphs"][MANIFEST_KEY] = {**graph_entry(build, APPEND_GRAPH), "windows": graph.m,
+            shape = ({"seq_encoder": model.cfg.seq_encoder, "longer_window": model.cfg.longer_window} if hyformer
+                     else {"windows": graph.m})
+            manifest["graphs"][MANIFEST_KEY] = {**graph_entry(build, APPEND_GRAPH), **shape,
                                                 "export_seconds": round(seconds, 3)}
             check_manifest(manifest, build / MANIFEST)  # checked before it replaces the old one
             atomic_write_json(build / MANIFEST, manifest)

@@ -94,7 +94,8 @@ def can_append(cfg, old_lengths: Any, k: int) -> tuple[bool, str]:
     """Whether appending ``k`` S-tokens to states of ``old_lengths`` real S-tokens (an int or
     ``[U]``) equals a full encode of the longer streams, and why (see the module docstring)."""
     if cfg.family != "onetrans":
-        return False, f"append covers OneTrans only, not family {cfg.family!r}"
+        return False, (f"this append covers OneTrans, not family {cfg.family!r}"
+                       + (" (HyFormer: models.append_hyformer)" if cfg.family == "hyformer" else ""))
     if cfg.schema.merge_mode != "timestamp_aware":
         return False, (f"merge mode {cfg.schema.merge_mode!r}: each sequence ends with its [SEP], so a new "
                        f"event lands inside the stream, not at its end")

@@ -14,8 +14,10 @@ Appenders (one per backend kind):
 - :class:`TorchAppender` (``torch-split``): OneTrans :func:`~onetrans_trt.models.append.append_user`,
   HyFormer :func:`~onetrans_trt.models.append_hyformer.append_user` (its states then carry the
   self-attention K/V: :func:`~onetrans_trt.models.append_hyformer.encode_appendable`);
-- :class:`OrtAppender` (``ort``): OneTrans through ``BUILD/user_encoder_append.onnx``
-  (``export --append``), the host deciding first as always.
+- :class:`OrtAppender` (``ort``): through ``BUILD/user_encoder_append.onnx`` (``export
+  --append``), the host deciding first as always; HyFormer's first state of a user is every
+  event appended to the empty state (the same graph: the full encode plus the self-attention
+  K/V that ``user_encoder.onnx`` does not output).
 
 A store that is down or a state that does not decode never changes a score: the request
 encodes its whole history, as without ``append``.
@@ -139,10 +141,9 @@ class OrtAppender:
         from onetrans_trt.models.append import can_append
         from onetrans_trt.runtime.ort_backend import ort_session
 
-        if cfg.family != "onetrans":
-            raise InputError(f"append with an ONNX Runtime backend covers OneTrans builds; family {cfg.family!r} "
-                             f"appends with backend 'torch-split' (its append graph is not exported yet)")
-        ok, why = can_append(cfg, 0, 1)
+        if cfg.family not in ("onetrans", "hyformer"):
+            raise InputError(f"append: family {cfg.family!r} has no user state to extend")
+        ok, why = can_append(cfg, 0, 1) if cfg.family == "onetrans" else (True, "")
         if not ok:
             raise InputError(f"append: {why}")
         path = Path(build) / APPEND_GRAPH
@@ -154,9 +155,27 @@ class OrtAppender:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def encode(self, hist):
-        return None
+        """OneTrans: None (the build's encoder state is appendable). HyFormer: every event
+        appended to the empty state, which is the full encode with the self-attention K/V
+        an append needs (``user_encoder.onnx`` does not output them)."""
+        if self.cfg.family != "hyformer":
+            return None
+        from onetrans_trt.export.append_hyformer import empty_state
+        from onetrans_trt.models.append_hyformer import sequence_tokens
+
+        tokens = {str(j): {key: v[None, :] for key, v in s.items()}
+                  for j, s in enumerate(sequence_tokens(self.cfg.schema, hist)) if len(s["s_type"])}
+        return self._run_hyformer(empty_state(self.cfg), tokens, hist)
+
+    def _run_hyformer(self, kv: UserKV, tokens, hist) -> UserKV:
+        from onetrans_trt.export.append_hyformer import append_feeds, appended_state
+
+        outs = self.session.run(self.outputs, append_feeds(kv, tokens, self.cfg))
+        return appended_state(dict(zip(self.outputs, outs)), hist["s_length"])
 
     def append(self, kv_old: UserKV, decision, old_hist, new_hist) -> UserKV:
+        if self.cfg.family == "hyformer":
+            return self._run_hyformer(kv_old, decision.tokens, new_hist)
         from onetrans_trt.export.append import append_feeds, appended_state
 
         outs = self.session.run(self.outputs, append_feeds(_np_state(kv_old), decision.tokens, self.cfg))

@@ -287,7 +287,8 @@ def test_append_of_an_append(trained, linear3):
 
 
 def test_refused_where_no_append_exists(trained, tmp_path):
-    """HyFormer and timestamp-agnostic streams have no append graph; another checkpoint's graph is
+    """Timestamp-agnostic streams have no append graph, HyFormer not this one (its own:
+    export/append_hyformer.py); another checkpoint's graph is
     never recorded in a build; nothing is written either way."""
     from onetrans_trt.data.synthetic import synthetic_schema
     from onetrans_trt.errors import BuildError, InputError
@@ -301,7 +302,7 @@ def test_refused_where_no_append_exists(trained, tmp_path):
     agnostic = OneTrans(ModelConfig.from_preset("tiny", synthetic_schema(merge_mode="timestamp_agnostic")))
     with pytest.raises(InputError, match="timestamp_agnostic"):
         export_append(agnostic, tmp_path / "a")
-    with pytest.raises(InputError, match="OneTrans only"):
+    with pytest.raises(InputError, match="covers OneTrans, not family 'hyformer' .HyFormer: models.append_hyformer"):
         AppendGraph(HyFormer(ModelConfig.from_preset("tiny", trained.cfg.schema, family="hyformer")))
     assert not (tmp_path / "a").exists()
     other = save_checkpoint(OneTrans(ModelConfig.from_preset("tiny", trained.cfg.schema)), tmp_path / "other")
@@ -363,8 +364,8 @@ def test_cli_export_append_writes_and_records_the_graph(tiny_build, tmp_path, mo
 
 
 def test_cli_export_append_refused_before_any_work(movielens, tmp_path, monkeypatch):
-    """timestamp_agnostic and HyFormer checkpoints: exit 2, one line naming --append, nothing written
-    (export_build is never reached)."""
+    """timestamp_agnostic OneTrans and baseline checkpoints: exit 2, one line naming --append, nothing
+    written (export_build is never reached). HyFormer appends (tests/export/test_append_hyformer_graph.py)."""
     from click.testing import CliRunner
 
     import onetrans_trt.export.api as api
@@ -372,7 +373,7 @@ def test_cli_export_append_refused_before_any_work(movielens, tmp_path, monkeypa
     from onetrans_trt.data.synthetic import synthetic_schema
     from onetrans_trt.models.checkpoint import save_checkpoint
     from onetrans_trt.models.config import ModelConfig
-    from onetrans_trt.models.hyformer import HyFormer
+    from onetrans_trt.models.baseline import Baseline
     from onetrans_trt.models.onetrans import OneTrans
 
     def boom(*a, **kw):
@@ -381,10 +382,10 @@ def test_cli_export_append_refused_before_any_work(movielens, tmp_path, monkeypa
     monkeypatch.setattr(api, "export_build", boom)
     agnostic = save_checkpoint(OneTrans(ModelConfig.from_preset(
         "tiny", synthetic_schema(merge_mode="timestamp_agnostic"))), tmp_path / "agnostic")
-    hy = save_checkpoint(HyFormer(ModelConfig.from_preset("tiny", movielens.schema, family="hyformer")),
-                         tmp_path / "hy")
+    base = save_checkpoint(Baseline(ModelConfig.from_preset("tiny", movielens.schema, family="baseline")),
+                           tmp_path / "base")
     for ckpt, words in ((agnostic, ["--append", "timestamp_agnostic", "timestamp_aware"]),
-                        (hy, ["--append", "HyFormer", "OneTrans only"])):
+                        (base, ["--append", "baseline", "OneTrans and HyFormer"])):
         out = tmp_path / "out"
         r = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(out), "--append"])
         assert r.exit_code == 2, r.output[-2000:]

@@ -413,7 +413,7 @@ def test_a_state_of_another_history_is_not_extended():
 def test_other_families_and_bad_inputs_are_refused():
     schema = synthetic_schema(max_history=8)
     hy = ModelConfig.from_preset("tiny", schema, family="hyformer")
-    assert not can_append(hy, 3, 1)[0] and "OneTrans only" in can_append(hy, 3, 1)[1]
+    assert not can_append(hy, 3, 1)[0] and "append_hyformer" in can_append(hy, 3, 1)[1]
     cfg, model = _model(schema)
     assert not can_append(cfg, 3, -1)[0]
     h, _ = encode_request(schema, _history_request(schema, np.random.default_rng(10), 4))

@@ -179,3 +179,34 @@ def test_cli_rank_append(tiny_ckpt, movielens, tmp_path):
         assert np.abs(np.array(a["logits"]["like"]) - np.array(b["logits"]["like"])).max() <= TOL
     bad = CliRunner().invoke(cli, ["rank", str(tiny_ckpt), "--request", str(path), "--append"])
     assert bad.exit_code == 2 and "--append needs --store" in bad.output
+
+
+def test_ort_hyformer_build_appends(movielens, tmp_path):
+    """A HyFormer trained on MovieLens, exported with ``--append`` (the CLI): the ORT Ranker's
+    first state of each user comes from the append graph (every event appended to the empty
+    state), later ones are appended, and every answer equals the plain ORT Ranker's."""
+    import json
+
+    from click.testing import CliRunner
+
+    from onetrans_trt.cli import cli
+
+    for args in (["train", "--model", "hyformer", "--preset", "tiny", "--out", tmp_path / "ck", "--epochs", "1",
+                  "--limit", "3000"],
+                 ["export", tmp_path / "ck", "--out", tmp_path / "build", "--samples", "1", "--append", "--json"]):
+        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output[-2000:]
+    entry = json.loads(r.stdout)["manifest"]["graphs"]["user_encoder_append"]
+    assert entry["seq_encoder"] == "transformer"
+    build = tmp_path / "build"
+    ranker = Ranker.load(build, backend="ort", store="memory://", append=True, threads=1)
+    plain = Ranker.load(build, backend="ort", threads=1)
+    sources: list[str] = []
+    for i, (req, _) in enumerate(movielens.requests(3, n_candidates=12, seed=5)):
+        req.user_key = f"hy{i}"
+        said = grow(ranker, plain, req, [5, 6, 9, 30, 49, 50, 60])
+        assert said[0]["source"] == "encoded"
+        sources += [s["source"] for s in said]
+    appended = sources.count("appended")
+    assert appended >= 9 and ranker.append_runs == appended
+    assert ranker.encoder_runs == sources.count("encoded")  # a short history cut longer is "stored"

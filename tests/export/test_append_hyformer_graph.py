@@ -1,0 +1,134 @@
+"""The exported HyFormer append graph (export/append_hyformer.py) run in ONNX Runtime: a
+user's first appendable state (every event appended to the empty state) and every later
+append equal a full PyTorch ``encode_user`` of the same history (each slot's real K/V,
+lengths and pools <= 1e-5, and the scores), for the three sequence encoders, with
+sequences that get no new event (zero-size inputs), k = 1..32 and cached histories 0..max.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from onetrans_trt.data.requests import encode_request
+from onetrans_trt.data.synthetic import synthetic_schema
+from onetrans_trt.export.append_hyformer import (HyAppendGraph, append_feeds, append_input_names,
+                                                 append_output_names, appended_state, empty_state,
+                                                 export_hyformer_append)
+from onetrans_trt.kv import UserKV
+from onetrans_trt.models.append_hyformer import encode_appendable, plan_append, sequence_tokens
+from onetrans_trt.models.config import ModelConfig
+from onetrans_trt.models.hyformer import HyFormer
+from tests.models.test_append import _history_request, _upto
+from tests.models.test_append_hyformer import _max_err, assert_same_user
+from tests.models.test_split_exactness import _randomize, _t
+
+TOL = 1e-5
+ENCODERS = ("transformer", "longer", "swiglu")
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """One random HyFormer per sequence encoder (3 sequences, 2 layers, up to 60 events) and its exported graph."""
+    from onetrans_trt.runtime.ort_backend import ort_session
+
+    out = {}
+    for i, enc in enumerate(ENCODERS):
+        schema = synthetic_schema(max_history=60, n_sequences=3)
+        cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, ns_tokens=3,
+                          seq_encoder=enc, longer_window=5)
+        model = HyFormer(cfg).eval()
+        _randomize(model, torch.Generator().manual_seed(20 + i))
+        path = tmp_path_factory.mktemp(f"hy-{enc}") / "user_encoder_append.onnx"
+        export_hyformer_append(model, path, 18)
+        out[enc] = (model, ort_session(path, threads=1), path)
+    return out
+
+
+def _run(sess, kv, tokens, hist, cfg) -> UserKV:
+    names = [o.name for o in sess.get_outputs()]
+    return appended_state(dict(zip(names, sess.run(names, append_feeds(kv, tokens, cfg)))), hist["s_length"])
+
+
+def _torch(kv: UserKV) -> UserKV:
+    t = torch.from_numpy
+    return UserKV([t(np.asarray(a)) for a in kv.keys], [t(np.asarray(a)) for a in kv.values],
+                  t(np.asarray(kv.lengths)), {k: t(np.asarray(v)) for k, v in kv.extras.items()})
+
+
+def _all_tokens(cfg, hist):
+    return {str(j): {key: v[None, :] for key, v in s.items()}
+            for j, s in enumerate(sequence_tokens(cfg.schema, hist)) if len(s["s_type"])}
+
+
+def _check(model, kv, hist, ns) -> float:
+    with torch.no_grad():
+        full = model.encode_user(_t(hist))
+        mine = _torch(kv)
+        assert_same_user(mine, full)
+        err = _max_err(model.score_candidates(mine, _t(ns)), model.score_candidates(full, _t(ns)))
+    assert err <= TOL, err
+    return err
+
+
+def test_io_names(graphs):
+    model, sess, _ = graphs["longer"]
+    cfg = model.cfg
+    assert [i.name for i in sess.get_inputs()] == append_input_names(cfg) == HyAppendGraph(model).input_names
+    assert [o.name for o in sess.get_outputs()] == append_output_names(cfg)
+    assert "new2_s_type" in append_input_names(cfg) and "user_enc_k_5" in append_input_names(cfg)
+    assert append_output_names(cfg)[-1] == "user_enc_v_5_new"
+    swiglu = graphs["swiglu"][0].cfg
+    assert not any("enc" in n for n in append_input_names(swiglu))  # no self-attention, no extra state
+
+
+@pytest.mark.parametrize("enc", ENCODERS)
+def test_first_state_and_appends_equal_full_encodes(graphs, enc):
+    """25 cases per encoder: a random cached length and k = 1..32 new events; the first state
+    comes from the empty state through the graph, the append from it; refusals re-encode."""
+    model, sess, _ = graphs[enc]
+    cfg = model.cfg
+    rng = np.random.default_rng(ENCODERS.index(enc))
+    seen = {"append": 0, "refused": 0, "zero_size": 0}
+    for case in range(25):
+        req = _history_request(cfg.schema, rng, 100)
+        n_old = int(rng.choice([0, 1, int(rng.integers(0, 61)), int(rng.integers(0, 30)), 60]))
+        k = int(rng.integers(1, 33))
+        h_old, _ = encode_request(cfg.schema, _upto(req, n_old))
+        h_new, ns = encode_request(cfg.schema, _upto(req, n_old + k))
+        kv_old = _run(sess, empty_state(cfg), _all_tokens(cfg, h_old), h_old, cfg)
+        _check(model, kv_old, h_old, encode_request(cfg.schema, _upto(req, n_old))[1])
+        d = plan_append(cfg, h_old, h_new)
+        if d.ok:
+            seen["append"] += 1
+            seen["zero_size"] += len(d.tokens or {}) < cfg.schema.num_sequences
+            kv = _run(sess, kv_old, d.tokens, h_new, cfg)
+        else:
+            seen["refused"] += 1
+            assert "slides" in d.reason
+            kv = _run(sess, empty_state(cfg), _all_tokens(cfg, h_new), h_new, cfg)
+        _check(model, kv, h_new, ns)
+        # the graph's state appends again, like the torch one (a chain of two)
+        h_more, ns_more = encode_request(cfg.schema, _upto(req, n_old + k + 2))
+        d2 = plan_append(cfg, h_new, h_more)
+        if d2.ok:
+            _check(model, _run(sess, kv, d2.tokens, h_more, cfg), h_more, ns_more)
+    assert seen["append"] >= 8 and seen["refused"] >= 1 and seen["zero_size"] >= 1, seen
+
+
+def test_a_torch_appendable_state_feeds_the_graph(graphs):
+    """A padded state from encode_appendable (torch) is trimmed by append_feeds and appended."""
+    model, sess, _ = graphs["transformer"]
+    cfg = model.cfg
+    req = _history_request(cfg.schema, np.random.default_rng(4), 12)
+    h_old, _ = encode_request(cfg.schema, _upto(req, 8))
+    h_new, ns = encode_request(cfg.schema, _upto(req, 12))
+    with torch.no_grad():
+        kv_old = encode_appendable(model, _t(h_old))
+    d = plan_append(cfg, h_old, h_new)
+    assert d.ok
+    _check(model, _run(sess, kv_old, d.tokens, h_new, cfg), h_new, ns)
+    with pytest.raises(Exception, match="self-attention"):
+        append_feeds(UserKV(kv_old.keys, kv_old.values, kv_old.lengths,
+                            {k: v for k, v in kv_old.extras.items() if not k.startswith("enc_")}), d.tokens, cfg)
