@@ -76,11 +76,83 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
 
 
 def _progress():
+    """A progress display on stderr: rich's bar on a terminal, else :class:`PlainProgress`
+    (plain lines a CI log or `| tee` keeps); nothing under -q."""
+    if _quiet() or not sys.stderr.isatty():
+        return PlainProgress(enabled=not _quiet())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                    transient=False, disable=not sys.stderr.isatty() or _quiet(), console=_stderr_console())
+                    transient=False, console=_stderr_console())
+
+
+class PlainProgress:
+    """rich.progress's ``add_task`` / ``update`` as plain stderr lines, for logs: once a task
+    has run ``after_s`` seconds (work that ends sooner, a refused input included, prints
+    nothing), a line when its status text changes, when it passes each tenth of its total (or
+    ``every_s`` seconds after the last line), and when it completes, with the elapsed time and
+    an estimate of what is left."""
+
+    def __init__(self, enabled: bool = True, every_s: float = 30.0, after_s: float = 2.0, stream=None):
+        self.enabled, self.every_s, self.after_s, self.stream = enabled, every_s, after_s, stream
+        self._tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def _say(self, t: dict, text: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - t["start"] < self.after_s:
+            return
+        t["last"] = now
+        if self.enabled:
+            click.echo(f"{t['description']}: {text}", err=True, file=self.stream)
+
+    def add_task(self, description: str, total: float | None = None, status: str = "", **_: object) -> int:
+        import time
+
+        tid = len(self._tasks)
+        now = time.monotonic()
+        self._tasks[tid] = t = {"description": description, "total": total, "completed": 0, "status": status,
+                                "start": now, "last": now, "tenth": 0, "done": False}
+        return tid
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
+               status: str | None = None, advance: float | None = None, **_: object) -> None:
+        import time
+
+        t = self._tasks[task_id]
+        if total is not None:
+            t["total"] = total
+        if advance is not None:
+            t["completed"] += advance
+        if completed is not None:
+            t["completed"] = completed
+        changed = status is not None and status != t["status"]
+        if status is not None:
+            t["status"] = status
+        now, total_ = time.monotonic(), t["total"]
+        elapsed = now - t["start"]
+        if total_:
+            frac = min(t["completed"] / total_, 1.0)
+            tenth = int(frac * 10)
+            if frac >= 1.0 and not t["done"]:
+                t["done"] = True
+                self._say(t, f"{t['completed']:g}/{total_:g} done in {elapsed:.0f} s"
+                             + (f", {t['status']}" if t["status"] else ""))
+            elif tenth > t["tenth"] or now - t["last"] >= self.every_s:
+                t["tenth"] = max(t["tenth"], tenth)
+                left = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
+                self._say(t, f"{t['completed']:g}/{total_:g} ({frac:.0%}), {elapsed:.0f} s elapsed, ~{left:.0f} s "
+                             f"left" + (f", {t['status']}" if t["status"] else ""))
+        elif changed:
+            self._say(t, f"{t['status']} ({elapsed:.0f} s)")
 
 
 def _human(text: str) -> None:

@@ -25,7 +25,7 @@ def test_train_info_rank(tmp_path, movielens):
     out = tmp_path / "ck"
     r = run("train", "--preset", "tiny", "--out", out, "--epochs", "1", "--limit", "1500", "--json")
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output)
+    summary = json.loads(r.stdout)  # stderr may carry progress lines
     assert set(summary["test_mean"]) == {"like", "love"}
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     r = run("info", out, "--json")
@@ -297,3 +297,27 @@ def test_info_puts_paper_presets_next_to_the_papers_figures(tmp_path, movielens)
         human = CliRunner().invoke(cli, ["info", str(out)]).stdout
         assert f"dense parameters (embedding tables excluded, as the papers count): {d['dense_parameters']:,}" in human
         assert ("arXiv 2510.26104" in human) == (paper is not None)
+
+
+def test_train_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, movielens, monkeypatch):
+    """CliRunner's stderr is no terminal: training reports itself as plain lines (every tenth and
+    done, once past 2 s), not a rich bar (which would be disabled there and print nothing); -q
+    silences it. The timing is forced with after_s=0 so the test does not depend on speed."""
+    import onetrans_trt.cli as cli_mod
+
+    class Eager(cli_mod.PlainProgress):
+        def __init__(self, **kw):
+            super().__init__(**{**kw, "after_s": 0.0})
+
+    monkeypatch.setattr(cli_mod, "PlainProgress", Eager)
+    args = ["train", "--model", "onetrans", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--epochs", "1",
+            "--limit", "2560", "--batch-size", "64"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("train onetrans/tiny seed 0:")]
+    assert "40/40 done in" in lines[-1], r.stderr
+    tenths = [x for x in lines if "% ), " in x.replace("%)", "% )")]
+    assert 5 <= len(tenths) <= 12, lines  # 40 steps: a line per tenth, not per step
+    assert all("\x1b[" not in x for x in r.stderr.splitlines())  # no terminal codes in a log
+    q = CliRunner().invoke(cli, ["-q", *args[:5], "--out", str(tmp_path / "q"), "--epochs", "1", "--limit", "256"])
+    assert q.exit_code == 0 and "seed 0:" not in q.stderr

@@ -114,7 +114,6 @@ REFUSED = [
     ("bench", "cache_history", ["{MODBUILD}", "--cache-history", "8"], ["--cache-history"]),
     ("bench", "cache_candidates", ["{MODBUILD}", "--cache-candidates", "8"], ["--cache-candidates"]),
     ("bench", "no_pyramid", ["{MODBUILD}", "--no-pyramid"], ["--no-pyramid"]),
-    ("export", "append_graph", ["{HYCKPT}", "--out", "{OUT}", "--append"], ["--append", "HyFormer"]),
     ("export", "append_graph", [*M, "--out", "{OUT}", "--append"], ["--append", "--module"]),
     ("bench", "candidates", ["--suite", "cache", "--candidates", "8"], ["--candidates", "--suite cache"]),
     ("bench", "build", ["{BUILD}", "--suite", "cache"], ["user_encoder_append.onnx", "export", "--append"]),
