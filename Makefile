@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUNS   ?= runs
 EPOCHS ?= 2
-SEEDS  ?= 3
+SEEDS  ?= 1
+TIMES  := $(RUNS)/.demo-times
+STAGE  = $(BIN)/python tools/stage.py --log $(TIMES)
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv data test test-heavy serve-test demo clean browser qemu redis fuzz gpu-check doctor mutation readme-figures
@@ -91,27 +93,30 @@ doctor: venv
 	$(BIN)/onetrans-trt doctor
 
 demo: venv data
-	$(BIN)/onetrans-trt train --model onetrans --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/onetrans-small --force
-	$(BIN)/onetrans-trt train --model hyformer --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/hyformer-small --force
-	$(BIN)/onetrans-trt train --model baseline --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/baseline-small --force
+	@rm -f $(TIMES); mkdir -p $(RUNS)
+	$(STAGE) "train onetrans" -- $(BIN)/onetrans-trt train --model onetrans --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/onetrans-small --force
+	$(STAGE) "train hyformer" -- $(BIN)/onetrans-trt train --model hyformer --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/hyformer-small --force
+	$(STAGE) "train baseline" -- $(BIN)/onetrans-trt train --model baseline --preset small --epochs $(EPOCHS) --seeds $(SEEDS) --out $(RUNS)/baseline-small --force
 	@echo
 	@echo "== test AUC on MovieLens-100K (mean of $(SEEDS) seeds) =="
 	@$(BIN)/python -c "import json,sys; [print(f\"{n:10s} \" + '  '.join(f\"{t} AUC {v['auc']:.4f}\" for t,v in json.load(open(f'$(RUNS)/{n}-small/metrics.json'))['test_mean'].items())) for n in ('onetrans','hyformer','baseline')]"
 	@echo
-	$(BIN)/onetrans-trt export $(RUNS)/onetrans-small --out $(RUNS)/build-small --unified --force
-	$(BIN)/onetrans-trt inspect $(RUNS)/build-small --candidates 128
-	$(BIN)/onetrans-trt convert $(RUNS)/build-small --precision fp16
-	$(BIN)/onetrans-trt calibrate $(RUNS)/build-small --data ml-100k --samples 128
-	-$(BIN)/onetrans-trt build $(RUNS)/build-small --precision int8
-	$(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
+	$(STAGE) "export onetrans" -- $(BIN)/onetrans-trt export $(RUNS)/onetrans-small --out $(RUNS)/build-small --unified --force
+	$(STAGE) "inspect" -- $(BIN)/onetrans-trt inspect $(RUNS)/build-small --candidates 128
+	$(STAGE) "convert" -- $(BIN)/onetrans-trt convert $(RUNS)/build-small --precision fp16
+	$(STAGE) "calibrate" -- $(BIN)/onetrans-trt calibrate $(RUNS)/build-small --data ml-100k --samples 128
+	-$(STAGE) "build" -- $(BIN)/onetrans-trt build $(RUNS)/build-small --precision int8
+	$(STAGE) "validate onetrans" -- $(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
 	  --json-out $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
 	@echo "validation report: $(RUNS)/build-small/reports/validate.html"
-	$(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --unified --force
-	$(BIN)/onetrans-trt validate $(RUNS)/build-hyformer-small --data ml-100k --count 100 --backends torch-split,ort \
+	$(STAGE) "export hyformer" -- $(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --unified --force
+	$(STAGE) "validate hyformer" -- $(BIN)/onetrans-trt validate $(RUNS)/build-hyformer-small --data ml-100k --count 100 --backends torch-split,ort \
 	  --json-out $(RUNS)/build-hyformer-small/reports/validate.json
 	@echo
 	@echo "== bench --quick: the serving path against the naive peers, on the demo build =="
-	$(BIN)/onetrans-trt bench $(RUNS)/build-small --quick --out $(RUNS)/build-small/reports/bench.json
+	$(STAGE) "bench" -- $(BIN)/onetrans-trt bench $(RUNS)/build-small --quick --out $(RUNS)/build-small/reports/bench.json
+	@echo
+	@$(BIN)/python tools/stage.py --log $(TIMES) --report
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

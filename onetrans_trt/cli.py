@@ -360,8 +360,9 @@ TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
                                       "(refused for the baseline, which has none).")
 @click.option("--pyramid", type=click.Choice(["linear", "off"]), default="linear", show_default=True,
               help="OneTrans only: S-token queries shrink layer by layer (linear) or not (off).")
-@click.option("--seq-encoder", type=click.Choice(["transformer", "longer", "swiglu"]), default="transformer",
-              show_default=True, help="HyFormer only: the per-layer sequence encoder.")
+@click.option("--seq-encoder", type=click.Choice(["transformer", "longer", "swiglu"]), default=None,
+              help="HyFormer only: the per-layer sequence encoder (default: the preset's: longer for small and "
+                   "hyformer-paper, as the paper; transformer for tiny).")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training samples (quick runs, tests).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -391,7 +392,7 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
     ml = MovieLens(data_dir, max_history=max_history, merge_mode=merge)
     if limit is not None:
         ml.train = Split(ml.train.users[:limit], ml.train.positions[:limit], ml.train.labels[:limit])
-    extra = {"seq_encoder": seq_encoder} if family == "hyformer" else {"pyramid": pyramid}
+    extra = ({"seq_encoder": seq_encoder} if seq_encoder else {}) if family == "hyformer" else {"pyramid": pyramid}
     cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
                                   ns_tokenizer=ns_tokenizer, **extra)
     runs, first = [], None

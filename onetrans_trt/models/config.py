@@ -30,9 +30,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # queries (J sequences, N queries each) plus T - J*N auto-split NS-tokens; T divides d_model.
 HYFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=16, n_heads=2, n_layers=2, ffn_mult=2, mixer_tokens=8, longer_window=8),
-    "small": dict(d_model=64, n_heads=4, n_layers=3, ffn_mult=2, mixer_tokens=8, longer_window=16),
+    # LONGER-style sequence encoders, as the paper's model (the newest `longer_window` tokens go on past
+    # layer 0): 2.4x less work per step than full-length ones on MovieLens, like-AUC within 0.003
+    "small": dict(d_model=64, n_heads=4, n_layers=3, ffn_mult=2, mixer_tokens=8, longer_window=16,
+                  seq_encoder="longer"),
     # the paper's multi-sequence setting: 16 mixer tokens = 13 NS + 3 global (one per sequence)
-    "hyformer-paper": dict(d_model=256, n_heads=4, n_layers=4, ffn_mult=4, mixer_tokens=16, longer_window=64),
+    "hyformer-paper": dict(d_model=256, n_heads=4, n_layers=4, ffn_mult=4, mixer_tokens=16, longer_window=64,
+                           seq_encoder="longer"),
 }
 
 
