@@ -90,7 +90,7 @@ def _progress():
 class PlainProgress:
     """rich.progress's ``add_task`` / ``update`` as plain stderr lines, for logs: once a task
     has run ``after_s`` seconds (work that ends sooner, a refused input included, prints
-    nothing), a line when its status text changes, when it passes each tenth of its total (or
+    nothing; a task without a total: ``5 * after_s``), a line when its status text changes, when it passes each tenth of its total (or
     ``every_s`` seconds after the last line), and when it completes, with the elapsed time and
     an estimate of what is left."""
 
@@ -151,7 +151,7 @@ class PlainProgress:
                 left = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
                 self._say(t, f"{t['completed']:g}/{total_:g} ({frac:.0%}), {elapsed:.0f} s elapsed, ~{left:.0f} s "
                              f"left" + (f", {t['status']}" if t["status"] else ""))
-        elif changed:
+        elif changed and elapsed >= 5 * self.after_s:  # stages of work with no count: only once it is long
             self._say(t, f"{t['status']} ({elapsed:.0f} s)")
 
 
@@ -536,8 +536,8 @@ def rank(ckpt: Path, request_path: Path, backend: str | None, limits_path: Path 
             s = ranker.store.stats()
             get_logger("onetrans_trt.cli").info(
                 f"store: {s['hits']} hits, {s['misses']} misses, {ranker.encoder_runs} encoder runs, "
-                f"{ranker.append_runs} appends, "
-                f"{s.get('store_errors', 0)} store errors, {s.get('corrupt', 0)} corrupt entries dropped")
+                f"{s.get('store_errors', 0)} store errors, {s.get('corrupt', 0)} corrupt entries dropped, "
+                f"{ranker.append_runs} appends")
             ranker.store.close()
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
 

@@ -29,13 +29,13 @@ def test_train_info_rank(tmp_path, movielens):
     assert set(summary["test_mean"]) == {"like", "love"}
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     r = run("info", out, "--json")
-    assert r.exit_code == 0 and json.loads(r.output)["family"] == "onetrans"
+    assert r.exit_code == 0 and json.loads(r.stdout)["family"] == "onetrans"
     req, _ = movielens.requests(1, n_candidates=4, seed=5)[0]
     (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
     for backend in ("torch-split", "torch-unified"):
         r = run("rank", out, "--request", tmp_path / "req.json", "--backend", backend)
         assert r.exit_code == 0, r.output
-        assert len(json.loads(r.output)["scores"]["like"]) == 4
+        assert len(json.loads(r.stdout)["scores"]["like"]) == 4
     r = run("train", "--preset", "tiny", "--out", out, "--epochs", "1", "--limit", "100")
     assert r.exit_code == 2 and "already exists" in r.output
 
@@ -78,13 +78,13 @@ def test_export_graphs_inspect_rank_on_a_build(tmp_path, tiny_build, movielens):
     shutil.copytree(tiny_build, build)
     r = run("inspect", build, "--candidates", "32", "--json")
     assert r.exit_code == 0, r.output
-    info = json.loads(r.output)
+    info = json.loads(r.stdout)
     assert info["flops"]["unified"] > info["flops"]["split_total"] > 0
     assert "FLOPs per request" in run("inspect", build).output
     r = run("graphs", build, "--no-passes", "--json")
-    assert r.exit_code == 0 and [p["pass"] for p in json.loads(r.output)["passes"]] == ["split-kv"]
+    assert r.exit_code == 0 and [p["pass"] for p in json.loads(r.stdout)["passes"]] == ["split-kv"]
     r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
-    assert [(p["pass"], p["graph"]) for p in json.loads(r.output)["passes"]][1:] == [
+    assert [(p["pass"], p["graph"]) for p in json.loads(r.stdout)["passes"]][1:] == [
         ("pyramid", "user_encoder"), ("cleanup", "user_encoder"),
         ("pyramid", "candidate_scorer"), ("cleanup", "candidate_scorer")]
     assert run("graphs", build, "--passes", "nonsense").exit_code == 2
@@ -100,7 +100,7 @@ def test_export_graphs_inspect_rank_on_a_build(tmp_path, tiny_build, movielens):
 def test_plugins_lists_ops_and_backends():
     r = run("plugins", "--json")
     assert r.exit_code == 0
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert set(data) == {"SharedPrefixAttention", "TailCausalAttention", "SegmentedPrefixAttention"}
     for op in data.values():
         assert set(op["backends"]) == {"reference", "onnx_function", "triton", "tensorrt_plugin"}
@@ -179,7 +179,7 @@ def test_keep_fp32_keeps_those_ops_and_nodes_in_fp32(tiny_build, tmp_path):
     assert all(default[k][1] == {TensorProto.FLOAT16} for k in matmuls)
     r = run("convert", build, "--quality-requests", "0", "--keep-fp32", f"MatMul,{adds[0]}", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["fp16"]["fp32_nodes"] == [adds[0]]
+    assert json.loads(r.stdout)["fp16"]["fp32_nodes"] == [adds[0]]
     kept = _input_types(scorer)
     assert all(kept[k][1] == {TensorProto.FLOAT} for k in matmuls)  # every MatMul (an op type)
     assert kept[adds[0]][1] == {TensorProto.FLOAT}  # the one Add named
@@ -208,7 +208,7 @@ def test_keep_float_leaves_those_ops_and_nodes_unquantized(tiny_build, tmp_path)
     assert "MatMul" in default.values() and len(gemms) >= 2  # quantized without --keep-float
     r = run(*args, "--keep-float", f"MatMul,{gemms[0]}", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["int8"]["float_nodes"] == [gemms[0]]
+    assert json.loads(r.stdout)["int8"]["float_nodes"] == [gemms[0]]
     kept = {**_fed_by_dq(scorer), **_fed_by_dq(user)}
     assert "MatMul" not in kept.values()  # no MatMul takes a dequantized input
     assert gemms[0] not in kept and set(gemms[1:]) <= set(kept)  # only the named Gemm left in float

@@ -45,7 +45,7 @@ def test_cli_chain(family, tmp_path, movielens):
     ck, build = tmp_path / "ck", tmp_path / "build"
     r = run("train", "--model", family, "--preset", "tiny", "--out", ck, "--epochs", "1", "--limit", "3000", "--json")
     assert r.exit_code == 0, r.output
-    assert set(json.loads(r.output)["test_mean"]) == {"like", "love"}
+    assert set(json.loads(r.stdout)["test_mean"]) == {"like", "love"}
     info = json.loads(run("info", ck, "--json").output)
     assert info["family"] == family and ("hyformer" in info) == (family == "hyformer")
     r = run("export", ck, "--out", build, "--unified", "--samples", "2", "--json")
@@ -54,18 +54,18 @@ def test_cli_chain(family, tmp_path, movielens):
     assert manifest["model"]["family"] == family
     r = run("inspect", build, "--candidates", "16", "--json")
     assert r.exit_code == 0, r.output
-    flops = json.loads(r.output)["flops"]
+    flops = json.loads(r.stdout)["flops"]
     assert flops["unified"] > flops["split_total"] > 0
     r = run("graphs", build, "--json")
     assert r.exit_code == 0, r.output
-    assert "no-broadcast" in [p["pass"] for p in json.loads(r.output)["passes"]]
+    assert "no-broadcast" in [p["pass"] for p in json.loads(r.stdout)["passes"]]
     req, _ = movielens.requests(1, n_candidates=5, seed=3)[0]
     (tmp_path / "req.json").write_text(json.dumps(req.to_json()))
     logits = {}
     for where, backend in ((ck, "torch-split"), (ck, "torch-unified"), (build, "ort"), (build, "ort-unified")):
         r = run("rank", where, "--request", tmp_path / "req.json", "--backend", backend)
         assert r.exit_code == 0, r.output
-        logits[backend] = np.array(json.loads(r.output)["logits"]["like"])
+        logits[backend] = np.array(json.loads(r.stdout)["logits"]["like"])
     for backend, got in logits.items():
         assert np.abs(got - logits["torch-unified"]).max() <= 1e-4, backend
     r = run("convert", build, "--quality-requests", "20", "--json")

@@ -82,7 +82,7 @@ def test_graphs_marks_variants_stale_and_every_command_refuses_them(build, reque
 
     r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert sorted(out["stale"]) == ["fp16/", "int8/"] and out["unknown"] == {}
     assert "re-run `onetrans-trt convert " in out["stale"]["fp16/"]
     assert "re-run `onetrans-trt calibrate " in out["stale"]["int8/"] and "--samples 4" in out["stale"]["int8/"]
@@ -212,7 +212,7 @@ def test_engines_record_and_check_their_sources(build, tmp_path):
                                                                                           "candidate_scorer")}
 
     r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
-    stale = json.loads(r.output)["stale"]
+    stale = json.loads(r.stdout)["stale"]
     assert sorted(stale) == ["engines/fp16/", "engines/fp32/", "fp16/", "int8/"]
     assert stale["engines/fp32/"].endswith(f"re-run `onetrans-trt build {build} --precision fp32`")
     assert "user_encoder.onnx sha256" in stale["engines/fp32/"]
@@ -240,7 +240,7 @@ def test_a_build_without_records_is_used_with_one_warning(build, tmp_path, caplo
     assert warned == [f"{build}/fp16/ records no lineage (made before lineage was recorded): it cannot be "
                       f"checked against the current graphs; re-run `onetrans-trt convert {build}` to record it"]
     r = run("graphs", build, "--passes", "pyramid,cleanup", "--json")
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["stale"] == {} and sorted(out["unknown"]) == ["engines/fp32/", "fp16/", "int8/"]
     r = run("serve-repo", build, "--out", tmp_path / "repo", "--precision", "int8")
     assert r.exit_code == 0, r.output

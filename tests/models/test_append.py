@@ -29,13 +29,7 @@ N_CONFIGS = 80  # x 2-3 appends each
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~50x faster than two on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is ~50x faster
 
 
 def _history_request(schema, rng: np.random.Generator, n: int, n_candidates: int = 3) -> Request:

@@ -25,12 +25,7 @@ from tests.models.test_split_exactness import _randomize
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is ~50x faster
 
 
 def _onetrans(max_history=20, **kw):

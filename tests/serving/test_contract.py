@@ -104,7 +104,7 @@ def test_serve_repo_python_cli_and_refused_options(tiny_build, tmp_path):
                                  "--limits", str(tmp_path / "limits.json"), "--threads", "1", "--user-cache-mb",
                                  "1.5", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["models"] == ["candidate_scorer", "candidate_scorer_users", "onetrans", "preprocess",
+    assert json.loads(r.stdout)["models"] == ["candidate_scorer", "candidate_scorer_users", "onetrans", "preprocess",
                                               "preprocess_users", "rank", "rank_cached", "rank_users", "user_encoder"]
     pre = _cfg(tmp_path / "r" / "preprocess" / "config.pbtxt")
     assert json.loads(pre.parameters["limits"].string_value)["max_candidates"] == 3
