@@ -176,6 +176,7 @@ def test_cli_rank_append(tiny_ckpt, movielens, tmp_path):
     assert bad.exit_code == 2 and "--append needs --store" in bad.output
 
 
+@pytest.mark.heavy  # trains and exports a HyFormer through the CLI (about a minute); make test-heavy
 def test_ort_hyformer_build_appends(movielens, tmp_path):
     """A HyFormer trained on MovieLens, exported with ``--append`` (the CLI): the ORT Ranker's
     first state of each user comes from the append graph (every event appended to the empty
