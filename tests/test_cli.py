@@ -311,7 +311,7 @@ def test_train_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, m
 
     monkeypatch.setattr(cli_mod, "PlainProgress", Eager)
     args = ["train", "--model", "onetrans", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--epochs", "1",
-            "--limit", "2560", "--batch-size", "64"]
+            "--limit", "640", "--batch-size", "16"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.startswith("train onetrans/tiny seed 0:")]
