@@ -48,7 +48,6 @@ from torch import Tensor
 
 from onetrans_trt.kv import UserKV
 from onetrans_trt.models.append import AppendRefused, Decision, _as_tensor, _stream
-from onetrans_trt.models.attention import prefix_key_mask
 
 ENC_K, ENC_V = "enc_k_", "enc_v_"
 
@@ -66,30 +65,11 @@ def enc_names(cfg) -> list[str]:
 
 @torch.no_grad()
 def encode_appendable(model, batch: Mapping[str, Tensor]) -> UserKV:
-    """:meth:`HyFormer.encode_user` of ``batch`` plus each attention layer's self-attention K/V
-    (extras ``enc_k_<slot>`` / ``enc_v_<slot>``): a state :func:`append_user` can extend. The
-    K/V, lengths and pools are the very tensors ``encode_user`` computes (same code path)."""
-    from onetrans_trt.models.hyformer import SEQ_LENGTH, SEQ_POOL
-
+    """:meth:`HyFormer.encode_user` of ``batch`` with ``self_kv=True``: the state plus each
+    attention layer's self-attention K/V (extras ``enc_k_<slot>`` / ``enc_v_<slot>``), a state
+    :func:`append_user` can extend (same code path as the plain encode)."""
     _check_family(model.cfg)
-    seqs = model.sequences(dict(batch))
-    pools, lengths = [], []
-    for x, n_real in seqs:
-        w = prefix_key_mask(x.shape[1], n_real).to(x.dtype).unsqueeze(-1)
-        pools.append((x * w).sum(dim=1) / n_real.clamp(min=1).to(x.dtype).unsqueeze(-1))
-        lengths.append(n_real)
-    keys, values, enc = [], [], {}
-    xs = [x for x, _ in seqs]
-    n_seq = len(seqs)
-    for lay, layer in enumerate(model.encoders):
-        for j, e in enumerate(layer):
-            xs[j], k, v, sk, sv = e.run(xs[j], lengths[j])
-            keys.append(k)
-            values.append(v)
-            if sk is not None:
-                enc[f"{ENC_K}{lay * n_seq + j}"], enc[f"{ENC_V}{lay * n_seq + j}"] = sk, sv
-    return UserKV(keys, values, batch["s_length"],
-                  {SEQ_LENGTH: torch.stack(lengths, dim=1), SEQ_POOL: torch.stack(pools, dim=1), **enc})
+    return model.encode_user(dict(batch), self_kv=True)
 
 
 def _check_family(cfg) -> None:

@@ -203,24 +203,29 @@ class HyFormer(nn.Module):
             out.append((xj, count))  # padding slots hold zeros, not the other sequences' events
         return out
 
-    def encode_user(self, batch: dict[str, Tensor]) -> UserKV:
+    def encode_user(self, batch: dict[str, Tensor], self_kv: bool = False) -> UserKV:
         """Every (layer, sequence) K/V, flattened as ``keys[l * J + j]``; extras: each
-        sequence's real length and mean-pooled tokens (the query generator's summary)."""
+        sequence's real length and mean-pooled tokens (the query generator's summary).
+        ``self_kv``: also each attention layer's self-attention K/V (extras ``enc_k_<slot>`` /
+        ``enc_v_<slot>``), what an append needs (:mod:`onetrans_trt.models.append_hyformer`)."""
         seqs = self.sequences(batch)
         pools, lengths = [], []
         for x, n_real in seqs:
             w = prefix_key_mask(x.shape[1], n_real).to(x.dtype).unsqueeze(-1)
             pools.append((x * w).sum(dim=1) / n_real.clamp(min=1).to(x.dtype).unsqueeze(-1))
             lengths.append(n_real)
-        keys, values = [], []
+        keys, values, enc = [], [], {}
         xs = [x for x, _ in seqs]
-        for layer in self.encoders:
-            for j, enc in enumerate(layer):
-                xs[j], k, v = enc(xs[j], lengths[j])
+        for lay, layer in enumerate(self.encoders):
+            for j, e in enumerate(layer):
+                xs[j], k, v, sk, sv = e.run(xs[j], lengths[j])
                 keys.append(k)
                 values.append(v)
+                if self_kv and sk is not None:
+                    slot = lay * len(seqs) + j
+                    enc[f"enc_k_{slot}"], enc[f"enc_v_{slot}"] = sk, sv
         return UserKV(keys, values, batch["s_length"],
-                      {SEQ_LENGTH: torch.stack(lengths, dim=1), SEQ_POOL: torch.stack(pools, dim=1)})
+                      {SEQ_LENGTH: torch.stack(lengths, dim=1), SEQ_POOL: torch.stack(pools, dim=1), **enc})
 
     # -- candidate side -------------------------------------------------------------------
     def score_candidates(self, user_kv: UserKV, batch: dict[str, Tensor]) -> Tensor:
