@@ -323,11 +323,12 @@ def fetch_data(data_dir: Path | None) -> None:
 
 # train: the options a model family does not read -> (parameters, where, what applies instead)
 TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "onetrans": (("seq_encoder",), "to --model onetrans",
-                 "--seq-encoder is HyFormer's; OneTrans's S-token queries are set with --pyramid"),
+    "onetrans": (("seq_encoder", "hy_form", "seq_attention"), "to --model onetrans",
+                 "--seq-encoder, --hy-form and --seq-attention are HyFormer's; OneTrans's S-token queries are set "
+                 "with --pyramid"),
     "hyformer": (("pyramid",), "to --model hyformer",
                  "--pyramid is OneTrans's; HyFormer's sequence encoder is set with --seq-encoder"),
-    "baseline": (("pyramid", "seq_encoder", "ns_tokenizer"), "to --model baseline",
+    "baseline": (("pyramid", "seq_encoder", "ns_tokenizer", "hy_form", "seq_attention"), "to --model baseline",
                  "the DIN-style baseline has no pyramid, sequence encoder or NS-tokenizer; --preset sets "
                  "its width"),
 }
@@ -363,13 +364,23 @@ TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
 @click.option("--seq-encoder", type=click.Choice(["transformer", "longer", "swiglu"]), default=None,
               help="HyFormer only: the per-layer sequence encoder (default: the preset's: longer for small and "
                    "hyformer-paper, as the paper; transformer for tiny).")
+@click.option("--hy-form", type=click.Choice(["paper", "wave1"]), default=None,
+              help="HyFormer only: 'paper' (default) builds the model as the paper writes it: no sink in query "
+                   "decoding, no norm before the K/V projections, full (bidirectional) self-attention in the "
+                   "transformer encoder, N query FFNs over the NS tokens and every sequence's pool, heads over "
+                   "queries and NS tokens. 'wave1': the first release's form (sink, K/V norm, causal, one query "
+                   "FFN over the own pool, heads over the queries).")
+@click.option("--seq-attention", type=click.Choice(["bidirectional", "causal"]), default=None,
+              help="HyFormer only: self-attention of the transformer/longer sequence encoders (default: the "
+                   "form's, except the LONGER presets small and hyformer-paper: causal, as LONGER). Only causal "
+                   "states append (`export --append`, `rank --append`).")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training samples (quick runs, tests).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
 def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_history, merge,
-          ns_tokenizer, pyramid, seq_encoder, limit, force, data_dir, as_json) -> None:
+          ns_tokenizer, pyramid, seq_encoder, hy_form, seq_attention, limit, force, data_dir, as_json) -> None:
     """Train a model on MovieLens-100K and write a checkpoint directory.
 
     \b
@@ -392,7 +403,14 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
     ml = MovieLens(data_dir, max_history=max_history, merge_mode=merge)
     if limit is not None:
         ml.train = Split(ml.train.users[:limit], ml.train.positions[:limit], ml.train.labels[:limit])
-    extra = ({"seq_encoder": seq_encoder} if seq_encoder else {}) if family == "hyformer" else {"pyramid": pyramid}
+    extra: dict = {"pyramid": pyramid}
+    if family == "hyformer":
+        from onetrans_trt.models.config import HYFORMER_WAVE1
+
+        # paper: the presets as they are (the paper's form; the LONGER presets causal, as LONGER)
+        extra = {**(HYFORMER_WAVE1 if hy_form == "wave1" else {}), **({"seq_encoder": seq_encoder} if seq_encoder else {})}
+        if seq_attention:
+            extra["seq_attention"] = seq_attention
     cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
                                   ns_tokenizer=ns_tokenizer, **extra)
     runs, first = [], None
@@ -463,11 +481,19 @@ def info(ckpt: Path, as_json: bool) -> None:
         dense += f"; the paper's {cfg.preset}: {d['paper']['dense_parameters']:,} ({d['paper']['source']})"
     lines.append(dense)
     if cfg.family == "hyformer":
+        from onetrans_trt.models.config import HYFORMER_FORMS
+
+        opts = {k: getattr(cfg, k) for k in HYFORMER_FORMS["paper"]}
+        form = next((name for name, f in HYFORMER_FORMS.items() if {**f, "seq_attention": None} ==
+                     {**opts, "seq_attention": None}), "custom")
         d["hyformer"] = {"seq_encoder": cfg.seq_encoder, "queries_per_sequence": cfg.hy_queries,
-                         "longer_window": cfg.longer_window}
+                         "longer_window": cfg.longer_window, "form": form, **opts}
         lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global queries, "
-                     f"{cfg.seq_encoder} sequence encoder, mixer tokens "
+                     f"{cfg.seq_encoder} sequence encoder ({cfg.seq_attention}), mixer tokens "
                      f"{len(s.sequences) * cfg.hy_queries + cfg.num_ns_tokens}")
+        lines.append(f"  form: {form} (sink {'yes' if cfg.hy_sink else 'no'}, K/V norm "
+                     f"{'yes' if cfg.hy_kv_norm else 'no'}, queries from {cfg.hy_query_gen.replace('_', ' ')}, "
+                     f"heads read {cfg.hy_head_input.replace('_ns', ' and NS tokens')})")
     if d["pyramid_schedule"] is not None:
         per_layer = ", ".join("all" if q is None else str(q) for q in d["pyramid_schedule"])
         lines.append(f"  pyramid ({cfg.pyramid if isinstance(cfg.pyramid, str) else 'custom'}): S-tokens kept as "
@@ -659,6 +685,11 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
         if cfg.family not in ("onetrans", "hyformer"):
             _refuse(("append_graph",), f"to a {cfg.family} checkpoint",
                     "appending new events to a cached user state covers OneTrans and HyFormer")
+        elif cfg.family == "hyformer":
+            from onetrans_trt.models.append_hyformer import appendable
+
+            if not appendable(cfg)[0]:
+                _refuse(("append_graph",), "to this HyFormer checkpoint", appendable(cfg)[1])
         elif cfg.family == "onetrans" and not can_append(cfg, 0, 1)[0]:
             _refuse(("append_graph",), f"to a {cfg.schema.merge_mode} checkpoint", can_append(cfg, 0, 1)[1]
                     + "; only timestamp_aware streams append")

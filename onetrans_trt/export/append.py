@@ -219,6 +219,12 @@ def export_append(ckpt_or_model: str | Path | nn.Module, build_dir: str | Path, 
         opset = read_manifest(build)["opset"] if has_manifest else DEFAULT_OPSET
     check_opset(opset)
     hyformer = model.cfg.family == "hyformer"
+    if hyformer:
+        from onetrans_trt.models.append_hyformer import appendable
+
+        ok, why = appendable(model.cfg)
+        if not ok:
+            raise InputError(f"export --append: {why}")
     graph = None if hyformer else AppendGraph(model)
     t0 = time.perf_counter()
     with build_lock(build, "export --append"):

@@ -56,6 +56,18 @@ def _self_attends(cfg) -> bool:
     return cfg.seq_encoder != "swiglu"
 
 
+def appendable(cfg) -> tuple[bool, str]:
+    """Whether this HyFormer's states can be appended to at all, and why not. Bidirectional
+    (full) sequence self-attention lets every cached token attend the new ones, so each new
+    event changes every cached token's output: no append exists, only a re-encode."""
+    _check_family(cfg)
+    if _self_attends(cfg) and cfg.seq_attention != "causal":
+        return False, (f"this HyFormer's {cfg.seq_encoder} sequence encoder attends bidirectionally (the paper's full "
+                       f"self-attention): every new event changes every cached token's output, so no user state "
+                       f"appends; train it with seq_attention 'causal' (or the swiglu encoder) to append")
+    return True, ""
+
+
 def enc_names(cfg) -> list[str]:
     """The extras an appendable state adds: ``enc_k_<slot>``, ``enc_v_<slot>`` (none for swiglu)."""
     if not _self_attends(cfg):
@@ -102,6 +114,9 @@ def can_append(cfg, n_old: list[int], k: list[int]) -> tuple[bool, str]:
     names = [s.name for s in cfg.schema.sequences]
     if any(int(x) < 0 for x in [*n_old, *k]):
         return False, f"negative counts: cached {list(n_old)}, new {list(k)}"
+    ok, why = appendable(cfg)
+    if not ok and any(int(n) > 0 and int(kk) > 0 for n, kk in zip(n_old, k)):
+        return False, why
     w = cfg.longer_window
     if cfg.seq_encoder == "longer" and cfg.n_layers > 1:
         for name, n, kk in zip(names, n_old, k):
@@ -253,5 +268,5 @@ def append_or_encode(model, kv_old: UserKV, old_hist: Mapping[str, Any],
     return encode_appendable(model, batch), d
 
 
-__all__ = ["ENC_K", "ENC_V", "append_or_encode", "append_user", "can_append", "enc_names", "encode_appendable",
+__all__ = ["ENC_K", "ENC_V", "append_or_encode", "append_user", "appendable", "can_append", "enc_names", "encode_appendable",
            "plan_append", "sequence_tokens"]

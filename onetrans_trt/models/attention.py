@@ -67,6 +67,23 @@ def tail_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Ten
     return masked_attention(q, k, v, tail_causal_mask(k.shape[2], q.shape[2], valid))
 
 
+def bidirectional_mask(n_keys: int, n_queries: int, valid: Tensor) -> Tensor:
+    """``[B, 1, Lq, Lk]``: every query sees every real key (full self-attention over a
+    left-padded axis); query ``i`` sits at key position ``Lk - Lq + i`` and a padding query
+    sees only itself, so no row is empty."""
+    j = torch.arange(n_keys, device=valid.device)
+    pos = torch.arange(n_queries, device=valid.device) + (n_keys - n_queries)
+    itself = j.unsqueeze(0) == pos.unsqueeze(1)  # [Lq, Lk]
+    real = prefix_key_mask(n_keys, valid).unsqueeze(1)  # [B, 1, Lk]
+    return (real | itself.unsqueeze(0)).unsqueeze(1)
+
+
+def bidirectional_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """Full (non-causal) self-attention of the newest ``Lq`` of ``Lk`` tokens over all real
+    keys. q ``[B,H,Lq,dh]``, k/v ``[B,H,Lk,dh]``, valid ``[B]``."""
+    return masked_attention(q, k, v, bidirectional_mask(k.shape[2], q.shape[2], valid))
+
+
 def _real_prefix_keys(k_prefix: Tensor, valid: Tensor) -> Tensor:
     """``[1, 1, 1, L]`` mask of the prefix's real keys, computed from the K tensor itself.
 

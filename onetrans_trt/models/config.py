@@ -14,6 +14,20 @@ from onetrans_trt.errors import ConfigError
 FAMILIES = ("onetrans", "hyformer", "baseline")
 SEQ_ENCODERS = ("transformer", "longer", "swiglu")
 NS_TOKENIZERS = ("auto_split", "group")
+SEQ_ATTENTION = ("bidirectional", "causal")
+# all_pools: N FFNs per sequence over concat(NS tokens, every sequence's mean pool), each giving one
+# query (HyFormer §3.2); own_pool: one FFN per sequence over concat(NS tokens, its own pool) -> N queries
+QUERY_GENS = ("all_pools", "own_pool")
+HEAD_INPUTS = ("queries_ns", "queries")  # the final global queries and NS tokens, or the queries only
+# The HyFormer options as the first release built them (before the paper-literal form became the
+# default): a config without these keys is one of those checkpoints and loads with these values.
+HYFORMER_WAVE1: dict[str, Any] = dict(seq_attention="causal", hy_sink=True, hy_kv_norm=True, hy_query_gen="own_pool",
+                                      hy_head_input="queries")
+HYFORMER_FORMS: dict[str, dict[str, Any]] = {
+    "paper": dict(seq_attention="bidirectional", hy_sink=False, hy_kv_norm=False, hy_query_gen="all_pools",
+                  hy_head_input="queries_ns"),
+    "wave1": HYFORMER_WAVE1,
+}
 
 # Architecture presets. The schema comes from the data source; these set the sizes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,11 +46,12 @@ HYFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=16, n_heads=2, n_layers=2, ffn_mult=2, mixer_tokens=8, longer_window=8),
     # LONGER-style sequence encoders, as the paper's model (the newest `longer_window` tokens go on past
     # layer 0): 2.4x less work per step than full-length ones on MovieLens, like-AUC within 0.003
+    # (LONGER's self-attention is causal, arXiv 2505.04421, so these presets say so)
     "small": dict(d_model=64, n_heads=4, n_layers=3, ffn_mult=2, mixer_tokens=8, longer_window=16,
-                  seq_encoder="longer"),
+                  seq_encoder="longer", seq_attention="causal"),
     # the paper's multi-sequence setting: 16 mixer tokens = 13 NS + 3 global (one per sequence)
     "hyformer-paper": dict(d_model=256, n_heads=4, n_layers=4, ffn_mult=4, mixer_tokens=16, longer_window=64,
-                           seq_encoder="longer"),
+                           seq_encoder="longer", seq_attention="causal"),
 }
 
 
@@ -95,6 +110,13 @@ class ModelConfig:
     hy_queries: Int(1, 1024, "HyFormer: global query tokens per sequence (N)") = 1
     seq_encoder: Literal[SEQ_ENCODERS] = "transformer"  # per-layer sequence encoder
     longer_window: Int(1, 1 << 20, "HyFormer longer: the newest S-tokens used as queries") = 16
+    # HyFormer: the paper's form (the defaults) or the first release's (HYFORMER_WAVE1); a config
+    # written before these keys existed lacks them and loads as the first release's (from_dict).
+    seq_attention: Literal[SEQ_ATTENTION] = "bidirectional"  # transformer/longer self-attention
+    hy_sink: bool = False  # a learned sink key/value per head in query decoding
+    hy_kv_norm: bool = False  # an RMSNorm before each layer's K/V projection
+    hy_query_gen: Literal[QUERY_GENS] = "all_pools"  # how the global queries are generated
+    hy_head_input: Literal[HEAD_INPUTS] = "queries_ns"  # what the task heads read
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,12 +170,15 @@ class ModelConfig:
             ConfigJSON.model_validate(raw)
 
     def to_dict(self) -> dict:
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "schema"}
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "schema"
+             and (self.family == "hyformer" or f.name not in HYFORMER_WAVE1)}  # HyFormer's form: its own
         d["schema"] = self.schema.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelConfig":
+        if isinstance(d, dict) and d.get("family") == "hyformer" and not any(k in d for k in HYFORMER_WAVE1):
+            d = {**d, **HYFORMER_WAVE1}  # written before the paper form existed: a wave-1 HyFormer
         with refusing(d, "model config", _SAY):
             m = ConfigJSON.model_validate(d)
         return cls(schema=FeatureSchema._from_model(m.schema_),

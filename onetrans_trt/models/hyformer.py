@@ -1,24 +1,32 @@
 """HyFormer (arXiv 2601.12681): global queries decode per-layer sequence K/V, then boost.
 
 Per behaviour sequence ``j`` (kept apart, never merged: HyFormer's multi-sequence
-setting), ``N`` global query tokens come from FFNs over ``concat(NS tokens,
-mean-pool(sequence j))``. Each layer ``l``:
+setting), ``N`` global query tokens come from the NS tokens and the sequences' mean pools
+(``hy_query_gen``: ``all_pools``, the paper's: N FFNs over ``concat(NS tokens, every
+sequence's pool)``, one query each; ``own_pool``: one FFN over ``concat(NS tokens, pool of
+sequence j)`` giving all N). Each layer ``l``:
 
 1. **sequence encoding**: sequence j's tokens pass one encoder layer (``transformer``:
-   causal self-attention + FFN; ``longer``: the newest ``longer_window`` tokens attend the
-   whole sequence, LONGER-style, and only they go on; ``swiglu``: a SwiGLU FFN, no
-   attention), then are projected to that layer's K/V;
-2. **query decoding**: sequence j's queries cross-attend its K/V (multi-head, with one
-   learned sink key/value per head so an empty sequence is well defined);
+   self-attention + FFN; ``longer``: the newest ``longer_window`` tokens attend the whole
+   sequence, LONGER-style, and only they go on; ``swiglu``: a SwiGLU FFN, no attention;
+   ``seq_attention``: ``bidirectional``, the paper's full self-attention, or ``causal``),
+   then are projected to that layer's K/V (``hy_kv_norm``: through an RMSNorm first);
+2. **query decoding**: sequence j's queries cross-attend its K/V, multi-head (``hy_sink``:
+   plus one learned sink key/value per head; without it an empty sequence decodes to
+   nothing, the softmax over no key is defined as zero, never NaN);
 3. **query boosting**: ``[queries of every sequence ; NS tokens]`` (T tokens) are mixed
    RankMixer-style (each token cut into T chunks, chunk h of every token regrouped into
    token h), a per-token FFN refines them, and a residual adds the input back.
 
-Task heads read the final queries. The sequence side never sees a candidate, so the split
-is exact: ``encode_user`` returns each (layer, sequence) K/V plus each sequence's real
-length and mean-pooled tokens (:class:`~onetrans_trt.kv.UserKV` ``extras``), and
-``score_candidates`` runs query generation, decoding and boosting for C candidates
-against that one cached state.
+Task heads read the final queries and NS tokens (``hy_head_input``: ``queries_ns``, the
+paper's; ``queries``: the queries only). The paper's form is the default; the first
+release's (sink, K/V norm, causal, ``own_pool``, ``queries``) stays an option and is what a
+config without these keys loads as (:data:`~onetrans_trt.models.config.HYFORMER_WAVE1`).
+
+The sequence side never sees a candidate, so the split is exact: ``encode_user`` returns
+each (layer, sequence) K/V plus each sequence's real length and mean-pooled tokens
+(:class:`~onetrans_trt.kv.UserKV` ``extras``), and ``score_candidates`` runs query
+generation, decoding and boosting for C candidates against that one cached state.
 
 Inputs are the same merged S-token stream as OneTrans (``s_type`` says which sequence
 each event belongs to); the model lays each sequence out on its own, left-padded.
@@ -34,6 +42,7 @@ from torch import Tensor, nn
 from onetrans_trt.kv import UserKV
 from onetrans_trt.models.attention import (
     _real_prefix_keys,
+    bidirectional_attention,
     merge_heads,
     prefix_key_mask,
     split_heads,
@@ -63,6 +72,7 @@ class SequenceEncoderLayer(nn.Module):
         super().__init__()
         d, f = cfg.d_model, cfg.d_model * cfg.ffn_mult
         self.kind, self.window, self.n_heads = cfg.seq_encoder, cfg.longer_window, cfg.n_heads
+        self.causal = cfg.seq_attention == "causal"
         self.norm1 = RMSNorm(d)
         if self.kind == "swiglu":
             self.ffn: nn.Module = SwiGLU(d, f)
@@ -70,7 +80,7 @@ class SequenceEncoderLayer(nn.Module):
             self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
             self.norm2 = RMSNorm(d)
             self.ffn = FFN(d, f)
-        self.kv_norm = RMSNorm(d)
+        self.kv_norm = RMSNorm(d) if cfg.hy_kv_norm else nn.Identity()
         self.to_k = nn.Linear(d, d, bias=False)
         self.to_v = nn.Linear(d, d, bias=False)
 
@@ -97,34 +107,49 @@ class SequenceEncoderLayer(nn.Module):
             q = split_heads(self.q(hx if self.kind == "transformer" else hx[:, -self.window:]), h)
             sk, sv = split_heads(self.k(hx), h), split_heads(self.v(hx), h)
             if past is not None:
+                if not self.causal:
+                    raise ValueError("bidirectional self-attention has no append: new tokens change every "
+                                     "cached token's output")
                 sk, sv = torch.cat([past[0], sk], dim=2), torch.cat([past[1], sv], dim=2)
-            z = tail + self.o(merge_heads(tail_causal_attention(q, sk, sv, valid.clamp(max=sk.shape[2]))))
+            attend = tail_causal_attention if self.causal else bidirectional_attention
+            z = tail + self.o(merge_heads(attend(q, sk, sv, valid.clamp(max=sk.shape[2]))))
             out = z + self.ffn(self.norm2(z))
         hk = self.kv_norm(out)
         return out, split_heads(self.to_k(hk), h), split_heads(self.to_v(hk), h), sk, sv
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Tensor, sink_v: Tensor,
-                     shared: bool) -> Tensor:
-    """Cross-attention of queries over one sequence's K/V plus a learned sink.
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Tensor | None,
+                     sink_v: Tensor | None, shared: bool) -> Tensor:
+    """Cross-attention of queries over one sequence's K/V (plus a learned sink, if given).
 
     q ``[B, H, N, dh]``; k/v ``[B, H, n, dh]`` left-padded with ``valid`` ``[B]`` (a count
-    >= n means all real); sink_k/sink_v ``[H, dh]``. ``shared``: one K/V ``[1, ...]`` for all
-    B rows (the candidate scorer): the queries of every row are folded into one batch, so
-    the K/V are read once and never copied per candidate.
+    >= n means all real); sink_k/sink_v ``[H, dh]`` or None. Without a sink, a row with no
+    real key (an empty sequence) attends nothing: its output is 0 (the softmax's shift
+    comes from the real keys only, so no NaN arises, forward or backward). ``shared``: one
+    K/V ``[1, ...]`` for all B rows (the candidate scorer): the queries of every row are
+    folded into one batch, so the K/V are read once and never copied per candidate.
     """
     b, h, nq, dh = q.shape
     scale = 1.0 / math.sqrt(dh)
     qq = q.transpose(0, 1).reshape(1, h, b * nq, dh) if shared else q
+    if sink_k is None and k.shape[2] == 0:  # no key at all (an appended state's empty sequence)
+        return torch.zeros_like(q)
     s = torch.matmul(qq, k.transpose(-1, -2)) * scale  # [1|B, H, rows, n]
     if shared:
         real = _real_prefix_keys(k, valid)  # [1, 1, 1, n]
     else:
         real = prefix_key_mask(k.shape[2], valid.clamp(max=k.shape[2])).reshape(k.shape[0], 1, 1, -1)
     s = s.masked_fill(~real, float("-inf"))
-    s0 = (qq * sink_k.reshape(1, h, 1, dh)).sum(-1, keepdim=True) * scale  # the sink's score
-    p = torch.softmax(torch.cat([s, s0], dim=-1), dim=-1)
-    o = torch.matmul(p[..., :-1], v) + p[..., -1:] * sink_v.reshape(1, h, 1, dh)
+    if sink_k is None:
+        m = s.amax(dim=-1, keepdim=True)  # -inf on a row with no real key
+        # 0 at every masked key by the mask itself, not by exp(-inf): an FP16 graph stores -inf as -1e4
+        p = torch.where(real, torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m)), torch.zeros_like(s))
+        den = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, v) / torch.where(den > 0, den, torch.ones_like(den))
+    else:
+        s0 = (qq * sink_k.reshape(1, h, 1, dh)).sum(-1, keepdim=True) * scale  # the sink's score
+        p = torch.softmax(torch.cat([s, s0], dim=-1), dim=-1)
+        o = torch.matmul(p[..., :-1], v) + p[..., -1:] * sink_v.reshape(1, h, 1, dh)
     return o.reshape(h, b, nq, dh).transpose(0, 1) if shared else o
 
 
@@ -135,8 +160,11 @@ class QueryDecoder(nn.Module):
         self.n_heads = h
         self.norm = RMSNorm(d)
         self.q, self.o = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-        self.sink_k = nn.Parameter(torch.randn(h, d // h) * 0.02)
-        self.sink_v = nn.Parameter(torch.zeros(h, d // h))
+        if cfg.hy_sink:
+            self.sink_k = nn.Parameter(torch.randn(h, d // h) * 0.02)
+            self.sink_v = nn.Parameter(torch.zeros(h, d // h))
+        else:
+            self.sink_k = self.sink_v = None
 
     def forward(self, queries: Tensor, k: Tensor, v: Tensor, valid: Tensor, shared: bool) -> Tensor:
         q = split_heads(self.q(self.norm(queries)), self.n_heads)
@@ -171,15 +199,23 @@ class HyFormer(nn.Module):
         self.ns_tokenizer = ns_tokenizer_for(cfg, self.embeddings, hidden)
         self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
         m = cfg.num_ns_tokens
-        self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, self.n_q * d) for _ in range(self.n_seq)])
+        self.query_gen_kind = cfg.hy_query_gen
+        if cfg.hy_query_gen == "own_pool":
+            self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, self.n_q * d) for _ in range(self.n_seq)])
+        else:  # all_pools: sequence j's query i from its own FFN over NS tokens and every pool
+            self.query_gen = nn.ModuleList([
+                nn.ModuleList([MLP(m * d + self.n_seq * d, hidden, d) for _ in range(self.n_q)])
+                for _ in range(self.n_seq)])
         self.encoders = nn.ModuleList([
             nn.ModuleList([SequenceEncoderLayer(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
         self.decoders = nn.ModuleList([
             nn.ModuleList([QueryDecoder(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
         self.boosts = nn.ModuleList([QueryBoost(cfg, self.n_seq * self.n_q + m) for _ in range(cfg.n_layers)])
         nq = self.n_seq * self.n_q
-        self.final_norm = RMSNorm(d, tokens=nq)
-        self.heads = nn.ModuleList([MLP(nq * d, cfg.head_hidden or d, 1) for _ in cfg.tasks])
+        self.heads_read_ns = cfg.hy_head_input == "queries_ns"
+        read = nq + (m if self.heads_read_ns else 0)
+        self.final_norm = RMSNorm(d, tokens=read)
+        self.heads = nn.ModuleList([MLP(read * d, cfg.head_hidden or d, 1) for _ in cfg.tasks])
 
     # -- user side -----------------------------------------------------------------------
     def sequences(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -239,8 +275,12 @@ class HyFormer(nn.Module):
         c, d = x_ns.shape[0], self.cfg.d_model
         flat = x_ns.flatten(1)
         pool, lengths = kv.extras[SEQ_POOL], kv.extras[SEQ_LENGTH]  # [1|C, J, d], [1|C, J]
-        queries = [gen(torch.cat([flat, pool[:, j].expand(c, d)], dim=-1)).reshape(c, self.n_q, d)
-                   for j, gen in enumerate(self.query_gen)]
+        if self.query_gen_kind == "own_pool":
+            queries = [gen(torch.cat([flat, pool[:, j].expand(c, d)], dim=-1)).reshape(c, self.n_q, d)
+                       for j, gen in enumerate(self.query_gen)]
+        else:
+            info = torch.cat([flat, pool.flatten(1).expand(c, self.n_seq * d)], dim=-1)  # the paper's Global Info
+            queries = [torch.stack([f(info) for f in gens], dim=1) for gens in self.query_gen]
         for l, (decs, boost) in enumerate(zip(self.decoders, self.boosts)):
             for j, dec in enumerate(decs):
                 queries[j] = dec(queries[j], kv.keys[l * self.n_seq + j], kv.values[l * self.n_seq + j],
@@ -248,7 +288,7 @@ class HyFormer(nn.Module):
             z = boost(torch.cat([*queries, x_ns], dim=1))
             queries = list(z[:, : self.n_seq * self.n_q].split(self.n_q, dim=1))
             x_ns = z[:, self.n_seq * self.n_q:]
-        zq = self.final_norm(torch.cat(queries, dim=1)).flatten(1)
+        zq = self.final_norm(torch.cat([*queries, x_ns] if self.heads_read_ns else queries, dim=1)).flatten(1)
         return torch.cat([h(zq) for h in self.heads], dim=-1)
 
     # -- unified ---------------------------------------------------------------------------

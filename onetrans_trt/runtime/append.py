@@ -83,6 +83,8 @@ class TorchAppender:
                 raise InputError(f"append: {why}")
         elif self.cfg.family != "hyformer":
             raise InputError(f"append: family {self.cfg.family!r} has no user state to extend")
+        else:
+            _check_hyformer(self.cfg)
 
     def encode(self, hist: dict[str, np.ndarray]) -> UserKV | None:
         """The appendable state of ``hist`` (None: the backend's own encode is appendable)."""
@@ -111,6 +113,14 @@ class TorchAppender:
     def fits(self, kv_old: UserKV, old_hist) -> str:
         """Why ``kv_old`` is not the state of ``old_hist`` ('' when it is)."""
         return _fits(self.cfg, kv_old, old_hist)
+
+
+def _check_hyformer(cfg) -> None:
+    from onetrans_trt.models.append_hyformer import appendable
+
+    ok, why = appendable(cfg)
+    if not ok:
+        raise InputError(f"append: {why}")
 
 
 def _fits(cfg, kv_old: UserKV, old_hist) -> str:
@@ -143,6 +153,8 @@ class OrtAppender:
 
         if cfg.family not in ("onetrans", "hyformer"):
             raise InputError(f"append: family {cfg.family!r} has no user state to extend")
+        if cfg.family == "hyformer":
+            _check_hyformer(cfg)
         ok, why = can_append(cfg, 0, 1) if cfg.family == "onetrans" else (True, "")
         if not ok:
             raise InputError(f"append: {why}")

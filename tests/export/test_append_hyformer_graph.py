@@ -34,7 +34,7 @@ def _model(enc: str):
     """A random HyFormer with this sequence encoder (2 sequences, 2 layers, up to 60 events)."""
     schema = synthetic_schema(max_history=60, n_sequences=2)
     cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, ns_tokens=4,
-                      seq_encoder=enc, longer_window=5)
+                      seq_encoder=enc, longer_window=5, seq_attention="causal")
     model = HyFormer(cfg).eval()
     _randomize(model, torch.Generator().manual_seed(20 + ENCODERS.index(enc)))
     return model

@@ -50,7 +50,10 @@ def random_config(seed: int) -> ModelConfig:
     return ModelConfig(schema=schema, family="hyformer", d_model=d, n_heads=heads, n_layers=int(rng.integers(1, 4)),
                        ffn_mult=int(rng.integers(1, 3)), ns_tokenizer=tok, ns_tokens=m, hy_queries=n_q,
                        seq_encoder=["transformer", "longer", "swiglu"][seed % 3],
-                       longer_window=int(rng.integers(1, 9)), tasks=["a", "b"][: int(rng.integers(1, 3))])
+                       longer_window=int(rng.integers(1, 9)), tasks=["a", "b"][: int(rng.integers(1, 3))],
+                       seq_attention="causal", hy_sink=bool(rng.integers(2)), hy_kv_norm=bool(rng.integers(2)),
+                       hy_query_gen=str(rng.choice(["all_pools", "own_pool"])),
+                       hy_head_input=str(rng.choice(["queries_ns", "queries"])))
 
 
 def _model(cfg, seed):
@@ -171,7 +174,8 @@ def test_sweep_covers_the_cases():
 def _cfg(encoder: str, **kw) -> ModelConfig:
     schema = synthetic_schema(max_history=kw.pop("max_history", 24), n_sequences=kw.pop("n_sequences", 2))
     return ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=kw.pop("n_layers", 2),
-                       ns_tokens=4, hy_queries=1, seq_encoder=encoder, longer_window=kw.pop("longer_window", 4), **kw)
+                       ns_tokens=4, hy_queries=1, seq_encoder=encoder, longer_window=kw.pop("longer_window", 4),
+                       seq_attention=kw.pop("seq_attention", "causal"), **kw)
 
 
 @torch.no_grad()
@@ -255,3 +259,29 @@ def test_refusals():
         append_user(model, kv, {"7": bad["0"]})
     with pytest.raises(AppendRefused, match="self-attention"):
         append_user(model, model.encode_user(_t(h)), {})
+
+
+def test_bidirectional_sequence_attention_never_appends():
+    """The paper's full self-attention: a new event changes every cached token's output, so
+    the plan refuses (saying why), the first state (nothing cached) is still exact, and a
+    swiglu encoder (no attention) appends whatever seq_attention says."""
+    from onetrans_trt.models.append_hyformer import appendable
+
+    for enc in ("transformer", "longer"):
+        cfg = _cfg(enc, seq_attention="bidirectional", longer_window=16)
+        model = _model(cfg, 1)
+        assert not appendable(cfg)[0] and "bidirectional" in appendable(cfg)[1]
+        assert not can_append(cfg, [3, 0], [1, 0])[0]
+        assert can_append(cfg, [0, 0], [4, 2])[0]  # nothing cached: the full encode
+        req = _history_request(cfg.schema, np.random.default_rng(4), 9)
+        h_old, _ = encode_request(cfg.schema, _upto(req, 6))
+        h_new, _ = encode_request(cfg.schema, req)
+        kv = encode_appendable(model, _t(h_old))
+        out, d = append_or_encode(model, kv, h_old, h_new)
+        assert not d.ok and "bidirectionally" in d.reason
+        assert_same_user(out, model.encode_user(_t(h_new)))
+        tokens = plan_append(_cfg(enc, longer_window=16), h_old, h_new).tokens  # what a causal twin appends
+        assert tokens
+        with pytest.raises(ValueError, match="bidirectional"):
+            append_user(model, kv, tokens, force=True)
+    assert appendable(_cfg("swiglu", seq_attention="bidirectional"))[0]

@@ -1,7 +1,9 @@
 """HyFormer: the split (user encoder once, candidate scorer over C) equals the unified
 forward, over >= 100 seeded random configurations: all three sequence encoders, 1-3
 sequences, both NS tokenizers, 1-3 queries per sequence, histories empty / partial / full
-/ over the maximum, extra left padding on the unified side, sequences left empty.
+/ over the maximum, extra left padding on the unified side, sequences left empty; and every HyFormer form option (sink or none, K/V norm or none, causal
+or bidirectional sequence attention, query generation over all pools or the own one, heads
+over queries and NS tokens or queries only).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def random_case(seed: int):
     cfg = ModelConfig(schema=schema, family="hyformer", d_model=d, n_heads=heads,
                       n_layers=int(rng.integers(1, 4)), ffn_mult=int(rng.integers(1, 3)), ns_tokenizer=tok,
                       ns_tokens=m, hy_queries=n_q, seq_encoder=str(rng.choice(["transformer", "longer", "swiglu"])),
-                      longer_window=int(rng.integers(1, 8)), tasks=["a", "b"][: int(rng.integers(1, 3))])
+                      longer_window=int(rng.integers(1, 8)), tasks=["a", "b"][: int(rng.integers(1, 3))],
+                      seq_attention=str(rng.choice(["bidirectional", "causal"])), hy_sink=bool(rng.integers(2)),
+                      hy_kv_norm=bool(rng.integers(2)), hy_query_gen=str(rng.choice(["all_pools", "own_pool"])),
+                      hy_head_input=str(rng.choice(["queries_ns", "queries"])))
     return (cfg, *edge_request(schema, rng, max_history))
 
 
@@ -70,8 +75,17 @@ def test_sweep_covers_the_edges():
         seen.add(("seqs", cfg.schema.num_sequences))
         seen.add(cfg.ns_tokenizer)
         seen.add(("queries", cfg.hy_queries))
+        for opt in ("seq_attention", "hy_sink", "hy_kv_norm", "hy_query_gen", "hy_head_input"):
+            seen.add((opt, getattr(cfg, opt)))
+        kept = {ev["sequence"] for ev in sorted(req.history, key=lambda e: e["timestamp"])[-mx:]}
+        if any(seq.name not in kept for seq in cfg.schema.sequences):  # an empty sequence
+            seen.add(("empty sequence", "sink" if cfg.hy_sink else "no sink (decodes to nothing)"))
     for want in ["empty", "over", "full", "part", ("enc", "transformer"), ("enc", "longer"), ("enc", "swiglu"),
-                 ("seqs", 1), ("seqs", 2), ("seqs", 3), "auto_split", "group", ("queries", 1), ("queries", 3)]:
+                 ("seqs", 1), ("seqs", 2), ("seqs", 3), "auto_split", "group", ("queries", 1), ("queries", 3),
+                 ("seq_attention", "bidirectional"), ("seq_attention", "causal"), ("hy_sink", True),
+                 ("hy_sink", False), ("hy_kv_norm", True), ("hy_kv_norm", False), ("hy_query_gen", "all_pools"),
+                 ("hy_query_gen", "own_pool"), ("hy_head_input", "queries_ns"), ("hy_head_input", "queries"),
+                 ("empty sequence", "sink"), ("empty sequence", "no sink (decodes to nothing)")]:
         assert want in seen, want
 
 

@@ -38,7 +38,7 @@ def _onetrans(max_history=20, **kw):
 def _hyformer(encoder="transformer", max_history=20):
     schema = synthetic_schema(max_history=max_history, n_sequences=2)
     cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, ns_tokens=4,
-                      seq_encoder=encoder, longer_window=6)
+                      seq_encoder=encoder, longer_window=6, seq_attention="causal")
     model = HyFormer(cfg).eval()
     _randomize(model, torch.Generator().manual_seed(1))
     return model
@@ -188,7 +188,7 @@ def test_ort_hyformer_build_appends(movielens, tmp_path):
     from onetrans_trt.cli import cli
 
     for args in (["train", "--model", "hyformer", "--preset", "tiny", "--out", tmp_path / "ck", "--epochs", "1",
-                  "--limit", "3000"],
+                  "--limit", "3000", "--seq-attention", "causal"],
                  ["export", tmp_path / "ck", "--out", tmp_path / "build", "--samples", "1", "--append", "--json"]):
         r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
         assert r.exit_code == 0, r.output[-2000:]

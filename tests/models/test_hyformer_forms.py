@@ -1,0 +1,122 @@
+"""HyFormer's two forms: the paper's (the default for new configs) and the first release's
+(what a config written before the form keys existed loads as), and the paper form's edges:
+decoding with no sink over an empty sequence, bidirectional sequence attention."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from onetrans_trt.data.requests import encode_request
+from onetrans_trt.data.synthetic import synthetic_request, synthetic_schema
+from onetrans_trt.models.attention import bidirectional_attention, masked_attention
+from onetrans_trt.models.config import HYFORMER_FORMS, HYFORMER_WAVE1, ModelConfig
+from onetrans_trt.models.hyformer import HyFormer, decode_attention
+from tests.models.test_split_exactness import _randomize, _t
+
+
+def _schema():
+    return synthetic_schema(max_history=10, n_sequences=3)
+
+
+def test_new_configs_are_the_paper_form_and_old_ones_load_as_wave1():
+    cfg = ModelConfig.from_preset("tiny", _schema(), family="hyformer")
+    assert {k: getattr(cfg, k) for k in HYFORMER_WAVE1} == HYFORMER_FORMS["paper"]
+    d = cfg.to_dict()
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == cfg  # written with its form: reads back the same
+    old = {k: v for k, v in d.items() if k not in HYFORMER_WAVE1}  # a config from before the keys existed
+    got = ModelConfig.from_dict(old)
+    assert {k: getattr(got, k) for k in HYFORMER_WAVE1} == HYFORMER_WAVE1
+    # one key present: the config knows the keys, the rest take the (paper) defaults
+    one = ModelConfig.from_dict({**old, "hy_sink": True})
+    assert one.hy_sink and one.seq_attention == "bidirectional" and one.hy_query_gen == "all_pools"
+    # OneTrans configs never change meaning
+    ot = ModelConfig.from_preset("tiny", _schema())
+    assert ModelConfig.from_dict({k: v for k, v in ot.to_dict().items() if k not in HYFORMER_WAVE1}) == ot
+
+
+def test_forms_differ_in_their_weights():
+    paper = HyFormer(ModelConfig.from_preset("tiny", _schema(), family="hyformer"))
+    wave1 = HyFormer(ModelConfig.from_preset("tiny", _schema(), family="hyformer", **HYFORMER_WAVE1))
+    pk, wk = set(paper.state_dict()), set(wave1.state_dict())
+    assert not any("sink" in k or "kv_norm" in k for k in pk)
+    assert any("sink_k" in k for k in wk) and any("kv_norm" in k for k in wk)
+    # the paper's query generation: N FFNs per sequence over NS tokens + every pool
+    cfg = paper.cfg
+    assert len(paper.query_gen) == 3 and all(len(g) == cfg.hy_queries for g in paper.query_gen)
+    m, d = cfg.num_ns_tokens, cfg.d_model
+    assert paper.query_gen[0][0].net[0].in_features == (m + 3) * d
+    assert paper.heads[0].net[0].in_features == (3 * cfg.hy_queries + m) * d  # queries and NS tokens
+    assert wave1.heads[0].net[0].in_features == 3 * cfg.hy_queries * d  # queries only
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_decoding_without_a_sink_over_no_key_is_zero_and_never_nan(shared):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 2, 4, generator=g, requires_grad=True)
+    k = torch.randn(1 if shared else 3, 2, 5, 4, generator=g, requires_grad=True)
+    v = torch.randn(1 if shared else 3, 2, 5, 4, generator=g, requires_grad=True)
+    valid = torch.tensor([0] if shared else [0, 2, 5])
+    o = decode_attention(q, k, v, valid, None, None, shared)
+    assert torch.isfinite(o).all()
+    if shared:
+        assert o.abs().max() == 0
+    else:
+        assert o[0].abs().max() == 0
+        # the others: plain softmax attention over their real (newest) keys
+        for b, n in ((1, 2), (2, 5)):
+            want = torch.softmax(q[b] @ k[b, :, 5 - n:].transpose(-1, -2) / 2.0, -1) @ v[b, :, 5 - n:]
+            assert torch.allclose(o[b], want, atol=1e-6)
+    o.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(decode_attention(q, k[:, :, :0], v[:, :, :0], valid, None, None, shared), torch.zeros_like(q))
+
+
+def test_bidirectional_attention_sees_later_real_keys_and_no_padding():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
+    valid = torch.tensor([6, 3])
+    o = bidirectional_attention(q, k, v, valid)
+    full = masked_attention(q[:1], k[:1], v[:1], torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    assert torch.allclose(o[:1], full, atol=1e-6)  # all real: plain full attention
+    real = masked_attention(q[1:, :, 3:], k[1:, :, 3:], v[1:, :, 3:], torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    assert torch.allclose(o[1:, :, 3:], real, atol=1e-6)  # padding keys ignored
+    assert torch.isfinite(o).all()  # padding queries see themselves
+    assert torch.isfinite(bidirectional_attention(q, k, v, torch.tensor([0, 0]))).all()
+
+
+def test_paper_form_trains_with_empty_sequences_without_nan():
+    schema = _schema()
+    cfg = ModelConfig.from_preset("tiny", schema, family="hyformer")
+    model = HyFormer(cfg)
+    rng = np.random.default_rng(0)
+    req = synthetic_request(schema, rng, n_history=0, n_candidates=4)  # every sequence empty
+    hist, ns = encode_request(schema, req)
+    batch = _t({**{k: np.repeat(v, 4, axis=0) for k, v in hist.items()}, **ns})
+    loss = model(batch).square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bidirectional_sequence_attention_reads_the_newer_events():
+    """Causal: changing the newest event of a sequence leaves the older tokens' K/V alone;
+    bidirectional: every real token's K/V moves (the paper's full self-attention)."""
+    schema = synthetic_schema(max_history=10, n_sequences=1)
+    rng = np.random.default_rng(5)
+    req = synthetic_request(schema, rng, n_history=8, n_candidates=2)
+    newest = max(range(len(req.history)), key=lambda i: req.history[i]["timestamp"])
+    hist = _t(encode_request(schema, req)[0])
+    req.history[newest]["item_id"] = (req.history[newest]["item_id"] + 7) % 500
+    hist2 = _t(encode_request(schema, req)[0])
+    for attn, moves in (("causal", False), ("bidirectional", True)):
+        cfg = ModelConfig.from_preset("tiny", schema, family="hyformer", seq_attention=attn)
+        model = HyFormer(cfg).eval()
+        _randomize(model, torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            a, b = model.encode_user(hist), model.encode_user(hist2)
+        older = (a.keys[0][..., :-1, :] - b.keys[0][..., :-1, :]).abs().max().item()
+        assert (older > 1e-4) == moves, (attn, older)
