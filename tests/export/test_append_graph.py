@@ -299,6 +299,9 @@ def test_refused_where_no_append_exists(trained, tmp_path):
         export_append(agnostic, tmp_path / "a")
     with pytest.raises(InputError, match="covers OneTrans, not family 'hyformer' .HyFormer: models.append_hyformer"):
         AppendGraph(HyFormer(ModelConfig.from_preset("tiny", trained.cfg.schema, family="hyformer")))
+    bidi = HyFormer(ModelConfig.from_preset("tiny", trained.cfg.schema, family="hyformer", seq_attention="bidirectional"))
+    with pytest.raises(InputError, match="bidirectionally"):
+        export_append(bidi, tmp_path / "a")
     assert not (tmp_path / "a").exists()
     other = save_checkpoint(OneTrans(ModelConfig.from_preset("tiny", trained.cfg.schema)), tmp_path / "other")
     build = trained.path.parent
@@ -379,8 +382,13 @@ def test_cli_export_append_refused_before_any_work(movielens, tmp_path, monkeypa
         "tiny", synthetic_schema(merge_mode="timestamp_agnostic"))), tmp_path / "agnostic")
     base = save_checkpoint(Baseline(ModelConfig.from_preset("tiny", movielens.schema, family="baseline")),
                            tmp_path / "base")
+    from onetrans_trt.models.hyformer import HyFormer
+
+    bidi = save_checkpoint(HyFormer(ModelConfig.from_preset("tiny", movielens.schema, family="hyformer")),
+                           tmp_path / "bidi")  # the paper's form: bidirectional sequence attention
     for ckpt, words in ((agnostic, ["--append", "timestamp_agnostic", "timestamp_aware"]),
-                        (base, ["--append", "baseline", "OneTrans and HyFormer"])):
+                        (base, ["--append", "baseline", "OneTrans and HyFormer"]),
+                        (bidi, ["--append", "bidirectionally", "causal"])):
         out = tmp_path / "out"
         r = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(out), "--append"])
         assert r.exit_code == 2, r.output[-2000:]

@@ -146,6 +146,12 @@ def test_refusals(tiny_build, tiny_ckpt):
     agnostic = ModelConfig.from_preset("tiny", synthetic_schema(max_history=8, merge_mode="timestamp_agnostic"))
     with pytest.raises(InputError, match="SEP"):
         Ranker.from_model(OneTrans(agnostic).eval(), store="memory://", append=True)
+    bidi = _hyformer()
+    bidi = HyFormer(ModelConfig(**{**{f: getattr(bidi.cfg, f) for f in ("schema", "family", "d_model", "n_heads",
+                                                                       "n_layers", "ns_tokens", "seq_encoder")},
+                                   "seq_attention": "bidirectional"})).eval()
+    with pytest.raises(InputError, match="bidirectionally"):
+        Ranker.from_model(bidi, store="memory://", append=True)
 
 
 def test_cli_rank_append(tiny_ckpt, movielens, tmp_path):
