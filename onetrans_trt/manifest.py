@@ -70,7 +70,8 @@ class Manifest(BaseModel):
     dynamic_dims: dict
     passes: list
     samples: dict
-    hyformer: dict = Field(None, description="HyFormer: sequences, state_slots, longer_window (positive)")
+    hyformer: dict = Field(None, description="HyFormer: sequences, state_slots, longer_window (positive), "
+                                                 "per_sequence (each sequence's queries/encoder/window/max_len)")
     precisions: dict[str, Variant] = Field(None, description="fp16/int8 variants and their lineage")
     engines: dict = None
     protocol: dict = None
@@ -88,4 +89,13 @@ class Manifest(BaseModel):
         if self.model.family == "hyformer" and not all(
                 type(hy.get(k)) is int and hy[k] > 0 for k in ("sequences", "state_slots", "longer_window")):
             raise ValueError("a HyFormer manifest needs hyformer.sequences/state_slots/longer_window")
+        per = hy.get("per_sequence")
+        if self.model.family == "hyformer" and per is not None and not (
+                isinstance(per, list) and len(per) == hy["sequences"] and hy["state_slots"] % len(per) == 0
+                and all(isinstance(p, dict) and p.get("encoder") in ("transformer", "longer", "swiglu")
+                        and all(type(p.get(k)) is int and p[k] > 0 for k in ("queries", "window"))
+                        and (p.get("max_len") is None or type(p["max_len"]) is int and p["max_len"] > 0)
+                        for p in per)):
+            raise ValueError("hyformer.per_sequence must list each sequence's queries, encoder, window and "
+                             "max_len (positive counts; max_len may be null)")
         return self

@@ -293,7 +293,7 @@ BAD_CONFIGS = [
 
 
 def test_real_configs_validate_against_the_config_schema_and_malformed_ones_do_not(tmp_path):
-    from onetrans_trt.models.config import HYFORMER_WAVE1, ModelConfig
+    from onetrans_trt.models.config import HYFORMER_ONLY, ModelConfig
 
     root = _schema("config")
     assert root["title"] == "ModelConfig" and root["required"] == ["schema"]
@@ -301,7 +301,7 @@ def test_real_configs_validate_against_the_config_schema_and_malformed_ones_do_n
     assert root["$defs"]["FeatureSchemaJSON"]["required"] == ["max_history", "tables", "features", "sequences"]
     docs = _real_configs(tmp_path)
     for doc in docs:
-        form = set() if doc.get("family") == "hyformer" else set(HYFORMER_WAVE1)  # HyFormer's form: its own keys
+        form = set() if doc.get("family") == "hyformer" else set(HYFORMER_ONLY)  # HyFormer's form: its own keys
         assert set(doc) | form == set(root["properties"]) and set(doc["schema"]) == set(
             root["$defs"]["FeatureSchemaJSON"]["properties"])  # every key a checkpoint writes, and nothing else
         assert valid(root, doc), doc

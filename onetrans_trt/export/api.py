@@ -147,6 +147,14 @@ def _io_spec(graph_path: Path) -> dict[str, list[dict]]:
     return {"inputs": [spec(v) for v in m.graph.input], "outputs": [spec(v) for v in m.graph.output]}
 
 
+def hyformer_manifest(cfg) -> dict[str, Any]:
+    """A HyFormer build's ``manifest["hyformer"]``: its sequences and each one's own settings."""
+    j = cfg.schema.num_sequences
+    return {"sequences": j, "queries_per_sequence": cfg.hy_queries, "seq_encoder": cfg.seq_encoder,
+            "longer_window": cfg.longer_window, "state_slots": cfg.n_layers * j,
+            "per_sequence": [cfg.hy_seq(i) for i in range(j)]}
+
+
 def _dynamic_dims(model) -> dict[str, dict[str, int]]:
     schema = model.cfg.schema
     lmax = schema.s_max_len
@@ -155,8 +163,9 @@ def _dynamic_dims(model) -> dict[str, dict[str, int]]:
     n_min, n_typ = 1, lmax
     cfg = model.cfg
     if cfg.family == "hyformer":
-        n = min(cfg.longer_window, lmax) if cfg.seq_encoder == "longer" else lmax
-        for i in range(cfg.n_layers * schema.num_sequences):
+        from onetrans_trt.export.inspect import hyformer_slot_lengths
+
+        for i, n in enumerate(hyformer_slot_lengths(hyformer_manifest(cfg), lmax)):
             dims[f"kv_len_{i}"] = {"min": 1, "typical": n, "max": n}
         return dims
     for l, q in enumerate(cfg.query_schedule()):
@@ -353,10 +362,7 @@ def export_build(ckpt: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSE
                       "s_max_len": cfg.schema.s_max_len},
             "pyramid": ({"schedule": cfg.query_schedule(), "mode": cfg.pyramid if isinstance(cfg.pyramid, str)
                          else "explicit"} if cfg.family == "onetrans" else {"schedule": None, "mode": "none"}),
-            **({"hyformer": {"sequences": cfg.schema.num_sequences, "queries_per_sequence": cfg.hy_queries,
-                             "seq_encoder": cfg.seq_encoder, "longer_window": cfg.longer_window,
-                             "state_slots": cfg.n_layers * cfg.schema.num_sequences}}
-               if cfg.family == "hyformer" else {}),
+            **({"hyformer": hyformer_manifest(cfg)} if cfg.family == "hyformer" else {}),
             "graphs": graphs,
             "dynamic_dims": _dynamic_dims(model),
             "passes": records,

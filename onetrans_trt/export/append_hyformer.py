@@ -97,8 +97,7 @@ class HyAppendGraph(nn.Module):
     def _forward(self, tensors: tuple[Tensor, ...]):
         named = dict(zip(self.input_names, tensors))
         model, cfg = self.model, self.cfg
-        n_seq, w, longer = cfg.schema.num_sequences, cfg.longer_window, cfg.seq_encoder == "longer"
-        attends = cfg.seq_encoder != "swiglu"
+        n_seq = cfg.schema.num_sequences
         xs = []
         for j in range(n_seq):
             xs.append(model.s_tokenizer({key: named[f"new{j}_{key}"] for key in _seq_keys(cfg)}))
@@ -116,6 +115,8 @@ class HyAppendGraph(nn.Module):
         for lay, layer in enumerate(model.encoders):
             for j, e in enumerate(layer):
                 slot = lay * n_seq + j
+                spec = cfg.hy_seq(j)  # sequence j's own encoder and window
+                w, longer, attends = spec["window"], spec["encoder"] == "longer", spec["encoder"] != "swiglu"
                 x = xs[j]
                 past = None
                 if attends:
@@ -171,7 +172,7 @@ def append_feeds(kv: UserKV, tokens: dict[str, dict[str, Any]] | None, cfg) -> d
     from onetrans_trt.models.hyformer import SEQ_LENGTH, SEQ_POOL
     from onetrans_trt.runtime.state import to_numpy
 
-    n_seq, w, longer = cfg.schema.num_sequences, cfg.longer_window, cfg.seq_encoder == "longer"
+    n_seq = cfg.schema.num_sequences
     lengths = to_numpy(kv.extras[SEQ_LENGTH]).astype(np.int64).reshape(1, n_seq)
     feeds: dict[str, np.ndarray] = {}
     tokens = tokens or {}
@@ -182,6 +183,7 @@ def append_feeds(kv: UserKV, tokens: dict[str, dict[str, Any]] | None, cfg) -> d
                                                                      dtype=np.int64).reshape(1, -1))
     for slot, (kt, vt) in enumerate(zip(kv.keys, kv.values)):
         lay, j = divmod(slot, n_seq)
+        w, longer = cfg.hy_seq(j)["window"], cfg.hy_seq(j)["encoder"] == "longer"
         n = int(lengths[0, j])
         n_out = min(n, w) if longer else n
         feeds[f"user_k_{slot}"], feeds[f"user_v_{slot}"] = _real(kt, n_out), _real(vt, n_out)
@@ -197,18 +199,29 @@ def append_feeds(kv: UserKV, tokens: dict[str, dict[str, Any]] | None, cfg) -> d
     return feeds
 
 
-def appended_state(outputs: dict[str, Any], s_length: Any) -> UserKV:
+def appended_state(outputs: dict[str, Any], s_length: Any, cfg: Any = None) -> UserKV:
     """The graph's outputs (by name) as an appendable :class:`UserKV`, every K/V slot
-    left-padded (zeros, masked: ``seq_length`` says how many columns are real) to one common
-    width of at least 1, as ``user_encoder.onnx`` lays them out: the exported scorer was
-    traced with every slot the same width, and ONNX Runtime plans its buffers on that."""
+    left-padded (zeros, masked: ``seq_length`` says how many columns are real) to the width
+    ``user_encoder.onnx`` gives it for a stream of ``s_length`` events (at least 1): the
+    exported scorer was traced on those widths (slots of equal width share one dimension, and
+    ONNX Runtime plans its buffers on that), and a LONGER slot must stay no wider than its
+    window, where ``seq_length`` >= its width means "all real". Without ``cfg`` (one encoder
+    for every sequence): one common width."""
     from onetrans_trt.models.hyformer import SEQ_LENGTH
 
     named = {k[: -len(NEW)]: v for k, v in outputs.items()}
     n = sum(1 for k in named if k.startswith("user_k_"))
-    width = max([1] + [np.asarray(named[f"user_{kv}_{i}"]).shape[2] for i in range(n) for kv in "kv"])
+    real = [max(np.asarray(named[f"user_{kv}_{i}"]).shape[2] for kv in "kv") for i in range(n)]
+    if cfg is None:
+        widths = [max([1] + real)] * n
+    else:
+        from onetrans_trt.export.api import hyformer_manifest
+        from onetrans_trt.export.inspect import hyformer_slot_lengths
 
-    def one(a):
+        stream = int(np.asarray(s_length).reshape(-1)[0])
+        widths = [max(1, w, r) for w, r in zip(hyformer_slot_lengths(hyformer_manifest(cfg), stream), real)]
+
+    def one(a, width):
         a = np.asarray(a)
         if a.shape[2] == width:
             return a
@@ -216,7 +229,8 @@ def appended_state(outputs: dict[str, Any], s_length: Any) -> UserKV:
 
     extras = {k[len("user_"):]: v for k, v in named.items() if not k.startswith(("user_k_", "user_v_"))}
     extras[SEQ_LENGTH] = np.asarray(extras[SEQ_LENGTH], dtype=np.int64)
-    return UserKV([one(named[f"user_k_{i}"]) for i in range(n)], [one(named[f"user_v_{i}"]) for i in range(n)],
+    return UserKV([one(named[f"user_k_{i}"], widths[i]) for i in range(n)],
+                  [one(named[f"user_v_{i}"], widths[i]) for i in range(n)],
                   np.asarray(s_length, dtype=np.int64).reshape(-1), extras)
 
 

@@ -21,6 +21,27 @@ def kv_lengths(schedule: list[int | None], history: int) -> list[int]:
     return out
 
 
+def _per_sequence(hy: dict) -> str:
+    per = hy.get("per_sequence")
+    if not per:
+        return f"{hy['queries_per_sequence']} global queries each, {hy['seq_encoder']} encoders"
+    return "; ".join(f"{p['queries']} queries, {p['encoder']}" + (f" w{p['window']}" if p["encoder"] == "longer" else "")
+                     + (f", newest {p['max_len']}" if p["max_len"] else "") for p in per)
+
+
+def hyformer_slot_lengths(hy: dict, history: int) -> list[int]:
+    """K/V tokens of each HyFormer state slot (``l * J + j``) for a stream of ``history`` events:
+    sequence j is laid out at the stream's length, or at its ``max_len`` when that is shorter;
+    LONGER keeps its window. (A manifest from before per-sequence settings: one for all.)"""
+    per = hy.get("per_sequence") or [{"encoder": hy["seq_encoder"], "window": hy["longer_window"], "max_len": None}
+                                     ] * hy["sequences"]
+    widths = []
+    for spec in per:
+        n = history if spec["max_len"] is None else min(history, spec["max_len"])
+        widths.append(min(spec["window"], n) if spec["encoder"] == "longer" else n)
+    return widths * (hy["state_slots"] // len(per))
+
+
 def state_lengths(manifest: dict, history: int) -> list[int]:
     """K/V tokens per state slot for a history of ``history`` S-tokens (either family)."""
     if manifest["model"]["family"] == "module":  # a user's module: the K/V lengths it was traced with
@@ -28,9 +49,8 @@ def state_lengths(manifest: dict, history: int) -> list[int]:
         n = len([k for k in dims if k.startswith("kv_len_")])
         return [min(history, dims[f"kv_len_{i}"]["max"]) for i in range(n)]
     hy = manifest.get("hyformer")
-    if hy:  # every sequence is laid out at the stream's length; LONGER keeps its window
-        n = min(hy["longer_window"], history) if hy["seq_encoder"] == "longer" else history
-        return [n] * hy["state_slots"]
+    if hy:
+        return hyformer_slot_lengths(hy, history)
     return kv_lengths(manifest["pyramid"]["schedule"], history)
 
 
@@ -92,8 +112,8 @@ def describe(info: dict[str, Any]) -> str:
         f"d_model {mod['d_model']}, {mod['n_heads']} heads, {mod['ns_tokens']} NS-tokens, tasks {', '.join(mod['tasks'])}",
         f"  from {m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]}), opset {m['opset']}, "
         f"torch {m['versions']['torch']}, onnx {m['versions']['onnx']}",
-        (f"  HyFormer: {m['hyformer']['sequences']} sequences x {m['hyformer']['queries_per_sequence']} global "
-         f"queries, {m['hyformer']['seq_encoder']} sequence encoder, {m['hyformer']['state_slots']} K/V slots"
+        (f"  HyFormer: {m['hyformer']['sequences']} sequences ({_per_sequence(m['hyformer'])}), "
+         f"{m['hyformer']['state_slots']} K/V slots"
          if m.get("hyformer") else
          f"  pyramid S-queries per layer: {m['pyramid']['schedule']} ({m['pyramid']['mode']})"),
         "  passes: " + (", ".join(f"{r['pass']}[{r['graph']}] {r['nodes_before']}->{r['nodes_after']}"

@@ -52,8 +52,8 @@ from onetrans_trt.models.append import AppendRefused, Decision, _as_tensor, _str
 ENC_K, ENC_V = "enc_k_", "enc_v_"
 
 
-def _self_attends(cfg) -> bool:
-    return cfg.seq_encoder != "swiglu"
+def _self_attends(cfg, j: int) -> bool:
+    return cfg.hy_seq(j)["encoder"] != "swiglu"
 
 
 def appendable(cfg) -> tuple[bool, str]:
@@ -61,8 +61,9 @@ def appendable(cfg) -> tuple[bool, str]:
     (full) sequence self-attention lets every cached token attend the new ones, so each new
     event changes every cached token's output: no append exists, only a re-encode."""
     _check_family(cfg)
-    if _self_attends(cfg) and cfg.seq_attention != "causal":
-        return False, (f"this HyFormer's {cfg.seq_encoder} sequence encoder attends bidirectionally (the paper's full "
+    attends = [cfg.hy_seq(j)["encoder"] for j in range(cfg.schema.num_sequences) if _self_attends(cfg, j)]
+    if attends and cfg.seq_attention != "causal":
+        return False, (f"this HyFormer's {attends[0]} sequence encoder attends bidirectionally (the paper's full "
                        f"self-attention): every new event changes every cached token's output, so no user state "
                        f"appends; train it with seq_attention 'causal' (or the swiglu encoder) to append")
     return True, ""
@@ -70,9 +71,8 @@ def appendable(cfg) -> tuple[bool, str]:
 
 def enc_names(cfg) -> list[str]:
     """The extras an appendable state adds: ``enc_k_<slot>``, ``enc_v_<slot>`` (none for swiglu)."""
-    if not _self_attends(cfg):
-        return []
-    return [f"{p}{s}" for s in range(cfg.n_layers * cfg.schema.num_sequences) for p in (ENC_K, ENC_V)]
+    j = cfg.schema.num_sequences
+    return [f"{p}{s}" for s in range(cfg.n_layers * j) if _self_attends(cfg, s % j) for p in (ENC_K, ENC_V)]
 
 
 @torch.no_grad()
@@ -91,15 +91,22 @@ def _check_family(cfg) -> None:
 
 
 # ---- which tokens are new, and is appending exact ---------------------------------------
-def sequence_tokens(schema, hist: Mapping[str, Any], what: str = "history") -> list[dict[str, np.ndarray]]:
+def sequence_tokens(schema, hist: Mapping[str, Any], what: str = "history",
+                    caps: list[int | None] | None = None) -> list[dict[str, np.ndarray]]:
     """Each sequence's real tokens as the model lays them out (the newest ``s_max_len`` of
-    the stream, oldest first): ``[{"s_type": [n_j], "s_<field>": [n_j]}, ...]``."""
+    the stream, oldest first; of those, the newest ``caps[j]`` of sequence j when given):
+    ``[{"s_type": [n_j], "s_<field>": [n_j]}, ...]``."""
     stream = _stream(schema, hist, what)
     out = []
     for j in range(schema.num_sequences):
         mine = stream["s_type"] == j + 1
-        out.append({key: v[mine] for key, v in stream.items()})
+        cap = caps[j] if caps else None
+        out.append({key: v[mine][-cap:] if cap else v[mine] for key, v in stream.items()})
     return out
+
+
+def seq_caps(cfg) -> list[int | None]:
+    return [cfg.hy_seq(j)["max_len"] for j in range(cfg.schema.num_sequences)]
 
 
 def _extends(old: dict[str, np.ndarray], new: dict[str, np.ndarray], drop: int = 0) -> bool:
@@ -117,10 +124,10 @@ def can_append(cfg, n_old: list[int], k: list[int]) -> tuple[bool, str]:
     ok, why = appendable(cfg)
     if not ok and any(int(n) > 0 and int(kk) > 0 for n, kk in zip(n_old, k)):
         return False, why
-    w = cfg.longer_window
-    if cfg.seq_encoder == "longer" and cfg.n_layers > 1:
-        for name, n, kk in zip(names, n_old, k):
-            if n > 0 and 0 < kk < w and n + kk > w:
+    if cfg.n_layers > 1:
+        for j, (name, n, kk) in enumerate(zip(names, n_old, k)):
+            w = cfg.hy_seq(j)["window"]
+            if cfg.hy_seq(j)["encoder"] == "longer" and n > 0 and 0 < kk < w and n + kk > w:
                 return False, (f"sequence {name!r}: LONGER keeps the newest {w} tokens after layer 0 and {n} cached "
                                f"+ {kk} new > {w}: that window slides, so cached tokens lose keys at layers >= 1 and "
                                f"their K/V change; re-encode")
@@ -136,17 +143,19 @@ def plan_append(cfg, old_hist: Mapping[str, Any], new_hist: Mapping[str, Any]) -
     ``{"<j>": {"s_type": [1, k_j], "s_<field>": [1, k_j]}}`` for each sequence with new events,
     ``k``: their total."""
     _check_family(cfg)
-    old = sequence_tokens(cfg.schema, old_hist, "old history")
-    new = sequence_tokens(cfg.schema, new_hist, "new history")
+    old = sequence_tokens(cfg.schema, old_hist, "old history", seq_caps(cfg))
+    new = sequence_tokens(cfg.schema, new_hist, "new history", seq_caps(cfg))
     full = len(_stream(cfg.schema, new_hist, "new history")["s_type"]) >= cfg.schema.s_max_len
-    for seq, a, b in zip(cfg.schema.sequences, old, new):
+    for j, (seq, a, b) in enumerate(zip(cfg.schema.sequences, old, new)):
         if _extends(a, b):
             continue
-        na = len(a["s_type"])
-        if full and any(_extends(a, b, drop) for drop in range(1, na + 1)):
-            return Decision(False, f"the stream holds at most s_max_len = {cfg.schema.s_max_len} S-tokens and the "
-                                   f"oldest events of sequence {seq.name!r} left it: the window slides, so that "
-                                   f"sequence no longer extends its cached tokens; re-encode")
+        na, cap = len(a["s_type"]), cfg.hy_seq(j)["max_len"]
+        capped = cap is not None and len(b["s_type"]) >= cap
+        if (full or capped) and any(_extends(a, b, drop) for drop in range(1, na + 1)):
+            limit = (f"sequence {seq.name!r} keeps its newest max_len = {cap} events" if capped else
+                     f"the stream holds at most s_max_len = {cfg.schema.s_max_len} S-tokens")
+            return Decision(False, f"{limit} and the oldest events of sequence {seq.name!r} left it: the window "
+                                   f"slides, so that sequence no longer extends its cached tokens; re-encode")
         return Decision(False, f"sequence {seq.name!r}: the new history's {len(b['s_type'])} events are not the "
                                f"cached {na} with events appended at its newest end (an event changed, was removed "
                                f"or lands before a cached one)")
@@ -211,20 +220,20 @@ def append_user(model, kv_old: UserKV, tokens: Mapping[str, Mapping[str, Any]], 
         pool[0, j] = total / max(n_old[j] + k[j], 1)
     keys, values = list(kv_old.keys), list(kv_old.values)
     extras = dict(kv_old.extras)
-    w = cfg.longer_window
     xs = dict(new_x)
     for lay, layer in enumerate(model.encoders):
         for j, enc in enumerate(layer):
             if j not in xs:
                 continue
             slot = lay * n_seq + j
+            kind, w = cfg.hy_seq(j)["encoder"], cfg.hy_seq(j)["window"]
             x = xs[j]
             a = x.shape[1]  # new tokens entering this layer
             past = None
-            if _self_attends(cfg):
+            if _self_attends(cfg, j):
                 sk, sv = extras[f"{ENC_K}{slot}"], extras[f"{ENC_V}{slot}"]
-                real_in = n_old[j] if (lay == 0 or cfg.seq_encoder == "transformer") else min(n_old[j], w)
-                keep = real_in if (lay == 0 or cfg.seq_encoder == "transformer") else max(0, min(real_in, w - a))
+                real_in = n_old[j] if (lay == 0 or kind == "transformer") else min(n_old[j], w)
+                keep = real_in if (lay == 0 or kind == "transformer") else max(0, min(real_in, w - a))
                 past = (_real_tail(sk, real_in)[:, :, real_in - keep:], _real_tail(sv, real_in)[:, :, real_in - keep:])
                 valid = torch.tensor([keep + a], device=device)
             else:
@@ -232,8 +241,8 @@ def append_user(model, kv_old: UserKV, tokens: Mapping[str, Mapping[str, Any]], 
             out, kk, vv, sk_new, sv_new = enc.run(x, valid, past)
             if sk_new is not None:
                 extras[f"{ENC_K}{slot}"], extras[f"{ENC_V}{slot}"] = sk_new, sv_new
-            real_out = n_old[j] if cfg.seq_encoder != "longer" else min(n_old[j], w)
-            keep_out = real_out if cfg.seq_encoder != "longer" else max(0, min(real_out, w - out.shape[1]))
+            real_out = n_old[j] if kind != "longer" else min(n_old[j], w)
+            keep_out = real_out if kind != "longer" else max(0, min(real_out, w - out.shape[1]))
             keys[slot] = torch.cat([_real_tail(keys[slot], real_out)[:, :, real_out - keep_out:], kk], dim=2)
             values[slot] = torch.cat([_real_tail(values[slot], real_out)[:, :, real_out - keep_out:], vv], dim=2)
             xs[j] = out
@@ -254,7 +263,7 @@ def append_or_encode(model, kv_old: UserKV, old_hist: Mapping[str, Any],
     d = plan_append(model.cfg, old_hist, new_hist)
     if d.ok:
         cached = _as_tensor(kv_old.extras[SEQ_LENGTH]).reshape(-1).tolist()
-        have = [len(s["s_type"]) for s in sequence_tokens(model.cfg.schema, old_hist, "old history")]
+        have = [len(s["s_type"]) for s in sequence_tokens(model.cfg.schema, old_hist, "old history", seq_caps(model.cfg))]
         if [int(x) for x in cached] != have:
             d = Decision(False, f"the cached state holds {cached} tokens per sequence, the old history {have}: "
                                 f"not its state")
@@ -268,5 +277,5 @@ def append_or_encode(model, kv_old: UserKV, old_hist: Mapping[str, Any],
     return encode_appendable(model, batch), d
 
 
-__all__ = ["ENC_K", "ENC_V", "append_or_encode", "append_user", "appendable", "can_append", "enc_names", "encode_appendable",
+__all__ = ["ENC_K", "ENC_V", "append_or_encode", "append_user", "appendable", "can_append", "seq_caps", "enc_names", "encode_appendable",
            "plan_append", "sequence_tokens"]

@@ -23,6 +23,8 @@ HEAD_INPUTS = ("queries_ns", "queries")  # the final global queries and NS token
 # default): a config without these keys is one of those checkpoints and loads with these values.
 HYFORMER_WAVE1: dict[str, Any] = dict(seq_attention="causal", hy_sink=True, hy_kv_norm=True, hy_query_gen="own_pool",
                                       hy_head_input="queries")
+# Keys only a HyFormer config writes (a OneTrans or baseline config.json stays as it was)
+HYFORMER_ONLY = (*HYFORMER_WAVE1, "seq_queries", "seq_encoders", "seq_windows", "seq_max_len")
 HYFORMER_FORMS: dict[str, dict[str, Any]] = {
     "paper": dict(seq_attention="bidirectional", hy_sink=False, hy_kv_norm=False, hy_query_gen="all_pools",
                   hy_head_input="queries_ns"),
@@ -117,6 +119,13 @@ class ModelConfig:
     hy_kv_norm: bool = False  # an RMSNorm before each layer's K/V projection
     hy_query_gen: Literal[QUERY_GENS] = "all_pools"  # how the global queries are generated
     hy_head_input: Literal[HEAD_INPUTS] = "queries_ns"  # what the task heads read
+    # HyFormer per sequence (one entry per schema sequence, in its order; None: the global value
+    # above for every sequence): query count N_j, encoder, LONGER window, and the most events kept
+    # (the newest; the sequence is laid out at that width, so a cap is also less work)
+    seq_queries: list[Int(1, 1024)] | None = None
+    seq_encoders: list[Literal[SEQ_ENCODERS]] | None = None
+    seq_windows: list[Int(1, 1 << 20)] | None = None
+    seq_max_len: list[Int(1, 1 << 20)] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +169,19 @@ class ModelConfig:
             sched = list(self.pyramid)[: n - 1]
         return sched + [0]
 
+    def hy_seq(self, j: int) -> dict[str, Any]:
+        """HyFormer sequence ``j``'s own settings: ``queries``, ``encoder``, ``window``, ``max_len``
+        (``max_len`` None: every event the stream keeps)."""
+        return {"queries": self.seq_queries[j] if self.seq_queries else self.hy_queries,
+                "encoder": self.seq_encoders[j] if self.seq_encoders else self.seq_encoder,
+                "window": self.seq_windows[j] if self.seq_windows else self.longer_window,
+                "max_len": self.seq_max_len[j] if self.seq_max_len else None}
+
+    @property
+    def hy_total_queries(self) -> int:
+        """HyFormer: global queries over all sequences (sum of N_j)."""
+        return sum(self.hy_seq(j)["queries"] for j in range(self.schema.num_sequences))
+
     # ---- validation and (de)serialization ------------------------------------------
     def validate(self) -> None:
         """Check the config as :meth:`from_dict` checks its JSON (through :class:`ConfigJSON`)."""
@@ -171,7 +193,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "schema"
-             and (self.family == "hyformer" or f.name not in HYFORMER_WAVE1)}  # HyFormer's form: its own
+             and (self.family == "hyformer" or f.name not in HYFORMER_ONLY)}  # HyFormer's form: its own
         d["schema"] = self.schema.to_dict()
         return d
 
@@ -193,7 +215,8 @@ class ModelConfig:
         kw = dict(table[preset])
         if "mixer_tokens" in kw:  # HyFormer: NS-tokens fill the mixer up to T
             t = kw.pop("mixer_tokens")
-            n_q = schema.num_sequences * overrides.get("hy_queries", 1)
+            n_q = (sum(overrides["seq_queries"]) if overrides.get("seq_queries")
+                   else schema.num_sequences * overrides.get("hy_queries", 1))
             if t - n_q < 1:
                 raise ConfigError(f"preset {preset!r}: {t} mixer tokens leave no NS-token for "
                                   f"{n_q} global queries")
@@ -227,9 +250,15 @@ class _ConfigRules(_JSON):
                 raise ValueError(f"pyramid: counts must not increase, got {self.pyramid}")
         if self.family == "hyformer":
             groups = len(self.ns_groups) if self.ns_groups is not None else len({f.group for f in s.features})
-            t = len(s.sequences) * self.hy_queries + (groups if self.ns_tokenizer == "group" else self.ns_tokens)
+            for key in ("seq_queries", "seq_encoders", "seq_windows", "seq_max_len"):
+                got = getattr(self, key)
+                if got is not None and len(got) != len(s.sequences):
+                    raise ValueError(f"{key}: one entry per sequence ({len(s.sequences)}: "
+                                     f"{', '.join(q.name for q in s.sequences)}), got {len(got)}")
+            nq = sum(self.seq_queries) if self.seq_queries else len(s.sequences) * self.hy_queries
+            t = nq + (groups if self.ns_tokenizer == "group" else self.ns_tokens)
             if self.d_model % t:
-                raise ValueError(f"HyFormer query boosting splits each token into T = sequences x hy_queries + "
+                raise ValueError(f"HyFormer query boosting splits each token into T = global queries + "
                                  f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
         sizes = preset_sizes(self.preset, self.family)
         if sizes == {}:

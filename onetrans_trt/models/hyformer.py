@@ -68,10 +68,11 @@ class SwiGLU(nn.Module):
 class SequenceEncoderLayer(nn.Module):
     """One layer of one sequence's encoder, and its projection to that layer's K/V."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, j: int = 0):
         super().__init__()
         d, f = cfg.d_model, cfg.d_model * cfg.ffn_mult
-        self.kind, self.window, self.n_heads = cfg.seq_encoder, cfg.longer_window, cfg.n_heads
+        spec = cfg.hy_seq(j)  # sequence j's own encoder and window
+        self.kind, self.window, self.n_heads = spec["encoder"], spec["window"], cfg.n_heads
         self.causal = cfg.seq_attention == "causal"
         self.norm1 = RMSNorm(d)
         if self.kind == "swiglu":
@@ -194,24 +195,25 @@ class HyFormer(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         hidden = cfg.tokenizer_hidden or 2 * d
-        self.n_seq, self.n_q = cfg.schema.num_sequences, cfg.hy_queries
+        self.n_seq = cfg.schema.num_sequences
+        self.n_qs = [cfg.hy_seq(j)["queries"] for j in range(self.n_seq)]  # N_j global queries of sequence j
+        self.caps = [cfg.hy_seq(j)["max_len"] for j in range(self.n_seq)]
         self.embeddings = Embeddings(cfg.schema)
         self.ns_tokenizer = ns_tokenizer_for(cfg, self.embeddings, hidden)
         self.s_tokenizer = STokenizer(self.embeddings, d, hidden)
         m = cfg.num_ns_tokens
         self.query_gen_kind = cfg.hy_query_gen
         if cfg.hy_query_gen == "own_pool":
-            self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, self.n_q * d) for _ in range(self.n_seq)])
+            self.query_gen = nn.ModuleList([MLP(m * d + d, hidden, n * d) for n in self.n_qs])
         else:  # all_pools: sequence j's query i from its own FFN over NS tokens and every pool
             self.query_gen = nn.ModuleList([
-                nn.ModuleList([MLP(m * d + self.n_seq * d, hidden, d) for _ in range(self.n_q)])
-                for _ in range(self.n_seq)])
+                nn.ModuleList([MLP(m * d + self.n_seq * d, hidden, d) for _ in range(n)]) for n in self.n_qs])
         self.encoders = nn.ModuleList([
-            nn.ModuleList([SequenceEncoderLayer(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
+            nn.ModuleList([SequenceEncoderLayer(cfg, j) for j in range(self.n_seq)]) for _ in range(cfg.n_layers)])
         self.decoders = nn.ModuleList([
             nn.ModuleList([QueryDecoder(cfg) for _ in range(self.n_seq)]) for _ in range(cfg.n_layers)])
-        self.boosts = nn.ModuleList([QueryBoost(cfg, self.n_seq * self.n_q + m) for _ in range(cfg.n_layers)])
-        nq = self.n_seq * self.n_q
+        nq = sum(self.n_qs)
+        self.boosts = nn.ModuleList([QueryBoost(cfg, nq + m) for _ in range(cfg.n_layers)])
         self.heads_read_ns = cfg.hy_head_input == "queries_ns"
         read = nq + (m if self.heads_read_ns else 0)
         self.final_norm = RMSNorm(d, tokens=read)
@@ -219,7 +221,8 @@ class HyFormer(nn.Module):
 
     # -- user side -----------------------------------------------------------------------
     def sequences(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """Each sequence on its own: ``([U, L, d]`` tokens left-padded, ``[U]`` real count)."""
+        """Each sequence on its own: ``([U, W_j, d]`` tokens left-padded, ``[U]`` real count).
+        ``W_j``: the stream's width, or sequence j's ``max_len`` (its newest events kept)."""
         b = newest_tokens(batch, self.cfg.schema.s_max_len)
         x = self.s_tokenizer(b)
         types = b["s_type"]
@@ -229,13 +232,16 @@ class HyFormer(nn.Module):
         out = []
         for j in range(self.n_seq):
             mine = (types == j + 1) & real
-            count = mine.sum(dim=1)
-            # sequence j's events go, in order, to the last `count` slots; every other event to
-            # a discard slot past the end (all targets distinct, so the scatter is exact)
+            width = n if self.caps[j] is None else torch.sym_min(n, self.caps[j])  # no guard on a traced n
             rank = torch.cumsum(mine.to(torch.int64), dim=1) - 1
-            dest = torch.where(mine, (n - count).unsqueeze(1) + rank, pos + n)
-            buf = x.new_zeros(x.shape[0], 2 * n, x.shape[2])
-            xj = buf.scatter(1, dest.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)[:, :n]
+            drop = (mine.sum(dim=1) - width).clamp(min=0)  # the oldest events past sequence j's cap
+            keep = mine & (rank >= drop.unsqueeze(1))
+            count = keep.sum(dim=1)
+            # sequence j's kept events go, in order, to the last `count` of its `width` slots; every
+            # other event to a discard slot past the end (all targets distinct, so the scatter is exact)
+            dest = torch.where(keep, (width - count - drop).unsqueeze(1) + rank, pos + width)
+            buf = x.new_zeros(x.shape[0], width + n, x.shape[2])
+            xj = buf.scatter(1, dest.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)[:, :width]
             out.append((xj, count))  # padding slots hold zeros, not the other sequences' events
         return out
 
@@ -276,7 +282,7 @@ class HyFormer(nn.Module):
         flat = x_ns.flatten(1)
         pool, lengths = kv.extras[SEQ_POOL], kv.extras[SEQ_LENGTH]  # [1|C, J, d], [1|C, J]
         if self.query_gen_kind == "own_pool":
-            queries = [gen(torch.cat([flat, pool[:, j].expand(c, d)], dim=-1)).reshape(c, self.n_q, d)
+            queries = [gen(torch.cat([flat, pool[:, j].expand(c, d)], dim=-1)).reshape(c, self.n_qs[j], d)
                        for j, gen in enumerate(self.query_gen)]
         else:
             info = torch.cat([flat, pool.flatten(1).expand(c, self.n_seq * d)], dim=-1)  # the paper's Global Info
@@ -286,8 +292,9 @@ class HyFormer(nn.Module):
                 queries[j] = dec(queries[j], kv.keys[l * self.n_seq + j], kv.values[l * self.n_seq + j],
                                  lengths[:, j], shared)
             z = boost(torch.cat([*queries, x_ns], dim=1))
-            queries = list(z[:, : self.n_seq * self.n_q].split(self.n_q, dim=1))
-            x_ns = z[:, self.n_seq * self.n_q:]
+            nq = sum(self.n_qs)
+            queries = list(z[:, :nq].split(self.n_qs, dim=1))
+            x_ns = z[:, nq:]
         zq = self.final_norm(torch.cat([*queries, x_ns] if self.heads_read_ns else queries, dim=1)).flatten(1)
         return torch.cat([h(zq) for h in self.heads], dim=-1)
 

@@ -125,10 +125,10 @@ def _check_hyformer(cfg) -> None:
 
 def _fits(cfg, kv_old: UserKV, old_hist) -> str:
     if cfg.family == "hyformer":
-        from onetrans_trt.models.append_hyformer import enc_names, sequence_tokens
+        from onetrans_trt.models.append_hyformer import enc_names, seq_caps, sequence_tokens
         from onetrans_trt.models.hyformer import SEQ_LENGTH
 
-        have = [len(s["s_type"]) for s in sequence_tokens(cfg.schema, old_hist)]
+        have = [len(s["s_type"]) for s in sequence_tokens(cfg.schema, old_hist, caps=seq_caps(cfg))]
         cached = np.asarray(kv_old.extras.get(SEQ_LENGTH, np.zeros((1, 0)))).reshape(-1).tolist()
         if [int(x) for x in cached] != have:
             return f"the stored state holds {cached} tokens per sequence, the latest history {have}"
@@ -173,17 +173,17 @@ class OrtAppender:
         if self.cfg.family != "hyformer":
             return None
         from onetrans_trt.export.append_hyformer import empty_state
-        from onetrans_trt.models.append_hyformer import sequence_tokens
+        from onetrans_trt.models.append_hyformer import seq_caps, sequence_tokens
 
         tokens = {str(j): {key: v[None, :] for key, v in s.items()}
-                  for j, s in enumerate(sequence_tokens(self.cfg.schema, hist)) if len(s["s_type"])}
+                  for j, s in enumerate(sequence_tokens(self.cfg.schema, hist, caps=seq_caps(self.cfg))) if len(s["s_type"])}
         return self._run_hyformer(empty_state(self.cfg), tokens, hist)
 
     def _run_hyformer(self, kv: UserKV, tokens, hist) -> UserKV:
         from onetrans_trt.export.append_hyformer import append_feeds, appended_state
 
         outs = self.session.run(self.outputs, append_feeds(kv, tokens, self.cfg))
-        return appended_state(dict(zip(self.outputs, outs)), hist["s_length"])
+        return appended_state(dict(zip(self.outputs, outs)), hist["s_length"], self.cfg)
 
     def append(self, kv_old: UserKV, decision, old_hist, new_hist) -> UserKV:
         if self.cfg.family == "hyformer":

@@ -19,7 +19,8 @@ from onetrans_trt.export.append_hyformer import (HyAppendGraph, append_feeds, ap
                                                  append_output_names, appended_state, empty_state,
                                                  export_hyformer_append)
 from onetrans_trt.kv import UserKV
-from onetrans_trt.models.append_hyformer import encode_appendable, plan_append, sequence_tokens
+from onetrans_trt.models.append_hyformer import (append_user, encode_appendable, plan_append, seq_caps,
+                                                 sequence_tokens)
 from onetrans_trt.models.config import ModelConfig
 from onetrans_trt.models.hyformer import HyFormer
 from tests.models.test_append import _history_request, _upto
@@ -27,14 +28,18 @@ from tests.models.test_append_hyformer import _max_err, assert_same_user
 from tests.models.test_split_exactness import _randomize, _t
 
 TOL = 1e-5
-ENCODERS = ("transformer", "longer", "swiglu")
+ENCODERS = ("transformer", "longer", "swiglu", "mixed")
+# "mixed": each sequence its own encoder, window, query count and cap (the paper's per-sequence settings)
+MIXED = dict(seq_encoders=["transformer", "longer"], seq_windows=[3, 5], seq_queries=[1, 2], seq_max_len=[40, 9],
+             ns_tokens=3)
 
 
 def _model(enc: str):
     """A random HyFormer with this sequence encoder (2 sequences, 2 layers, up to 60 events)."""
     schema = synthetic_schema(max_history=60, n_sequences=2)
-    cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, ns_tokens=4,
-                      seq_encoder=enc, longer_window=5, seq_attention="causal")
+    kw = dict(MIXED) if enc == "mixed" else dict(seq_encoder=enc, ns_tokens=4)
+    cfg = ModelConfig(schema=schema, family="hyformer", d_model=12, n_heads=2, n_layers=2, longer_window=5,
+                      seq_attention="causal", **kw)
     model = HyFormer(cfg).eval()
     _randomize(model, torch.Generator().manual_seed(20 + ENCODERS.index(enc)))
     return model
@@ -58,7 +63,7 @@ def graphs(tmp_path_factory):
 
 def _run(sess, kv, tokens, hist, cfg) -> UserKV:
     names = [o.name for o in sess.get_outputs()]
-    return appended_state(dict(zip(names, sess.run(names, append_feeds(kv, tokens, cfg)))), hist["s_length"])
+    return appended_state(dict(zip(names, sess.run(names, append_feeds(kv, tokens, cfg)))), hist["s_length"], cfg)
 
 
 def _torch(kv: UserKV) -> UserKV:
@@ -69,7 +74,7 @@ def _torch(kv: UserKV) -> UserKV:
 
 def _all_tokens(cfg, hist):
     return {str(j): {key: v[None, :] for key, v in s.items()}
-            for j, s in enumerate(sequence_tokens(cfg.schema, hist)) if len(s["s_type"])}
+            for j, s in enumerate(sequence_tokens(cfg.schema, hist, caps=seq_caps(cfg))) if len(s["s_type"])}
 
 
 def _check(model, kv, hist, ns) -> float:
@@ -94,7 +99,8 @@ def test_io_names(graphs):
 
 
 @pytest.mark.parametrize("enc", [pytest.param("transformer", marks=pytest.mark.heavy), "longer",
-                                 pytest.param("swiglu", marks=pytest.mark.heavy)])
+                                 pytest.param("swiglu", marks=pytest.mark.heavy),
+                                 pytest.param("mixed", marks=pytest.mark.heavy)])
 def test_first_state_and_appends_equal_full_encodes(graphs, enc):
     # make test runs LONGER (windows, both kinds of keep); make test-heavy the other two
     """25 cases per encoder: a random cached length and k = 1..32 new events; the first state
@@ -144,3 +150,28 @@ def test_a_torch_appendable_state_feeds_the_graph(graphs):
     with pytest.raises(Exception, match="self-attention"):
         append_feeds(UserKV(kv_old.keys, kv_old.values, kv_old.lengths,
                             {k: v for k, v in kv_old.extras.items() if not k.startswith("enc_")}), d.tokens, cfg)
+
+
+def test_an_appended_state_is_laid_out_as_the_user_encoder_lays_it_out():
+    """Each slot padded to the width the plain encoder gives it (per sequence: its cap, a LONGER
+    window), never to one common width: a LONGER slot wider than its window would count the
+    padding as real keys (its seq_length >= the width means "all real"). Torch only: the
+    append's real-token outputs, named as the graph names them."""
+    model = _model("mixed")
+    cfg = model.cfg
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 4, 12, 30, 60):
+        req = _history_request(cfg.schema, rng, 60)
+        hist, ns = encode_request(cfg.schema, _upto(req, n))
+        with torch.no_grad():
+            kv = append_user(model, _torch(empty_state(cfg)), _all_tokens(cfg, hist),
+                             s_length=torch.from_numpy(hist["s_length"]))
+            full = model.encode_user(_t(hist))
+        outs = {f"user_{kv_}_{i}_new": getattr(kv, {"k": "keys", "v": "values"}[kv_])[i].numpy()
+                for i in range(len(kv.keys)) for kv_ in "kv"}
+        outs.update({f"user_{k}_new": v.numpy() for k, v in kv.extras.items()})
+        laid = appended_state(outs, hist["s_length"], cfg)
+        assert [k.shape[2] for k in laid.keys] == [max(1, k.shape[2]) for k in full.keys], n
+        with torch.no_grad():
+            err = _max_err(model.score_candidates(_torch(laid), _t(ns)), model.score_candidates(full, _t(ns)))
+        assert err <= TOL, (n, err)

@@ -4,6 +4,7 @@ decoding with no sink over an empty sequence, bidirectional sequence attention."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -120,3 +121,39 @@ def test_bidirectional_sequence_attention_reads_the_newer_events():
             a, b = model.encode_user(hist), model.encode_user(hist2)
         older = (a.keys[0][..., :-1, :] - b.keys[0][..., :-1, :]).abs().max().item()
         assert (older > 1e-4) == moves, (attn, older)
+
+
+@pytest.mark.parametrize("encoders", [["transformer", "longer"], ["swiglu", "transformer"]])
+def test_a_sequence_cap_keeps_exactly_its_newest_events(encoders):
+    """``seq_max_len``: the capped model on a history equals the uncapped one (same weights) on
+    that history with the capped sequence cut to its newest events by hand; the other sequence
+    is untouched. Per-sequence encoders, windows and query counts are each sequence's own."""
+    schema = synthetic_schema(max_history=14, n_sequences=2)
+    common = dict(family="hyformer", d_model=16, n_heads=2, n_layers=2, ns_tokens=5, seq_encoders=encoders,
+                  seq_windows=[2, 5], seq_queries=[2, 1])
+    capped = HyFormer(ModelConfig(schema=schema, seq_max_len=[3, 14], **common)).eval()
+    full = HyFormer(ModelConfig(schema=schema, **common)).eval()
+    _randomize(capped, torch.Generator().manual_seed(7))
+    full.load_state_dict(capped.state_dict())
+    assert [layer[j].kind for layer in full.encoders for j in range(2)] == encoders * 2
+    assert [layer[j].window for layer in full.encoders for j in range(2)] == [2, 5, 2, 5]
+    assert [len(g) for g in full.query_gen] == [2, 1]
+    rng = np.random.default_rng(11)
+    for n_hist in (0, 2, 3, 9, 14, 20):
+        req = synthetic_request(schema, rng, n_history=n_hist, n_candidates=3)
+        first = schema.sequences[0].name
+        order = sorted(range(len(req.history)), key=lambda i: req.history[i]["timestamp"])[-14:]
+        mine = [i for i in order if req.history[i]["sequence"] == first]
+        cut = copy.deepcopy(req)
+        cut.history = [ev for i, ev in enumerate(req.history) if i in order and (
+            ev["sequence"] != first or i in mine[-3:])]
+        hist, ns = encode_request(schema, req)
+        hist_cut, _ = encode_request(schema, cut)
+        with torch.no_grad():
+            a, b = capped.encode_user(_t(hist)), full.encode_user(_t(hist_cut))
+            assert a.extras["seq_length"][0].tolist() == b.extras["seq_length"][0].tolist()
+            assert a.extras["seq_length"][0, 0] == min(len(mine), 3)
+            assert a.keys[0].shape[2] == 3  # sequence 0 is laid out at its cap's width
+            want = full.score_candidates(b, _t(ns))
+            got = capped.score_candidates(a, _t(ns))
+        assert (got - want).abs().max() <= 1e-5, n_hist

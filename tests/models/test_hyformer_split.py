@@ -37,7 +37,17 @@ def random_case(seed: int):
         m = len(ModelConfig(schema=schema, d_model=8, n_heads=1, ns_tokenizer="group").resolved_ns_groups())
     else:
         m = int(rng.integers(1, 5))
-    t = n_seq * n_q + m
+    per = np.random.default_rng(20_000 + seed)  # per-sequence settings (its own draws: the others stay as they were)
+    seq = {}
+    if per.integers(2):
+        seq["seq_queries"] = [int(x) for x in per.integers(1, 4, size=n_seq)]
+    if per.integers(2):
+        seq["seq_encoders"] = [str(x) for x in per.choice(["transformer", "longer", "swiglu"], size=n_seq)]
+    if per.integers(2):
+        seq["seq_windows"] = [int(x) for x in per.integers(1, 8, size=n_seq)]
+    if per.integers(2):
+        seq["seq_max_len"] = [int(x) for x in per.integers(1, max_history + 4, size=n_seq)]
+    t = sum(seq.get("seq_queries", [n_q] * n_seq)) + m
     d = t * heads * int(rng.choice([1, 2]))  # T chunks per token, H heads
     cfg = ModelConfig(schema=schema, family="hyformer", d_model=d, n_heads=heads,
                       n_layers=int(rng.integers(1, 4)), ffn_mult=int(rng.integers(1, 3)), ns_tokenizer=tok,
@@ -45,7 +55,7 @@ def random_case(seed: int):
                       longer_window=int(rng.integers(1, 8)), tasks=["a", "b"][: int(rng.integers(1, 3))],
                       seq_attention=str(rng.choice(["bidirectional", "causal"])), hy_sink=bool(rng.integers(2)),
                       hy_kv_norm=bool(rng.integers(2)), hy_query_gen=str(rng.choice(["all_pools", "own_pool"])),
-                      hy_head_input=str(rng.choice(["queries_ns", "queries"])))
+                      hy_head_input=str(rng.choice(["queries_ns", "queries"])), **seq)
     return (cfg, *edge_request(schema, rng, max_history))
 
 
@@ -59,7 +69,8 @@ def test_hyformer_split_equals_unified(seed):
     assert len(kv.keys) == cfg.n_layers * j
     # each sequence's real length is what the request holds (newest s_max_len events kept)
     kept = [ev["sequence"] for ev in sorted(req.history, key=lambda e: e["timestamp"])][-cfg.schema.max_history:]
-    want = [sum(1 for s in kept if s == seq.name) for seq in cfg.schema.sequences]
+    want = [min(sum(1 for s in kept if s == seq.name), cfg.hy_seq(j)["max_len"] or cfg.schema.max_history)
+            for j, seq in enumerate(cfg.schema.sequences)]
     if len(req.history) <= cfg.schema.max_history:  # ties in time may reorder which are kept
         assert kv.extras[SEQ_LENGTH][0].tolist() == want
     assert kv.extras[SEQ_POOL].shape == (1, j, cfg.d_model)
@@ -77,6 +88,14 @@ def test_sweep_covers_the_edges():
         seen.add(("queries", cfg.hy_queries))
         for opt in ("seq_attention", "hy_sink", "hy_kv_norm", "hy_query_gen", "hy_head_input"):
             seen.add((opt, getattr(cfg, opt)))
+        for opt in ("seq_queries", "seq_encoders", "seq_windows", "seq_max_len"):
+            vals = getattr(cfg, opt)
+            if vals is not None and len(set(vals)) > 1:
+                seen.add((opt, "differ per sequence"))
+        caps = cfg.seq_max_len or []
+        counts = [sum(1 for ev in req.history[-mx:] if ev["sequence"] == q.name) for q in cfg.schema.sequences]
+        if any(c > cap for c, cap in zip(counts, caps)):
+            seen.add(("seq_max_len", "drops a sequence's oldest events"))
         kept = {ev["sequence"] for ev in sorted(req.history, key=lambda e: e["timestamp"])[-mx:]}
         if any(seq.name not in kept for seq in cfg.schema.sequences):  # an empty sequence
             seen.add(("empty sequence", "sink" if cfg.hy_sink else "no sink (decodes to nothing)"))
@@ -85,7 +104,10 @@ def test_sweep_covers_the_edges():
                  ("seq_attention", "bidirectional"), ("seq_attention", "causal"), ("hy_sink", True),
                  ("hy_sink", False), ("hy_kv_norm", True), ("hy_kv_norm", False), ("hy_query_gen", "all_pools"),
                  ("hy_query_gen", "own_pool"), ("hy_head_input", "queries_ns"), ("hy_head_input", "queries"),
-                 ("empty sequence", "sink"), ("empty sequence", "no sink (decodes to nothing)")]:
+                 ("empty sequence", "sink"), ("empty sequence", "no sink (decodes to nothing)"),
+                 ("seq_queries", "differ per sequence"), ("seq_encoders", "differ per sequence"),
+                 ("seq_windows", "differ per sequence"), ("seq_max_len", "differ per sequence"),
+                 ("seq_max_len", "drops a sequence's oldest events")]:
         assert want in seen, want
 
 

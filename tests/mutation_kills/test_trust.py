@@ -389,3 +389,19 @@ def test_a_local_functions_domain_passes_the_domain_check_and_the_checker_decide
     node = helper.make_node("MyRelu", ["x"], ["y"], name="f", domain="custom.fn")
     p = _save(_model(nodes=[node], functions=[fn]), tmp_path / "g.onnx")
     assert _err(p).startswith(f"{p}: fails the ONNX checker (No opset import for domain 'custom.fn'")
+
+
+GOOD_SEQ = {"queries": 1, "encoder": "longer", "window": 4, "max_len": None}
+
+
+@pytest.mark.parametrize("per", ["x", [GOOD_SEQ], [GOOD_SEQ, {**GOOD_SEQ, "encoder": "lstm"}],
+                                 [GOOD_SEQ, {**GOOD_SEQ, "queries": 0}], [GOOD_SEQ, {**GOOD_SEQ, "window": "4"}],
+                                 [GOOD_SEQ, {**GOOD_SEQ, "max_len": 0}], [GOOD_SEQ, {**GOOD_SEQ, "max_len": 2.5}],
+                                 [GOOD_SEQ, 3]])
+def test_a_hyformer_manifest_per_sequence_block_is_checked(per):
+    m = _manifest("hyformer")
+    m["hyformer"] = {"sequences": 2, "state_slots": 4, "longer_window": 8, "per_sequence": per}
+    _bad(m, "hyformer.per_sequence must list each sequence's queries, encoder, window and max_len (positive "
+           "counts; max_len may be null)")
+    m["hyformer"]["per_sequence"] = [GOOD_SEQ, {**GOOD_SEQ, "encoder": "swiglu", "max_len": 7}]
+    check_manifest(m, P)
