@@ -486,11 +486,19 @@ def info(ckpt: Path, as_json: bool) -> None:
         opts = {k: getattr(cfg, k) for k in HYFORMER_FORMS["paper"]}
         form = next((name for name, f in HYFORMER_FORMS.items() if {**f, "seq_attention": None} ==
                      {**opts, "seq_attention": None}), "custom")
+        per = {q.name: cfg.hy_seq(j) for j, q in enumerate(s.sequences)}
         d["hyformer"] = {"seq_encoder": cfg.seq_encoder, "queries_per_sequence": cfg.hy_queries,
-                         "longer_window": cfg.longer_window, "form": form, **opts}
-        lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global queries, "
-                     f"{cfg.seq_encoder} sequence encoder ({cfg.seq_attention}), mixer tokens "
-                     f"{len(s.sequences) * cfg.hy_queries + cfg.num_ns_tokens}")
+                         "longer_window": cfg.longer_window, "form": form, **opts, "per_sequence": per}
+        if len({json.dumps(v, sort_keys=True) for v in per.values()}) == 1:
+            lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global queries, "
+                         f"{cfg.seq_encoder} sequence encoder ({cfg.seq_attention}), mixer tokens "
+                         f"{cfg.hy_total_queries + cfg.num_ns_tokens}")
+        else:
+            lines.append(f"  HyFormer: {len(s.sequences)} sequences, {cfg.seq_attention} attention, mixer tokens "
+                         f"{cfg.hy_total_queries + cfg.num_ns_tokens}; per sequence: " + "; ".join(
+                             f"{name} {v['queries']} queries, {v['encoder']}"
+                             + (f" window {v['window']}" if v["encoder"] == "longer" else "")
+                             + (f", newest {v['max_len']}" if v["max_len"] else "") for name, v in per.items()))
         lines.append(f"  form: {form} (sink {'yes' if cfg.hy_sink else 'no'}, K/V norm "
                      f"{'yes' if cfg.hy_kv_norm else 'no'}, queries from {cfg.hy_query_gen.replace('_', ' ')}, "
                      f"heads read {cfg.hy_head_input.replace('_ns', ' and NS tokens')})")

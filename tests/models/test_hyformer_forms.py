@@ -157,3 +157,18 @@ def test_a_sequence_cap_keeps_exactly_its_newest_events(encoders):
             want = full.score_candidates(b, _t(ns))
             got = capped.score_candidates(a, _t(ns))
         assert (got - want).abs().max() <= 1e-5, n_hist
+
+
+def test_the_paper_preset_has_the_papers_dense_parameter_count(movielens):
+    """hyformer-paper on the MovieLens schema and tasks: within 2% of HyFormer Table 1's 418M dense
+    parameters (built on the meta device: no memory), with 13 NS + 3 global mixer tokens."""
+    from onetrans_trt.cli import dense_parameters
+    from onetrans_trt.models.config import PAPER_FIGURES
+
+    with torch.device("meta"):
+        model = HyFormer(ModelConfig.from_preset("hyformer-paper", movielens.schema, family="hyformer",
+                                                 tasks=["like", "love"]))  # MovieLens's two tasks
+    cfg = model.cfg
+    assert (cfg.num_ns_tokens, cfg.hy_total_queries) == (13, 3) and cfg.preset == "hyformer-paper"
+    want = PAPER_FIGURES["hyformer-paper"]["dense_parameters"]
+    assert abs(dense_parameters(model) - want) / want <= 0.02, dense_parameters(model)
