@@ -410,6 +410,10 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
         # paper: the presets as they are (the paper's form; the LONGER presets causal, as LONGER)
         extra = {**(HYFORMER_WAVE1 if hy_form == "wave1" else {}), **({"seq_encoder": seq_encoder} if seq_encoder else {})}
         if seq_attention:
+            if (seq_encoder or "transformer") == "swiglu":
+                raise InputError("--seq-attention does not apply to --seq-encoder swiglu: the SwiGLU encoder has "
+                                 "no self-attention; drop --seq-attention, or pick --seq-encoder transformer or "
+                                 "longer")
             extra["seq_attention"] = seq_attention
     cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
                                   ns_tokenizer=ns_tokenizer, **extra)

@@ -63,6 +63,8 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "ns_tokenizer"): ("nope", "--ns-tokenizer"),
     ("train", "pyramid"): ("cubic", "--pyramid"),
     ("train", "seq_encoder"): ("rnn", "--seq-encoder"),
+    ("train", "hy_form"): ("paperish", "--hy-form"),
+    ("train", "seq_attention"): ("sideways", "--seq-attention"),
     ("train", "limit"): ("0", "--limit"),
     ("train", "data_dir"): ("{FILE}", "--data-dir"),
     ("info", "ckpt"): ("{MISSING}", "missing"),

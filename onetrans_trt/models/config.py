@@ -260,8 +260,14 @@ class _ConfigRules(_JSON):
             nq = sum(self.seq_queries) if self.seq_queries else len(s.sequences) * self.hy_queries
             t = nq + (groups if self.ns_tokenizer == "group" else self.ns_tokens)
             if self.d_model % t:
-                raise ValueError(f"HyFormer query boosting splits each token into T = global queries + "
-                                 f"NS-tokens = {t} chunks; d_model ({self.d_model}) must be divisible by it")
+                raise ValueError(f"HyFormer query boosting splits each token into T = global queries (sequences "
+                                 f"x hy_queries, or the sum of seq_queries) + NS-tokens = {t} chunks; d_model "
+                                 f"({self.d_model}) must be divisible by it")
+        else:  # HyFormer's own settings: a OneTrans or baseline config never reads them, so never accepts them
+            for key in HYFORMER_ONLY:
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"{key}: a HyFormer setting; a {self.family} config does not read it "
+                                     f"(remove the key, or set family to hyformer)")
         sizes = preset_sizes(self.preset, self.family)
         if sizes == {}:
             raise ValueError(f"preset {self.preset!r} is not a {self.family} preset")

@@ -167,7 +167,10 @@ RULES = [
     (lambda d: d.update(ns_groups="user_id"), "ns_groups: expected a list, got str"),
     (lambda d: d.update(ns_groups=[["user_id", 3]]), "ns_groups[0][1]: expected a string, got int"),
     (lambda d: d.update(family="hyformer", ns_tokens=2), "HyFormer query boosting splits each token into T = "
-                                                         "sequences x hy_queries + NS-tokens = 5 chunks; d_model (16)"),
+                                                         "global queries (sequences x hy_queries, or the sum of "
+                                                         "seq_queries) + NS-tokens = 5 chunks; d_model (16)"),
+    (lambda d: d.update(seq_encoders=[]), "seq_encoders: a HyFormer setting; a onetrans config does not read it"),
+    (lambda d: d.update(hy_sink=True), "hy_sink: a HyFormer setting; a onetrans config does not read it"),
     (lambda d: d.update(family="hyformer", ns_tokenizer="group"), "NS-tokens = 6 chunks"),  # 3 sequences + 3 groups
     (lambda d: d.update(d_modle=16, zz=1), "unknown keys ['d_modle', 'zz']"),
     (lambda d: d.update(schema_=d.pop("schema")), "unknown keys ['schema_']"),
