@@ -31,6 +31,8 @@ def contenders(schema) -> dict[str, ModelConfig]:
                                                                        **HYFORMER_WAVE1, **hy),
         "wave1 longer (preset since 12-02)": ModelConfig.from_preset("small", schema, **HYFORMER_WAVE1, **hy),
         "paper form, small preset (default)": ModelConfig.from_preset("small", schema, **hy),
+        "paper form, small, transformer encoder": ModelConfig.from_preset("small", schema, seq_encoder="transformer",
+                                                                         **hy),
     }
 
 
@@ -54,6 +56,8 @@ def main() -> None:
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
         model = build_model(cfg).train()
+        if name.startswith("wave1 transformer"):
+            model.fit_training_layout = False  # the first release laid every sequence out at the stream's width
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     loss_fn = nn.BCEWithLogitsLoss()
 

@@ -188,6 +188,10 @@ class QueryBoost(nn.Module):
 
 
 class HyFormer(nn.Module):
+    # training lays each sequence out at the batch's real counts (False: at the static serving layout,
+    # as the first release did; tools/train_step_time.py times the two side by side)
+    fit_training_layout: bool = True
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.family != "hyformer":
@@ -229,10 +233,16 @@ class HyFormer(nn.Module):
         n = x.shape[1]
         real = prefix_key_mask(n, batch["s_length"].clamp(min=0, max=n))
         pos = torch.arange(n, device=x.device)
+        # training (eager) follows the real token counts: sequence j laid out at the batch's most kept
+        # events, not the stream's width (padding is masked, so the same numbers, less work); a traced
+        # or exported graph keeps the static layout (min(stream, max_len)) the serving graphs declare
+        fit = self.fit_training_layout and self.training and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
         out = []
         for j in range(self.n_seq):
             mine = (types == j + 1) & real
             width = n if self.caps[j] is None else torch.sym_min(n, self.caps[j])  # no guard on a traced n
+            if fit:
+                width = max(1, min(int(width), int(mine.sum(dim=1).max())))
             rank = torch.cumsum(mine.to(torch.int64), dim=1) - 1
             drop = (mine.sum(dim=1) - width).clamp(min=0)  # the oldest events past sequence j's cap
             keep = mine & (rank >= drop.unsqueeze(1))

@@ -173,3 +173,37 @@ def test_the_paper_preset_has_the_papers_dense_parameter_count(movielens):
     assert (cfg.num_ns_tokens, cfg.hy_total_queries) == (13, 3) and cfg.preset == "hyformer-paper"
     want = PAPER_FIGURES["hyformer-paper"]["dense_parameters"]
     assert abs(dense_parameters(model) - want) / want <= 0.02, dense_parameters(model)
+
+
+def test_training_lays_each_sequence_out_at_the_batchs_real_counts_with_the_same_numbers(movielens):
+    """In training (eager) each sequence is laid out at the batch's most kept events of it, not the
+    stream's width: the same logits and the same gradients as the static layout (eval mode, what
+    the exported graphs do), and narrower K/V on real MovieLens batches (each rating bucket holds
+    part of the stream)."""
+    from onetrans_trt.models.training import to_torch
+
+    cfg = ModelConfig.from_preset("tiny", movielens.schema, family="hyformer", tasks=["like", "love"],
+                                  seq_encoders=["transformer", "longer", "swiglu"], seq_max_len=[50, 7, 50])
+    model = HyFormer(cfg)
+    _randomize(model, torch.Generator().manual_seed(3))
+    rng = np.random.default_rng(4)
+    narrower = 0
+    for _ in range(3):
+        batch = to_torch(movielens.batch(movielens.train, rng.choice(len(movielens.train), 24, replace=False)))
+        grads = {}
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            model.zero_grad(set_to_none=True)
+            kv = model.encode_user(batch)
+            out = model(batch)
+            out.square().sum().backward()
+            grads[mode] = (out.detach(), [p.grad.clone() for p in model.parameters()], kv)
+        (a, ga, kva), (b, gb, kvb) = grads["train"], grads["eval"]
+        assert (a - b).abs().max() <= 1e-5
+        assert all((x - y).abs().max() <= 1e-4 * max(1.0, y.abs().max().item()) for x, y in zip(ga, gb))
+        counts = kvb.extras["seq_length"].max(dim=0).values.tolist()
+        widths = [kva.keys[j].shape[2] for j in range(3)]
+        assert widths == [max(1, min(c, cap)) for c, cap in zip(counts, (50, 7, 50))], (widths, counts)
+        assert all(w <= kvb.keys[j].shape[2] for j, w in enumerate(widths))
+        narrower += sum(w < kvb.keys[j].shape[2] for j, w in enumerate(widths))
+    assert narrower > 0
