@@ -323,15 +323,39 @@ def fetch_data(data_dir: Path | None) -> None:
 
 # train: the options a model family does not read -> (parameters, where, what applies instead)
 TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "onetrans": (("seq_encoder", "hy_form", "seq_attention"), "to --model onetrans",
-                 "--seq-encoder, --hy-form and --seq-attention are HyFormer's; OneTrans's S-token queries are set "
-                 "with --pyramid"),
+    "onetrans": (("seq_encoder", "hy_form", "seq_attention", "seq_max_len"), "to --model onetrans",
+                 "--seq-encoder, --hy-form, --seq-attention and --seq-max-len are HyFormer's; OneTrans's S-token "
+                 "queries are set with --pyramid"),
     "hyformer": (("pyramid",), "to --model hyformer",
                  "--pyramid is OneTrans's; HyFormer's sequence encoder is set with --seq-encoder"),
-    "baseline": (("pyramid", "seq_encoder", "ns_tokenizer", "hy_form", "seq_attention"), "to --model baseline",
+    "baseline": (("pyramid", "seq_encoder", "ns_tokenizer", "hy_form", "seq_attention", "seq_max_len"),
+                 "to --model baseline",
                  "the DIN-style baseline has no pyramid, sequence encoder or NS-tokenizer; --preset sets "
                  "its width"),
 }
+
+
+def _seq_caps_syntax(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and value.strip() not in ("auto", "off") and not all(
+            p.strip().isdigit() and int(p) >= 1 for p in value.split(",")):
+        raise click.BadParameter(f"{value!r}: expected auto, off or positive counts, one per sequence "
+                                 f"(e.g. 48,24,16)")
+    return value
+
+
+def _seq_caps(value: str | None, ml) -> list[int] | None:
+    """``train --seq-max-len``: per-sequence caps, or None (no cap). Checked before any training."""
+    names = [q.name for q in ml.schema.sequences]
+    v = (value or "auto").strip()
+    if v == "off":
+        return None
+    if v == "auto":
+        return ml.sequence_caps(ml.train)
+    parts = v.split(",")
+    if len(parts) != len(names) or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise InputError(f"--seq-max-len {value!r}: expected auto, off or {len(names)} positive counts, one per "
+                         f"sequence ({', '.join(names)}), e.g. {','.join(['32'] * len(names))}")
+    return [int(p) for p in parts]
 
 
 @cli.command()
@@ -374,13 +398,19 @@ TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
               help="HyFormer only: self-attention of the transformer/longer sequence encoders (default: the "
                    "form's, except the LONGER presets small and hyformer-paper: causal, as LONGER). Only causal "
                    "states append (`export --append`, `rank --append`).")
+@click.option("--seq-max-len", "seq_max_len", default=None, metavar="auto|off|N,N,...", callback=_seq_caps_syntax,
+              help="HyFormer only: the most events kept per sequence (the newest; each sequence is laid out at "
+                   "its cap, so a cap is also less work). 'auto' (default): from the training data, per sequence "
+                   "the fewest events (a multiple of 8) that hold the whole sequence in 97% of the samples; 'off': "
+                   "no cap; or one count per sequence, in the schema's order.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N training samples (quick runs, tests).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @DATA_DIR
 @JSON_OUT
 def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_history, merge,
-          ns_tokenizer, pyramid, seq_encoder, hy_form, seq_attention, limit, force, data_dir, as_json) -> None:
+          ns_tokenizer, pyramid, seq_encoder, hy_form, seq_attention, seq_max_len, limit, force, data_dir,
+          as_json) -> None:
     """Train a model on MovieLens-100K and write a checkpoint directory.
 
     \b
@@ -415,6 +445,9 @@ def train(family, preset, data, out, epochs, batch_size, lr, seed, seeds, max_hi
                                  "no self-attention; drop --seq-attention, or pick --seq-encoder transformer or "
                                  "longer")
             extra["seq_attention"] = seq_attention
+        caps = _seq_caps(seq_max_len, ml)
+        if caps is not None:
+            extra["seq_max_len"] = caps
     cfg = ModelConfig.from_preset(preset, ml.schema, family=family, tasks=list(TASKS),
                                   ns_tokenizer=ns_tokenizer, **extra)
     runs, first = [], None
@@ -493,14 +526,19 @@ def info(ckpt: Path, as_json: bool) -> None:
         per = {q.name: cfg.hy_seq(j) for j, q in enumerate(s.sequences)}
         d["hyformer"] = {"seq_encoder": cfg.seq_encoder, "queries_per_sequence": cfg.hy_queries,
                          "longer_window": cfg.longer_window, "form": form, **opts, "per_sequence": per}
-        if len({json.dumps(v, sort_keys=True) for v in per.values()}) == 1:
-            lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global queries, "
-                         f"{cfg.seq_encoder} sequence encoder ({cfg.seq_attention}), mixer tokens "
-                         f"{cfg.hy_total_queries + cfg.num_ns_tokens}")
+        shape = {n: {k: v for k, v in p.items() if k != "max_len"} for n, p in per.items()}
+        caps = "" if not cfg.seq_max_len else "; newest events kept: " + ", ".join(
+            f"{n} {p['max_len']}" for n, p in per.items())
+        if len({json.dumps(v, sort_keys=True) for v in shape.values()}) == 1:
+            lines.append(f"  HyFormer: {len(s.sequences)} sequences x {cfg.hy_queries} global "
+                         f"quer{'y' if cfg.hy_queries == 1 else 'ies'}, {cfg.seq_encoder} sequence encoder"
+                         + (f" (window {cfg.longer_window})" if cfg.seq_encoder == "longer" else "")
+                         + f", {cfg.seq_attention} attention, mixer tokens "
+                         f"{cfg.hy_total_queries + cfg.num_ns_tokens}" + caps)
         else:
             lines.append(f"  HyFormer: {len(s.sequences)} sequences, {cfg.seq_attention} attention, mixer tokens "
                          f"{cfg.hy_total_queries + cfg.num_ns_tokens}; per sequence: " + "; ".join(
-                             f"{name} {v['queries']} queries, {v['encoder']}"
+                             f"{name} {v['queries']} quer{'y' if v['queries'] == 1 else 'ies'}, {v['encoder']}"
                              + (f" window {v['window']}" if v["encoder"] == "longer" else "")
                              + (f", newest {v['max_len']}" if v["max_len"] else "") for name, v in per.items()))
         lines.append(f"  form: {form} (sink {'yes' if cfg.hy_sink else 'no'}, K/V norm "

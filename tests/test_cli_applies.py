@@ -54,6 +54,8 @@ REFUSED = [
     ("train", "hy_form", ["--model", "onetrans", "--hy-form", "wave1"], ["--hy-form", "--pyramid"]),
     ("train", "hy_form", ["--model", "baseline", "--hy-form", "paper"], ["--hy-form", "baseline"]),
     ("train", "seq_attention", ["--seq-attention", "causal"], ["--seq-attention", "--model onetrans"]),
+    ("train", "seq_max_len", ["--seq-max-len", "auto"], ["--seq-max-len", "--model onetrans"]),
+    ("train", "seq_max_len", ["--model", "baseline", "--seq-max-len", "off"], ["--seq-max-len", "baseline"]),
     ("train", "seq_attention", ["--model", "hyformer", "--seq-encoder", "swiglu", "--seq-attention", "causal"],
      ["--seq-attention", "swiglu", "no self-attention"]),
     ("export", "opset", ["{CKPT}", "--out", "{OUT}", "--opset", "24"], ["--opset", "24", "18..23"]),

@@ -65,6 +65,7 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("train", "seq_encoder"): ("rnn", "--seq-encoder"),
     ("train", "hy_form"): ("paperish", "--hy-form"),
     ("train", "seq_attention"): ("sideways", "--seq-attention"),
+    ("train", "seq_max_len"): ("48,,16", "--seq-max-len"),
     ("train", "limit"): ("0", "--limit"),
     ("train", "data_dir"): ("{FILE}", "--data-dir"),
     ("info", "ckpt"): ("{MISSING}", "missing"),

@@ -23,16 +23,18 @@ from onetrans_trt.models.config import HYFORMER_WAVE1, ModelConfig
 from onetrans_trt.models.training import to_torch
 
 
-def contenders(schema) -> dict[str, ModelConfig]:
+def contenders(ml: MovieLens) -> dict[str, ModelConfig]:
     hy = dict(family="hyformer", tasks=list(TASKS))
+    schema = ml.schema
+    caps = ml.sequence_caps(ml.train)  # what `train --seq-max-len auto` (the default) sets
     return {
         # what the issue measured against: the first release, full-length transformer encoders
         "wave1 transformer (issue's 'today')": ModelConfig.from_preset("small", schema, seq_encoder="transformer",
                                                                        **HYFORMER_WAVE1, **hy),
         "wave1 longer (preset since 12-02)": ModelConfig.from_preset("small", schema, **HYFORMER_WAVE1, **hy),
-        "paper form, small preset (default)": ModelConfig.from_preset("small", schema, **hy),
-        "paper form, small, transformer encoder": ModelConfig.from_preset("small", schema, seq_encoder="transformer",
-                                                                         **hy),
+        f"paper small, caps {caps} (train's default)": ModelConfig.from_preset("small", schema, seq_max_len=caps,
+                                                                               **hy),
+        "paper small, --seq-max-len off": ModelConfig.from_preset("small", schema, **hy),
     }
 
 
@@ -46,7 +48,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ml = MovieLens()
-    cfgs = contenders(ml.schema)
+    cfgs = contenders(ml)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(a.steps + 2):

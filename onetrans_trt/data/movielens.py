@@ -228,6 +228,24 @@ class MovieLens:
         out.update(encode_ns(s, users, {}, items, where="movielens"))
         return out
 
+    def sequence_caps(self, split: Split, *, coverage: float = 0.97, multiple: int = 8, sample: int = 5000,
+                      seed: int = 0) -> list[int] | None:
+        """Per-sequence event caps from the data (HyFormer's ``seq_max_len``): for each sequence,
+        the fewest events, a multiple of ``multiple``, that hold all of sequence j's events in at
+        least ``coverage`` of ``split``'s samples (at most ``sample`` of them, drawn with ``seed``),
+        never more than ``max_history``. None when no sequence would be capped (or no sample)."""
+        s = self.schema
+        n = len(split)
+        if not n:
+            return None
+        types = self.batch(split, np.random.default_rng(seed).choice(n, min(sample, n), replace=False))["s_type"]
+        caps = []
+        for j in range(s.num_sequences):
+            counts = (types == j + 1).sum(axis=1)
+            need = int(np.ceil(np.quantile(counts, coverage)))
+            caps.append(min(s.max_history, max(multiple, -(-need // multiple) * multiple)))
+        return None if all(c >= s.max_history for c in caps) else caps
+
     # ---- serving requests ------------------------------------------------------------
     def history_json(self, user_row: int, upto: int) -> list[dict[str, Any]]:
         out = []
