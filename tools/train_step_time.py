@@ -31,7 +31,8 @@ def contenders(ml: MovieLens) -> dict[str, ModelConfig]:
         # what the issue measured against: the first release, full-length transformer encoders
         "wave1 transformer (issue's 'today')": ModelConfig.from_preset("small", schema, seq_encoder="transformer",
                                                                        **HYFORMER_WAVE1, **hy),
-        "wave1 longer (preset since 12-02)": ModelConfig.from_preset("small", schema, **HYFORMER_WAVE1, **hy),
+        f"wave1 longer, caps {caps} (--hy-form wave1)": ModelConfig.from_preset("small", schema, seq_max_len=caps,
+                                                                              **HYFORMER_WAVE1, **hy),
         f"paper small, caps {caps} (train's default)": ModelConfig.from_preset("small", schema, seq_max_len=caps,
                                                                                **hy),
         "paper small, --seq-max-len off": ModelConfig.from_preset("small", schema, **hy),
