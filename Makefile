@@ -109,7 +109,7 @@ demo: venv data
 	$(STAGE) "validate onetrans" -- $(BIN)/onetrans-trt validate $(RUNS)/build-small --data ml-100k --count 100 \
 	  --json-out $(RUNS)/build-small/reports/validate.json --html $(RUNS)/build-small/reports/validate.html
 	@echo "validation report: $(RUNS)/build-small/reports/validate.html"
-	$(STAGE) "export hyformer" -- $(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --unified --force
+	$(STAGE) "export hyformer" -- $(BIN)/onetrans-trt export $(RUNS)/hyformer-small --out $(RUNS)/build-hyformer-small --force
 	$(STAGE) "validate hyformer" -- $(BIN)/onetrans-trt validate $(RUNS)/build-hyformer-small --data ml-100k --count 100 --backends torch-split,ort \
 	  --json-out $(RUNS)/build-hyformer-small/reports/validate.json
 	@echo
