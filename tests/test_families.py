@@ -73,7 +73,10 @@ def test_cli_chain(family, tmp_path, movielens):
     r = run("calibrate", build, "--samples", "8", "--quality-requests", "20", "--json")
     assert r.exit_code == 0, r.output
     check_build_by_capability(run("build", build, "--json"), build)
-    r = run("validate", build, "--data", "ml-100k", "--count", "15", "--backends", "torch-split,ort,ort-fp16",
+    # 100 requests: on 15 (26,578 like-pairs, the limit spanning 13 pairs) the tiny HyFormer's FP16 delta
+    # like-AUC was -0.00079 while the same build gave -0.00003 on 100 (max |error| 0.00075 both): near-tied
+    # scores of a model trained on 3,000 samples, not FP16 error; the 0.0005 limit is kept
+    r = run("validate", build, "--data", "ml-100k", "--count", "100", "--backends", "torch-split,ort,ort-fp16",
             "--json-out", tmp_path / "report.json")
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "report.json").read_text())
