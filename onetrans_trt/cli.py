@@ -335,27 +335,28 @@ TRAIN_NOT_FOR: dict[str, tuple[tuple[str, ...], str, str]] = {
 }
 
 
-def _seq_caps_syntax(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and value.strip() not in ("auto", "off") and not all(
-            p.strip().isdigit() and int(p) >= 1 for p in value.split(",")):
+def _seq_caps_syntax(ctx: click.Context, param: click.Parameter, value: str | None) -> str | list[int] | None:
+    """``--seq-max-len`` parsed before any work: "auto", "off" or the counts (their number is
+    checked against the schema's sequences in :func:`_seq_caps`)."""
+    if value is None or value.strip() in ("auto", "off"):
+        return value and value.strip()
+    if not all(p.strip().isdigit() and int(p) >= 1 for p in value.split(",")):
         raise click.BadParameter(f"{value!r}: expected auto, off or positive counts, one per sequence "
                                  f"(e.g. 48,24,16)")
-    return value
+    return [int(p) for p in value.split(",")]
 
 
-def _seq_caps(value: str | None, ml) -> list[int] | None:
-    """``train --seq-max-len``: per-sequence caps, or None (no cap). Checked before any training."""
-    names = [q.name for q in ml.schema.sequences]
-    v = (value or "auto").strip()
-    if v == "off":
+def _seq_caps(value: str | list[int] | None, ml) -> list[int] | None:
+    """``train --seq-max-len``: per-sequence caps, or None (no cap)."""
+    if value == "off":
         return None
-    if v == "auto":
+    if value in (None, "auto"):
         return ml.sequence_caps(ml.train)
-    parts = v.split(",")
-    if len(parts) != len(names) or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
-        raise InputError(f"--seq-max-len {value!r}: expected auto, off or {len(names)} positive counts, one per "
+    names = [q.name for q in ml.schema.sequences]
+    if len(value) != len(names):
+        raise InputError(f"--seq-max-len {','.join(map(str, value))}: expected {len(names)} counts, one per "
                          f"sequence ({', '.join(names)}), e.g. {','.join(['32'] * len(names))}")
-    return [int(p) for p in parts]
+    return value
 
 
 @cli.command()

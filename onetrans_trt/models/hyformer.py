@@ -236,15 +236,17 @@ class HyFormer(nn.Module):
         # training (eager) follows the real token counts: sequence j laid out at the batch's most kept
         # events, not the stream's width (padding is masked, so the same numbers, less work); a traced
         # or exported graph keeps the static layout (min(stream, max_len)) the serving graphs declare
-        fit = self.fit_training_layout and self.training and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        fit = self.fit_training_layout and self.training and not (torch.compiler.is_compiling()
+                                                                  or torch.jit.is_tracing())
         out = []
         for j in range(self.n_seq):
             mine = (types == j + 1) & real
+            n_mine = mine.sum(dim=1)
             width = n if self.caps[j] is None else torch.sym_min(n, self.caps[j])  # no guard on a traced n
             if fit:
-                width = max(1, min(int(width), int(mine.sum(dim=1).max())))
+                width = max(1, min(int(width), int(n_mine.max())))
             rank = torch.cumsum(mine.to(torch.int64), dim=1) - 1
-            drop = (mine.sum(dim=1) - width).clamp(min=0)  # the oldest events past sequence j's cap
+            drop = (n_mine - width).clamp(min=0)  # the oldest events past sequence j's cap
             keep = mine & (rank >= drop.unsqueeze(1))
             count = keep.sum(dim=1)
             # sequence j's kept events go, in order, to the last `count` of its `width` slots; every
