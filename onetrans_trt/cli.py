@@ -721,13 +721,6 @@ def export_cmd(ckpt, module_ref, weights, spec_path, inputs_path, check_only, ou
                     "it runs the protocol checks and writes nothing; drop --check-only to export")
     elif no_passes:
         _refuse(("fuse_attention",), "with --no-passes", "no graph pass runs, fuse-attention included")
-    elif ckpt is not None and _given("fuse_attention"):
-        from onetrans_trt.models.config import read_config
-
-        if read_config(ckpt).family == "hyformer":
-            _refuse(("fuse_attention",), "to a HyFormer checkpoint",
-                    "fuse-attention rewrites OneTrans's shared-prefix and causal-tail attention; HyFormer's graphs "
-                    "keep their attention as exported")
     if append_graph and module_ref is None and ckpt is not None:
         from onetrans_trt.models.append import can_append
         from onetrans_trt.models.config import read_config

@@ -79,6 +79,92 @@ def _length(v: ir.Value, limit: int = 2000) -> ir.Value | None:
     return found.pop() if not stack and len(found) == 1 and next(iter(found)).name == "s_length" else None
 
 
+ORDER = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual"}
+
+
+def _through_layout(v: ir.Value) -> ir.Value:
+    while v.producer() is not None and v.producer().op_type in LAYOUT:
+        v = v.producer().inputs[0]
+    return v
+
+
+def _prefix_valid(cond: ir.Value, limit: int = 2000) -> tuple[ir.Value, bool] | None:
+    """``(valid, causal)`` when ``cond`` is a key mask over a left-padded axis computed from one
+    valid-length tensor and shapes alone (a sequence's real count computed in the graph, not
+    only the ``s_length`` input): the prefix comparison ``j >= n - valid`` (either side's order)
+    names ``valid``; ``causal`` when the mask also orders keys against query positions (``j <=
+    pos``: TailCausalAttention's bottom-right causal part; without it the mask is bidirectional,
+    each query seeing every real key and a padding query itself). None when no single ``valid``
+    is found or the mask reads any other graph input's values."""
+    prefix, cands = set(), set()
+    stack, seen = [cond], set()
+    while stack and len(seen) <= limit:  # the comparisons j >= n - valid: where valid is
+        x = stack.pop()
+        if x is None or x in seen:
+            continue
+        seen.add(x)
+        p = x.producer()
+        if p is None or p.op_type in ("Shape", "Size"):
+            continue
+        if p.op_type in ORDER and len(p.inputs) == 2:
+            for side in (1, 0) if p.op_type in ("GreaterOrEqual", "Greater") else (0, 1):
+                sub = _through_layout(p.inputs[side]).producer()
+                if sub is not None and sub.op_type == "Sub" and len(sub.inputs) == 2:
+                    prefix.add(p)
+                    cands.add(_through_layout(sub.inputs[1]))
+                    break
+        stack += p.inputs
+    if stack:
+        return None
+    # a comparison inside valid's own computation (the history's padding mask a count is taken
+    # under) names a tensor valid is computed from: the mask's valid is the one no other depends on
+    cands = {c for c in cands if not any(c in _cone(o, limit) for o in cands - {c})}
+    if len(cands) != 1:
+        return None
+    valid = cands.pop()
+    if valid.dtype is not None and valid.dtype != ir.DataType.INT64:
+        return None
+    ordered, stack, seen = False, [cond], {valid}  # the mask itself: a function of valid and shapes
+    while stack:
+        x = stack.pop()
+        if x is None or x in seen:
+            continue
+        seen.add(x)
+        if x.is_graph_input():
+            return None
+        p = x.producer()
+        if p is None or p.op_type in ("Shape", "Size"):
+            continue
+        ordered |= p.op_type in ORDER and p not in prefix
+        stack += p.inputs
+    return valid, ordered
+
+
+def _cone(v: ir.Value, limit: int) -> set[ir.Value]:
+    """The values ``v`` is computed from (``v`` included; shapes not followed)."""
+    stack, seen = [v], set()
+    while stack and len(seen) <= limit:
+        x = stack.pop()
+        if x is None or x in seen:
+            continue
+        seen.add(x)
+        p = x.producer()
+        stack += p.inputs if p is not None and p.op_type not in ("Shape", "Size") else []
+    return seen
+
+
+def _same_dims(a: ir.Value, b: ir.Value, pairs: list[tuple[int, int]]) -> bool:
+    """``a.shape[i] == b.shape[j]`` for every pair, each dim known (an int or a named symbol)."""
+    if a.shape is None or b.shape is None:
+        return False
+    for i, j in pairs:
+        x, y = a.shape[i], b.shape[j]
+        x, y = (x if isinstance(x, int) else x.value), (y if isinstance(y, int) else y.value)
+        if x is None or x != y:
+            return False
+    return True
+
+
 def _key(k_t: ir.Value, q: ir.Value) -> tuple[ir.Value, list[int]] | None:
     """``(x, perm)`` with ``K = Transpose(x, perm)`` ([.., L, dh]), given the product's K^T."""
     p = k_t.producer()
@@ -106,8 +192,9 @@ class _Attention(pattern.RewriteRuleClassBase):
         out.type, out.shape = src.type, ir.Shape([src.shape[i] for i in perm]) if src.shape is not None else None
         return out
 
-    def _fused(self, op, *inputs):
-        return op.op(self.OP, *inputs, _domain=DOMAIN, scale=self._scale, plugin_namespace=PLUGIN_NAMESPACE, aot=1)
+    def _fused(self, op, *inputs, **attrs):
+        return op.op(self.OP, *inputs, _domain=DOMAIN, scale=self._scale, **attrs, plugin_namespace=PLUGIN_NAMESPACE,
+                     aot=1)
 
 
 class TailCausal(_Attention):
@@ -130,7 +217,11 @@ class TailCausal(_Attention):
         fills = {_scalar(fill)} if mask == "where" else {_scalar(fill), _scalar(zero)}
         scales = [_scalar(c), _scalar(c_k) if self.scaled == "qk" else 1.0]
         readers = [u for u in p.uses() if u.node.op_type == "MatMul" and u.idx == 0]  # P @ V alone
-        self.key, self._len = _key(k_t, q), _length(cond)
+        self.key, found = _key(k_t, q), _prefix_valid(cond)
+        self._len, self._causal = _length(cond), True  # the s_length input itself (OneTrans's user encoder)
+        if found is not None:  # or a valid length computed in the graph (HyFormer's per-sequence counts)
+            self._len = self._len if self._len is not None else found[0]
+            self._causal = found[1]
         if None in scales or fills != ({-math.inf} if mask == "where" else {0.0, -math.inf}):
             return False
         self._scale = scales[0] ** c_pow * scales[1]
@@ -138,7 +229,7 @@ class TailCausal(_Attention):
         return axis in (-1, 3) and len(readers) == 1 and None not in (self.key, self._len)
 
     def rewrite(self, op, q, v, **_):
-        return self._fused(op, q, self._k(op, "key"), v, self._len)
+        return self._fused(op, q, self._k(op, "key"), v, self._len, causal=int(self._causal))
 
 
 class SharedPrefix(_Attention):
@@ -180,14 +271,121 @@ class SharedPrefix(_Attention):
         return self._fused(op, q, self._k(op, "key"), v, self._len, self._k(op, "key_o"), v_o)
 
 
+class SharedDecode(_Attention):
+    """HyFormer's query decoding in the scorer: every candidate's queries, folded into one batch
+    (``Reshape(Transpose(x))``, the head split's transposes merged in), over one user's K/V of
+    one sequence with no part of their own, as
+    :func:`onetrans_trt.models.attention.shared_decode_attention` writes it."""
+
+    OP = "SharedDecodeAttention"
+
+    def pattern(self, op, x, k_t, v, shape, back, cond, real, fill, zero, zero_p, zero_d, one, c):
+        qq = op.Reshape(op.Transpose(x, _outputs=["q_t"]), shape, _outputs=["qq"])
+        s = _masked(op, _scaled(op, op.MatMul(qq, k_t, _outputs=["qk"]), c, "c_pow"), cond, fill)
+        m = op.ReduceMax(s, _allow_other_inputs=True)
+        p = op.Where(real, op.Exp(op.Sub(s, op.Where(op.IsInf(m), zero, m))), zero_p, _outputs=["p"])
+        den = op.ReduceSum(p, _allow_other_inputs=True)
+        o = op.Div(op.MatMul(p, v), op.Where(op.Greater(den, zero_d), den, one))
+        return op.Transpose(op.Reshape(o, back, _outputs=["o_r"]), _outputs=["out"])
+
+    def check(self, context, x, k_t, v, cond, real, fill, zero, zero_p, zero_d, one, c, c_pow, mask, q_t, qq, qk, p,
+              o_r, out, **_):
+        pa = list(q_t.producer().attributes.get_ints("perm", []))
+        pb = list(out.producer().attributes.get_ints("perm", []))
+        if mask != "where" or _scalar(fill) != -math.inf or _scalar(c) is None or len(pa) != 4 or len(pb) != 4:
+            return False
+        if {_scalar(zero), _scalar(zero_p), _scalar(zero_d)} != {0.0} or _scalar(one) != 1.0:
+            return False
+        found, found_p = _prefix_valid(cond), _prefix_valid(real)
+        if found is None or found_p is None or found[0] is not found_p[0] or found[1] or found_p[1]:
+            return False  # one key mask, no order of keys against queries
+        self._len, self._scale = found[0], _scalar(c) ** c_pow
+        # q_t [H, C, N, dh] -> qq [1, H, C*N, dh]; o [1, H, C*N, dh] -> o_r [H, C, N, dh]
+        if not (_same_dims(qq, q_t, [(1, 0), (3, 3)]) and _same_dims(o_r, q_t, [(0, 0), (1, 1), (2, 2), (3, 3)])):
+            return False
+        if qq.shape[0] != 1:
+            return False
+        self.key = _key(k_t, qq)
+        self._q_perm = [pa[1], pa[0], pa[2], pa[3]]  # x -> [C, H, N, dh]
+        self._out_perm = [[1, 0, 2, 3][i] for i in pb]  # the op's [C, H, N, dh] -> what `out` was
+        readers = [u for u in p.uses() if u.node.op_type == "MatMul"]
+        return self.key is not None and len(qk.uses()) == 1 and len(readers) == 1 and \
+            _source(self.key[0]).startswith("user_k_") and _source(v).startswith("user_v_")
+
+    def rewrite(self, op, x, v, **_):
+        q = x if self._q_perm == [0, 1, 2, 3] else op.Transpose(x, perm=self._q_perm)
+        out = self._fused(op, q, self._k(op, "key"), v, self._len)
+        return out if self._out_perm == [0, 1, 2, 3] else op.Transpose(out, perm=self._out_perm)
+
+
+def _ints(v: ir.Value) -> list[int] | None:
+    t = ir.convenience.get_const_tensor(v) if v is not None else None
+    return [int(x) for x in t.numpy().reshape(-1)] if t is not None else None
+
+
+class SharedDecodeSink(SharedDecode):
+    """The same decoding with a learned sink key/value per head (``hy_sink``): softmax over
+    ``[keys ; sink]``, the sink's share times its value. The sink is one more key, always real,
+    so the op reads ``[K ; sink_k]`` and ``[V ; sink_v]`` with ``min(valid, n) + 1`` real keys."""
+
+    def pattern(self, op, x, k_t, v, shape, back, cond, fill, sink_k, sink_v, c, c0, ax, ax_s0, s_lo, e_lo, s_hi,
+                e_hi, ax_lo, ax_hi):
+        qq = op.Reshape(op.Transpose(x, _outputs=["q_t"]), shape, _outputs=["qq"])
+        s = _masked(op, _scaled(op, op.MatMul(qq, k_t, _outputs=["qk"]), c, "c_pow"), cond, fill)
+        s0 = _scaled(op, op.ReduceSum(op.Mul(qq, sink_k), ax_s0, keepdims=1), c0, "c0_pow")
+        p = op.Softmax(op.Concat(s, s0, axis=-1), _outputs=["p"])
+        o = op.Add(op.MatMul(op.Slice(p, s_lo, e_lo, ax_lo, _allow_other_inputs=True), v),
+                   op.Mul(op.Slice(p, s_hi, e_hi, ax_hi, _allow_other_inputs=True), sink_v))
+        return op.Transpose(op.Reshape(o, back, _outputs=["o_r"]), _outputs=["out"])
+
+    def check(self, context, x, k_t, v, cond, fill, sink_k, sink_v, c, c0, c_pow, c0_pow, ax_s0, s_lo, e_lo, s_hi,
+              e_hi, ax_lo, ax_hi, mask, q_t, qq, qk, p, o_r, out, **_):
+        pa = list(q_t.producer().attributes.get_ints("perm", []))
+        pb = list(out.producer().attributes.get_ints("perm", []))
+        if mask != "where" or _scalar(fill) != -math.inf or None in (_scalar(c), _scalar(c0)) or len(pa) != 4 \
+                or len(pb) != 4 or _scalar(c) ** c_pow != _scalar(c0) ** c0_pow:
+            return False
+        axis = p.producer().attributes.get_int("axis", -1)
+        last = ({-1, 3}, {-1, 3}, {-1, 3})
+        if axis not in (-1, 3) or any(set(_ints(a) or [9]) - ok for a, ok in zip((ax_s0, ax_lo, ax_hi), last)):
+            return False
+        if (_ints(s_lo), _ints(e_lo), _ints(s_hi)) != ([0], [-1], [-1]) or not (_ints(e_hi) or [0])[0] >= 2 ** 31 - 1:
+            return False  # p[..., :-1] (the keys') and p[..., -1:] (the sink's)
+        found = _prefix_valid(cond)
+        if found is None or found[1]:
+            return False
+        self._len, self._scale = found[0], _scalar(c) ** c_pow
+        if not (_same_dims(qq, q_t, [(1, 0), (3, 3)]) and _same_dims(o_r, q_t, [(0, 0), (1, 1), (2, 2), (3, 3)])):
+            return False
+        # the sink's key and value: [1, H, 1, dh] each, broadcast over the rows
+        if not all(t.shape is not None and len(t.shape) == 4 and t.shape[0] == 1 and t.shape[2] == 1 and
+                   _same_dims(t, qq, [(1, 1), (3, 3)]) for t in (sink_k, sink_v)) or qq.shape[0] != 1:
+            return False
+        self.key = _key(k_t, qq)
+        self._q_perm = [pa[1], pa[0], pa[2], pa[3]]
+        self._out_perm = [[1, 0, 2, 3][i] for i in pb]
+        readers = [u for u in p.uses() if u.node.op_type == "Slice"]
+        return self.key is not None and len(qk.uses()) == 1 and len(readers) == 2 and \
+            _source(self.key[0]).startswith("user_k_") and _source(v).startswith("user_v_")
+
+    def rewrite(self, op, x, v, sink_k, sink_v, **_):
+        q = x if self._q_perm == [0, 1, 2, 3] else op.Transpose(x, perm=self._q_perm)
+        k = self._k(op, "key")
+        n = op.Shape(k, start=2, end=3)
+        valid = op.Add(op.Min(self._len, n), op.Constant(value_ints=[1]))  # the sink: one more real key, newest
+        out = self._fused(op, q, op.Concat(k, sink_k, axis=2), op.Concat(v, sink_v, axis=2), valid)
+        return out if self._out_perm == [0, 1, 2, 3] else op.Transpose(out, perm=self._out_perm)
+
+
 TAIL = [TailCausal.rule("scores"), *TailCausal.rule("q").commute(), *TailCausal.rule("qk").commute()]
-RULES = pattern.RewriteRuleSet([*TAIL, SharedPrefix.rule()])
+RULES = pattern.RewriteRuleSet([*TAIL, SharedPrefix.rule(), SharedDecode.rule(), SharedDecodeSink.rule()])
 
 
 def _fuse(graph: gs.Graph, rules: pattern.RewriteRuleSet) -> tuple[gs.Graph, int]:
     """A copy of ``graph`` with ``rules`` applied (to its onnx_ir model), and how many sites they fused."""
     graph = graph.copy()
-    if "s_length" not in {t.name for t in graph.inputs}:
+    given = {t.name for t in graph.inputs}
+    if "s_length" not in given and not any(n.startswith("user_k_") for n in given):  # no attention of ours
         return graph.cleanup().toposort(), 0
     proto = gs.export_onnx(graph.toposort(), do_type_check=False)
     model = ir.serde.deserialize_model(proto)

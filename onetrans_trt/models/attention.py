@@ -137,6 +137,31 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
     return (a1 * o1 + a2 * o2) / (a1 * l1 + a2 * l2)
 
 
+def shared_decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """Reference SharedDecodeAttention: C candidates' queries decode one shared K/V (HyFormer's
+    query decoding), with no part of their own.
+
+    q: ``[C, H, N, dh]``; k, v: ``[1, H, n, dh]``, one user's K/V of one sequence, left-padded;
+    valid: ``[1]``, real keys at the right end (>= n: all; 0: none). Returns ``[C, H, N, dh]``:
+    softmax over the real keys; a row with no real key (an empty sequence) is 0, never NaN
+    (the shift comes from the real keys only and masked keys weigh 0 by the mask itself, not
+    by ``exp(-inf)``: an FP16 graph stores -inf as -1e4).
+    """
+    c, h, nq, dh = q.shape
+    if k.shape[2] == 0:  # no key at all
+        return torch.zeros_like(q)
+    scale = 1.0 / math.sqrt(dh)
+    qq = q.transpose(0, 1).reshape(1, h, c * nq, dh)  # every candidate's queries: one batch
+    s = torch.matmul(qq, k.transpose(-1, -2)) * scale  # [1, H, C*N, n]
+    real = _real_prefix_keys(k, valid)  # [1, 1, 1, n]
+    s = s.masked_fill(~real, NEG_INF)
+    m = s.amax(dim=-1, keepdim=True)  # -inf on a row with no real key
+    p = torch.where(real, torch.exp(s - torch.where(torch.isinf(m), torch.zeros_like(m), m)), torch.zeros_like(s))
+    den = p.sum(dim=-1, keepdim=True)
+    o = torch.matmul(p, v) / torch.where(den > 0, den, torch.ones_like(den))
+    return o.reshape(h, c, nq, dh).transpose(0, 1)
+
+
 def segmented_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_valid: Tensor,
                                cand_user: Tensor, k_own: Tensor, v_own: Tensor) -> Tensor:
     """Reference SegmentedPrefixAttention: the candidates of U users in one call.

@@ -45,6 +45,7 @@ from onetrans_trt.models.attention import (
     bidirectional_attention,
     merge_heads,
     prefix_key_mask,
+    shared_decode_attention,
     split_heads,
     tail_causal_attention,
 )
@@ -130,6 +131,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Ten
     K/V ``[1, ...]`` for all B rows (the candidate scorer): the queries of every row are
     folded into one batch, so the K/V are read once and never copied per candidate.
     """
+    if shared and sink_k is None:  # the op SharedDecodeAttention (fuse-attention finds it in the scorer)
+        return shared_decode_attention(q, k, v, valid)
     b, h, nq, dh = q.shape
     scale = 1.0 / math.sqrt(dh)
     qq = q.transpose(0, 1).reshape(1, h, b * nq, dh) if shared else q

@@ -127,7 +127,7 @@ def test_tail_causal_is_fused_and_computes_the_same(kw):
     assert len(nodes) == 1 and after.__dict__["fused_attention"] == 1
     n = nodes[0]
     assert n.name == "TailCausalAttention_1" and n.domain == DOMAIN
-    assert n.attrs == {"scale": pytest.approx(SCALE), "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1}
+    assert n.attrs == {"scale": pytest.approx(SCALE), "causal": 1, "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1}
     assert isinstance(n.attrs["scale"], float)
     assert [t.name for t in n.inputs][0] == "q" and n.inputs[2].name == "v" and n.inputs[3].name == "s_length"
     if kw.get("k_layout") == "blhd":  # a merged transpose: K brought back to [B, H, L, dh]
@@ -151,7 +151,18 @@ def test_two_layers_are_numbered():
     _same(g.model(), after, _tail_feeds())
 
 
-@pytest.mark.parametrize("kw", [{"axis": 2}, {"fill": -1e9}, {"mask_from": "s_type"}, {"extra_p_use": True},
+def test_a_mask_from_another_length_tensor_is_fused_with_that_tensor():
+    """The valid length is whatever tensor the mask's ``j >= n - valid`` reads (HyFormer's per-sequence
+    counts are computed in the graph): here another graph input, not s_length."""
+    g = _tail_graph(mask_from="n_seq")
+    after = fuse_attention(g.gs())
+    (n,) = _fused(after, "TailCausalAttention")
+    assert n.inputs[3].name == "n_seq" and n.attrs["causal"] == 1
+    feeds = {**_tail_feeds(), "n_seq": np.array([3, 0], np.int64)}
+    _same(g.model(), after, feeds)
+
+
+@pytest.mark.parametrize("kw", [{"axis": 2}, {"fill": -1e9}, {"extra_p_use": True},
                                 {"k_plain": True}, {"mul_by_input": "gain"}, {"with_length": False}],
                          ids=lambda kw: next(iter(kw)))
 def test_tail_lookalikes_are_left_alone(kw):
