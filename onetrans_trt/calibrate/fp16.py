@@ -30,7 +30,7 @@ from onetrans_trt.io import atomic_directory, atomic_write_json, locks_build
 DEFAULT_FP32_OPS = [
     "RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "Exp", "Log",
     "ReduceMax", "ReduceSum", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Sigmoid",
-    "SharedPrefixAttention", "TailCausalAttention", "Range", "CumSum",
+    "SharedPrefixAttention", "TailCausalAttention", "SharedDecodeAttention", "Range", "CumSum",
     # onnxconverter-common retypes its value attribute but not its output: keep it FP32 (cast after)
     "ConstantOfShape",
 ]

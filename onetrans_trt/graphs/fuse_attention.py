@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
+
 import onnx_graphsurgeon as gs
 from onnxscript import ir
 from onnxscript.rewriter import pattern
@@ -92,10 +94,11 @@ def _prefix_valid(cond: ir.Value, limit: int = 2000) -> tuple[ir.Value, bool] | 
     """``(valid, causal)`` when ``cond`` is a key mask over a left-padded axis computed from one
     valid-length tensor and shapes alone (a sequence's real count computed in the graph, not
     only the ``s_length`` input): the prefix comparison ``j >= n - valid`` (either side's order)
-    names ``valid``; ``causal`` when the mask also orders keys against query positions (``j <=
-    pos``: TailCausalAttention's bottom-right causal part; without it the mask is bidirectional,
-    each query seeing every real key and a padding query itself). None when no single ``valid``
-    is found or the mask reads any other graph input's values."""
+    names ``valid``; ``causal`` when the mask orders keys against query positions (``j <= pos``)
+    or And-s the real keys with the bottom-right causal triangle as a constant (a static-shape
+    export folds it). A mask with no ``And`` is bidirectional (each query sees every real key, a
+    padding query itself). None when no single ``valid`` is found, the mask reads any other graph
+    input's values, or it And-s the real keys with something else (a band, a window)."""
     prefix, cands = set(), set()
     stack, seen = [cond], set()
     while stack and len(seen) <= limit:  # the comparisons j >= n - valid: where valid is
@@ -124,7 +127,8 @@ def _prefix_valid(cond: ir.Value, limit: int = 2000) -> tuple[ir.Value, bool] | 
     valid = cands.pop()
     if valid.dtype is not None and valid.dtype != ir.DataType.INT64:
         return None
-    ordered, stack, seen = False, [cond], {valid}  # the mask itself: a function of valid and shapes
+    ordered, folded, ands = False, False, False  # the mask itself: a function of valid and shapes
+    stack, seen = [cond], {valid}
     while stack:
         x = stack.pop()
         if x is None or x in seen:
@@ -135,9 +139,27 @@ def _prefix_valid(cond: ir.Value, limit: int = 2000) -> tuple[ir.Value, bool] | 
         p = x.producer()
         if p is None or p.op_type in ("Shape", "Size"):
             continue
-        ordered |= p.op_type in ORDER and p not in prefix
+        ordered |= p.op_type in ORDER and p not in prefix  # keys ordered against query positions
+        if p.op_type == "And":  # keys restricted beyond the real ones: by what?
+            ands = True
+            for t in (ir.convenience.get_const_tensor(_through_layout(i)) for i in p.inputs):
+                if t is not None:  # a constant restriction must be the causal triangle (static shapes fold it)
+                    if not _bottom_right_causal(t.numpy()):
+                        return None
+                    folded = True
         stack += p.inputs
-    return valid, ordered
+    if ands and not (ordered or folded):
+        return None  # a restriction that is neither causal nor absent: not an op of ours
+    return valid, ordered or folded
+
+
+def _bottom_right_causal(m: np.ndarray) -> bool:
+    """``m`` (leading axes of size 1) is ``[Lq, Lk]`` with query i seeing keys ``j <= Lk - Lq + i``."""
+    m = m.reshape(m.shape[-2:]) if m.ndim >= 2 and all(d == 1 for d in m.shape[:-2]) else None
+    if m is None:
+        return False
+    lq, lk = m.shape
+    return bool((m.astype(bool) == (np.arange(lk)[None] <= np.arange(lq)[:, None] + (lk - lq))).all())
 
 
 def _cone(v: ir.Value, limit: int) -> set[ir.Value]:
@@ -218,10 +240,11 @@ class TailCausal(_Attention):
         scales = [_scalar(c), _scalar(c_k) if self.scaled == "qk" else 1.0]
         readers = [u for u in p.uses() if u.node.op_type == "MatMul" and u.idx == 0]  # P @ V alone
         self.key, found = _key(k_t, q), _prefix_valid(cond)
-        self._len, self._causal = _length(cond), True  # the s_length input itself (OneTrans's user encoder)
-        if found is not None:  # or a valid length computed in the graph (HyFormer's per-sequence counts)
-            self._len = self._len if self._len is not None else found[0]
-            self._causal = found[1]
+        if found is None:  # no mask of ours: j >= n - valid, with the causal part or without
+            return False
+        # the s_length input itself where the mask reads it alone (OneTrans's user encoder), else the
+        # valid length computed in the graph (HyFormer's per-sequence counts)
+        self._len, self._causal = _length(cond) or found[0], found[1]
         if None in scales or fills != ({-math.inf} if mask == "where" else {0.0, -math.inf}):
             return False
         self._scale = scales[0] ** c_pow * scales[1]

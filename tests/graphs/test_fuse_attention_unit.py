@@ -162,6 +162,57 @@ def test_a_mask_from_another_length_tensor_is_fused_with_that_tensor():
     _same(g.model(), after, feeds)
 
 
+def _mask_graph(kind: str, source: str = "n_seq") -> G:
+    """One attention under a mask from ``n_seq`` (a computed count in HyFormer): ``bidirectional``
+    (real keys Or the query's own position), ``folded`` (the causal triangle a constant, as a
+    static-shape export folds it, And-ed with the real keys) or ``window`` (real keys And a
+    constant band: not bidirectional, so never fused as causal=0)."""
+    g = G()
+    q, k, v = g.input("q", ["b", H, L, DH]), g.input("k", ["b", H, L, DH]), g.input("v", ["b", H, L, DH])
+    g.input("s_length", ["b"], I64)
+    g.input("n_seq", ["b"], I64)
+    n_seq = source
+    n = g.op("Shape", q, start=2, end=3)
+    ar = g.op("Range", g.const(0, np.int64), g.op("Squeeze", n), g.const(1, np.int64))
+    jj, ii = g.op("Unsqueeze", ar, g.const([0], np.int64)), g.op("Unsqueeze", ar, g.const([1], np.int64))
+    real = g.op("GreaterOrEqual", jj, g.op("Unsqueeze", g.op("Sub", n, n_seq), g.const([1, 2], np.int64)))
+    eye = np.eye(L, dtype=bool)
+    if kind == "bidirectional":
+        mask = g.op("Or", real, g.op("Equal", jj, ii))
+    elif kind == "folded":
+        mask = g.op("Or", g.op("And", g.const(np.tril(np.ones((L, L), bool)), bool), real), g.const(eye, bool))
+    else:
+        band = np.abs(np.arange(L)[:, None] - np.arange(L)[None]) <= 1
+        mask = g.op("Or", g.op("And", g.const(band, bool), real), g.const(eye, bool))
+    mask = g.op("Unsqueeze", mask, g.const([1], np.int64))
+    s = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(SCALE))
+    p = g.op("Softmax", g.op("Where", mask, s, g.const(NINF)), axis=-1)
+    g.op("MatMul", p, v, out="o")
+    g.output("o", ["b", H, L, DH])
+    return g
+
+
+@pytest.mark.parametrize("kind,causal", [("bidirectional", 0), ("folded", 1)])
+def test_mask_kinds_give_the_causal_attribute(kind, causal):
+    """causal=0 only for the bidirectional form recognised positively; a folded triangle is causal."""
+    g = _mask_graph(kind)
+    after = fuse_attention(g.gs())
+    (n,) = _fused(after, "TailCausalAttention")
+    assert n.attrs["causal"] == causal and n.inputs[3].name == "n_seq"
+    _same(g.model(), after, {**_tail_feeds(), "n_seq": np.array([3, 0], np.int64)})
+
+
+@pytest.mark.parametrize("source", ["n_seq", "s_length"])
+def test_a_band_mask_is_left_alone(source):
+    """Real keys And-ed with a constant that is not the causal triangle (a band): neither causal nor
+    bidirectional, so nothing is fused (causal=1 or 0 would both change the outputs), also where the
+    mask reads s_length alone (fused as causal before: a mask from s_length was assumed causal)."""
+    g = _mask_graph("window", source)
+    after = fuse_attention(g.gs())
+    assert count_fused(after) == {} and "Softmax" in ops(after)
+    _same(g.model(), after, {**_tail_feeds(), "n_seq": np.array([3, 0], np.int64)})
+
+
 @pytest.mark.parametrize("kw", [{"axis": 2}, {"fill": -1e9}, {"extra_p_use": True},
                                 {"k_plain": True}, {"mul_by_input": "gain"}, {"with_length": False}],
                          ids=lambda kw: next(iter(kw)))
