@@ -7,9 +7,11 @@ failure (exit 1) and skipping each part that cannot run here with its reason:
       its ``.entry`` checked against TensorRT's launch ABI, then loaded and launched with
       TensorRT's argument layout (input pointers, int32 extras, output pointers, null scratch)
       through cuda-python (or CuPy) on random fp32/fp16 data, head sizes 8 and 64, left padding,
-      empty and over-long prefixes, against ``reference.py``;
-  (b) TensorRT: our plugins registered, a one-node engine built per op and type from an ONNX
-      node as our passes write it, a ``PLUGIN_V3`` layer checked, run and compared; the engine
+      empty and over-long prefixes, against ``reference.py``; every op, TailCausalAttention in
+      both modes (``causal`` 1 and 0: two kernels);
+  (b) TensorRT: our plugins registered, a one-node engine built per op (TailCausalAttention per
+      ``causal`` mode) and type from an ONNX node as our passes write it (every registered
+      attribute on it), a ``PLUGIN_V3`` layer checked, run and compared; the engine
       then run again in a fresh process that never imports ``tensorrt.plugin`` (AOT needs no
       Python at run time);
   (c) the ``tiny`` preset (random weights, synthetic schema) exported, ``build --precision fp32``
@@ -111,17 +113,33 @@ def _cases(op: str, dh: int, rng: np.random.Generator):
             c, u = len(users), len(valid)
             yield [t(c, h, tt, dh), t(u, h, n, dh), t(u, h, n, dh), torch.tensor(valid), torch.tensor(users),
                    t(c, h, tt, dh), t(c, h, tt, dh)]
+    elif op == "SharedDecodeAttention":
+        # C candidates' N queries over one K/V: partial, empty (n = 0), none real, over-long, full
+        for c, nq, n, valid in ((5, 3, 40, 25), (4, 2, 0, 0), (7, 1, 17, 0), (33, 2, 17, 99), (3, 4, 64, 64)):
+            yield [t(c, h, nq, dh), t(1, h, n, dh), t(1, h, n, dh), torch.tensor([valid])]
     else:
         for b, lq, lk, valid in ((2, 7, 40, [40, 13]), (3, 20, 20, [0, 5, 99]), (1, 1, 33, [33])):
             yield [t(b, h, lq, dh), t(b, h, lk, dh), t(b, h, lk, dh), torch.tensor(valid)]
 
 
-def _geometry(op: str, args) -> tuple[tuple[int, int], list[int]]:
-    from onetrans_trt.plugins.segmented_prefix_attention import trt_plugin as seg
-    from onetrans_trt.plugins.shared_prefix_attention import trt_plugin as spa
-    from onetrans_trt.plugins.tail_causal_attention import trt_plugin as tca
+def _variants() -> list[tuple[str, dict[str, int]]]:
+    """Every op once per value of its attributes besides ``scale``: ``(op, attributes)``."""
+    from onetrans_trt.plugins import OPS
 
-    mod = {"SharedPrefixAttention": spa, "SegmentedPrefixAttention": seg}.get(op, tca)
+    out = []
+    for op in OPS:
+        out += [(op, {"causal": 1}), (op, {"causal": 0})] if op == "TailCausalAttention" else [(op, {})]
+    return out
+
+
+def _label(op: str, attrs: dict) -> str:
+    return op + "".join(f"-{k}={v}" for k, v in attrs.items())
+
+
+def _geometry(op: str, args) -> tuple[tuple[int, int], list[int]]:
+    from onetrans_trt.plugins import OPS
+
+    mod = OPS[op].module("trt_plugin")
     gx, gy, extras = mod.launch_geometry(list(args[0].shape), list(args[1].shape))
     return (gx, gy), extras
 
@@ -184,19 +202,20 @@ def _launcher():
 
 
 def part_kernels_compile(head_sizes=(8, 64)) -> str:
+    from onetrans_trt.plugins import OPS
     from onetrans_trt.plugins._triton import ptx_cap, ptx_entry_params
-    from onetrans_trt.plugins.segmented_prefix_attention import triton_kernel as seg
-    from onetrans_trt.plugins.shared_prefix_attention import triton_kernel as spa
-    from onetrans_trt.plugins.tail_causal_attention import triton_kernel as tca
     from onetrans_trt.plugins._trt import target_sm
 
     arch = target_sm()
     cap, why = ptx_cap(arch)
     n = 0
-    for mod, n_in, n_extras in ((spa, 6, 4), (tca, 4, 4), (seg, 7, 5)):
+    for op, attrs in _variants():
+        mod = OPS[op].module("triton_kernel")
+        n_in = len(_inputs(op))
+        n_extras = sum(kind == "i32" for kind in mod.signature("float32").values())
         for dtype in ("float32", "float16"):
             for dh in head_sizes:
-                k = mod.compile(dtype, head_dim=dh, arch=arch)
+                k = mod.compile(dtype, head_dim=dh, arch=arch, **attrs)
                 kinds = [p.kind for p in ptx_entry_params(k.ptx, k.name)]
                 want = ["ptr"] * n_in + ["u32"] * n_extras + ["ptr"]
                 if kinds[:len(want)] != want or any(x != "ptr" for x in kinds[len(want):]):
@@ -219,12 +238,13 @@ def part_kernels_launch(head_sizes=(8, 64)) -> str:
     launch, how = _launcher()
     rng = np.random.default_rng(0)
     worst, n = 0.0, 0
-    for op, info in OPS.items():
+    for op, attrs in _variants():
+        info = OPS[op]
         kmod, ref = info.module("triton_kernel"), info.module("reference").reference
         for dtype in ("float32", "float16"):
             tdt = getattr(torch, dtype)
             for dh in head_sizes:
-                kernel = kmod.compile(dtype, head_dim=dh, arch=target_sm())
+                kernel = kmod.compile(dtype, head_dim=dh, arch=target_sm(), **attrs)
                 for args in _cases(op, dh, rng):
                     dev = [a.to("cuda", tdt if a.is_floating_point() else torch.int64).contiguous() for a in args]
                     out = torch.empty_like(dev[0])
@@ -232,8 +252,9 @@ def part_kernels_launch(head_sizes=(8, 64)) -> str:
                     n_trailing = len(kernel.params()) - (len(_inputs(op)) + len(extras) + 1)  # Triton's scratch: null
                     launch(kernel, grid, [a.data_ptr() for a in dev], extras, [out.data_ptr()], n_trailing)
                     want = ref(*[a.to(torch.float32) if a.is_floating_point() else a for a in
-                                 [d.cpu() for d in dev]]).numpy()
-                    worst = max(worst, _close(out.float().cpu().numpy(), want, dtype, f"{op} {dtype} dh={dh}"))
+                                 [d.cpu() for d in dev]], **attrs).numpy()
+                    worst = max(worst, _close(out.float().cpu().numpy(), want, dtype,
+                                              f"{_label(op, attrs)} {dtype} dh={dh}"))
                     n += 1
     return f"{n} launches via {how} match reference.py (worst abs error {worst:.2e})"
 
@@ -248,7 +269,10 @@ def _inputs(op: str) -> list[str]:
     return list(importlib.import_module(OPS[op].package).INPUTS)
 
 
-def _one_node_onnx(op: str, args, dtype: str, path: Path) -> None:
+def _one_node_onnx(op: str, args, dtype: str, path: Path, attrs: dict | None = None) -> None:
+    """The node as fuse-attention writes it: ``scale``, the op's other attributes (``attrs``:
+    TailCausalAttention's ``causal``, always written: TensorRT has no attribute defaults),
+    ``plugin_namespace`` and ``aot=1``."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -260,7 +284,7 @@ def _one_node_onnx(op: str, args, dtype: str, path: Path) -> None:
            for n, a in zip(names, args)]
     out = helper.make_tensor_value_info("out", ft, list(args[0].shape))
     node = helper.make_node(op, names, ["out"], domain="onetrans", scale=1.0 / math.sqrt(args[0].shape[-1]),
-                            plugin_namespace=PLUGIN_NAMESPACE, aot=1)
+                            **(attrs or {}), plugin_namespace=PLUGIN_NAMESPACE, aot=1)
     model = helper.make_model(helper.make_graph([node], op, ins, [out]),
                               opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("onetrans", 1)])
     onnx.save(model, str(path))
@@ -325,30 +349,30 @@ def part_tensorrt(workdir: Path) -> str:
     register_trt_plugins()
     rng = np.random.default_rng(1)
     n, worst = 0, 0.0
-    for op, info in OPS.items():
-        ref = info.module("reference").reference
+    for op, attrs in _variants():
+        ref, label = OPS[op].module("reference").reference, _label(op, attrs)
         for dtype in ("float32", "float16"):
             args = next(iter(_cases(op, 64, rng)))
             tdt = getattr(torch, dtype)
             cast = [a.to(tdt) if a.is_floating_point() else a for a in args]
-            onnx_path = workdir / f"{op}-{dtype}.onnx"
-            _one_node_onnx(op, cast, dtype, onnx_path)
+            onnx_path = workdir / f"{label}-{dtype}.onnx"
+            _one_node_onnx(op, cast, dtype, onnx_path, attrs)
             plan = _build_engine(trt, onnx_path)
-            engine_path = workdir / f"{op}-{dtype}.engine"
+            engine_path = workdir / f"{label}-{dtype}.engine"
             engine_path.write_bytes(plan)
             names = _inputs(op)
-            inputs = workdir / f"{op}-{dtype}-inputs.npz"
+            inputs = workdir / f"{label}-{dtype}-inputs.npz"
             np.savez(inputs, **{nm: a.numpy() for nm, a in zip(names, cast)})
-            want = ref(*[a.to(torch.float32) if a.is_floating_point() else a for a in cast]).numpy()
+            want = ref(*[a.to(torch.float32) if a.is_floating_point() else a for a in cast], **attrs).numpy()
             # run it in a fresh process that never imports tensorrt.plugin
-            out = workdir / f"{op}-{dtype}-out.npy"
+            out = workdir / f"{label}-{dtype}-out.npy"
             p = subprocess.run([sys.executable, "-c", _RUN_ENGINE], input=json.dumps(
                 {"engine": str(engine_path), "inputs": str(inputs), "out": str(out)}), capture_output=True, text=True,
                 timeout=300)
             if p.returncode != 0:
-                raise Failed(f"{op} {dtype}: the engine did not run without Python plugins: "
+                raise Failed(f"{label} {dtype}: the engine did not run without Python plugins: "
                              f"{(p.stderr.strip().splitlines() or ['?'])[-1][:300]}")
-            worst = max(worst, _close(np.load(out), want, dtype, f"TensorRT {op} {dtype}"))
+            worst = max(worst, _close(np.load(out), want, dtype, f"TensorRT {label} {dtype}"))
             n += 1
     return f"{n} one-node engines (PLUGIN_V3, AOT) built, run without tensorrt.plugin, match reference (worst {worst:.2e})"
 

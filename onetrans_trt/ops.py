@@ -3,7 +3,7 @@ our fused nodes directly, instead of relying on the ``shared-prefix`` rewrite.
 
 Eagerly each one computes the reference math (``onetrans_trt.plugins.*.reference``); under
 ``torch.onnx.export(..., dynamo=True)`` each emits one custom node of domain ``onetrans``
-(``SharedPrefixAttention`` / ``TailCausalAttention``, attributes ``scale``,
+(``SharedPrefixAttention`` / ``TailCausalAttention`` / ``SharedDecodeAttention``, attributes ``scale``,
 ``plugin_namespace="onetrans"``, ``aot=1``) that TensorRT resolves to our plugin and ONNX
 Runtime runs through the op's ONNX function
 (:func:`onetrans_trt.plugins.attach_op_functions`).
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from onetrans_trt.plugins._onnx import DOMAIN, PLUGIN_NAMESPACE
 
-__all__ = ["shared_prefix_attention", "tail_causal_attention"]
+__all__ = ["shared_decode_attention", "shared_prefix_attention", "tail_causal_attention"]
 
 
 def _exporting() -> bool:
@@ -80,20 +80,42 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
     return reference(_rescaled(q, scale), k_prefix, v_prefix, valid, k_own, v_own)
 
 
-def tail_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float | None = None) -> Tensor:
+def tail_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float | None = None,
+                          causal: bool = True) -> Tensor:
     """The newest ``Lq`` of ``Lk`` tokens attend causally, bottom-right aligned (query i sits at
     key position ``Lk - Lq + i``), over a left-padded key axis with ``valid`` real tokens.
 
     q: ``[B, H, Lq, dh]``; k, v: ``[B, H, Lk, dh]``; valid: ``[B]`` int. A padding query sees
     only itself (no row is empty). Returns ``[B, H, Lq, dh]``. ``scale`` defaults to ``1/sqrt(dh)``.
+    ``causal=False``: bidirectional, each query sees every real key (and itself).
     """
     _check("tail_causal_attention", q=q, k=k, v=v)
     valid = _as_valid(valid)
-    if _exporting():
+    if _exporting():  # causal always written: TensorRT's plugin has no default for a missing attribute
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::TailCausalAttention", (q, k, v, valid),
-            {"scale": _scale(q, scale), "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1},
+            {"scale": _scale(q, scale), "causal": int(bool(causal)), "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1},
             dtype=q.dtype, shape=q.shape, version=1)
     from onetrans_trt.plugins.tail_causal_attention.reference import reference
+
+    return reference(_rescaled(q, scale), k, v, valid, causal=int(bool(causal)))
+
+
+def shared_decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float | None = None) -> Tensor:
+    """C candidates' queries decode one user's K/V (shared, never copied), with no keys of their
+    own (HyFormer's query decoding).
+
+    q: ``[C, H, N, dh]``; k, v: ``[1, H, n, dh]`` left-padded; valid: ``[1]`` (or a scalar) int,
+    real keys at the right end. A row with no real key is 0. Returns ``[C, H, N, dh]``.
+    ``scale`` defaults to ``1/sqrt(dh)``.
+    """
+    _check("shared_decode_attention", q=q, k=k, v=v)
+    valid = _as_valid(valid)
+    if _exporting():
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::SharedDecodeAttention", (q, k, v, valid),
+            {"scale": _scale(q, scale), "plugin_namespace": PLUGIN_NAMESPACE, "aot": 1},
+            dtype=q.dtype, shape=q.shape, version=1)
+    from onetrans_trt.plugins.shared_decode_attention.reference import reference
 
     return reference(_rescaled(q, scale), k, v, valid)

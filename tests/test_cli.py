@@ -101,7 +101,7 @@ def test_plugins_lists_ops_and_backends():
     r = run("plugins", "--json")
     assert r.exit_code == 0
     data = json.loads(r.stdout)
-    assert set(data) == {"SharedPrefixAttention", "TailCausalAttention", "SegmentedPrefixAttention"}
+    assert set(data) == {"SharedPrefixAttention", "TailCausalAttention", "SegmentedPrefixAttention", "SharedDecodeAttention"}
     for op in data.values():
         assert set(op["backends"]) == {"reference", "onnx_function", "triton", "tensorrt_plugin"}
         assert op["backends"]["onnx_function"].startswith("available")

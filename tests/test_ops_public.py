@@ -125,3 +125,59 @@ def test_eager_scale_is_applied():
         want = torch.softmax(s.masked_fill(~causal, NEG_INF), -1) @ v
         np.testing.assert_allclose(ops.tail_causal_attention(q, k, v, valid, scale=scale).numpy(), want.numpy(),
                                    atol=1e-6)
+
+
+class Decoder(torch.nn.Module):
+    def forward(self, cand_x, user_k_0, user_v_0, seq_len):  # cand_x [C, H, N, dh]
+        return ops.shared_decode_attention(cand_x * 2.0, user_k_0, user_v_0, seq_len).sum((1, 2, 3)).unsqueeze(1)
+
+
+def test_shared_decode_attention_exports_our_node_and_ort_equals_eager_and_plain_math():
+    torch.manual_seed(4)
+    module = Decoder()
+    args = (torch.randn(3, H, 2, DH), torch.randn(1, H, 6, DH), torch.randn(1, H, 6, DH), torch.tensor([4]))
+    cands, n = Dim("candidates", min=1, max=1024), Dim("n", min=1, max=4096)
+    model = _export(module, args, ["cand_x", "user_k_0", "user_v_0", "seq_len"],
+                    ({0: cands}, {2: n}, {2: n}, None))
+    ours = [o for o in model.graph.node if o.domain == "onetrans"]
+    assert [o.op_type for o in ours] == ["SharedDecodeAttention"]
+    model = attach_op_functions(model)
+    rng = np.random.default_rng(5)
+    for c, length, real in ((2, 6, 4), (1, 3, 0), (4, 5, 9)):
+        x, k, v = (torch.from_numpy(rng.standard_normal(s).astype(np.float32))
+                   for s in ((c, H, 2, DH), (1, H, length, DH), (1, H, length, DH)))
+        valid = torch.tensor([real])
+        with torch.no_grad():
+            want = module(x, k, v, valid).numpy()
+        s_ = (x * 2.0) @ k.transpose(-1, -2) / math.sqrt(DH)  # written out: softmax over the real keys, 0 for none
+        keep = torch.arange(length) >= length - real
+        p = torch.softmax(s_.masked_fill(~keep, NEG_INF), -1).nan_to_num(0.0) if real else torch.zeros_like(s_)
+        plain = (p @ v).sum((1, 2, 3)).unsqueeze(1).numpy()
+        np.testing.assert_allclose(want, plain, atol=1e-5)
+        got = ort_run(model, {"cand_x": x.numpy(), "user_k_0": k.numpy(), "user_v_0": v.numpy(),
+                              "seq_len": valid.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"C={c} n={length} valid={real}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_tail_causal_attention_writes_causal_and_bidirectional_differs(causal):
+    """The node always carries ``causal`` (TensorRT's plugin has no default for a missing one);
+    causal=False lets every query see every real key."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, H, 5, DH) for _ in range(3))
+    valid = torch.tensor([4])
+
+    class Enc(torch.nn.Module):
+        def forward(self, x, n):
+            return ops.tail_causal_attention(x, x, x, n, causal=causal)
+
+    model = _export(Enc(), (q, valid), ["x", "n"], ({0: Dim("users", min=1, max=64)}, {0: Dim("users", min=1, max=64)}))
+    (node,) = [o for o in model.graph.node if o.domain == "onetrans"]
+    assert next(a.i for a in node.attribute if a.name == "causal") == int(causal)
+    got = ort_run(attach_op_functions(model), {"x": q.numpy(), "n": valid.numpy()})[0]
+    real = torch.arange(5) >= 1
+    seen = (torch.ones(5, 5, dtype=torch.bool).tril() if causal else torch.ones(5, 5, dtype=torch.bool)) & real
+    seen |= torch.eye(5, dtype=torch.bool)
+    want = torch.softmax((q @ q.transpose(-1, -2) / math.sqrt(DH)).masked_fill(~seen, NEG_INF), -1) @ q
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ops.tail_causal_attention(q, q, q, valid, causal=causal).numpy(), want.numpy(), atol=1e-6)

@@ -69,8 +69,8 @@ def tail_causal_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Ten
 
 def bidirectional_mask(n_keys: int, n_queries: int, valid: Tensor) -> Tensor:
     """``[B, 1, Lq, Lk]``: every query sees every real key (full self-attention over a
-    left-padded axis); query ``i`` sits at key position ``Lk - Lq + i`` and a padding query
-    sees only itself, so no row is empty."""
+    left-padded axis) and itself (query ``i`` sits at key position ``Lk - Lq + i``), so no row
+    is empty: a padding query sees the real keys too, and its output is never read."""
     j = torch.arange(n_keys, device=valid.device)
     pos = torch.arange(n_queries, device=valid.device) + (n_keys - n_queries)
     itself = j.unsqueeze(0) == pos.unsqueeze(1)  # [Lq, Lk]

@@ -33,10 +33,14 @@ OPS = {
         "candidate scorer: C candidates' NS queries over one user's K/V (shared) plus their own, causal"),
     "TailCausalAttention": OpInfo(
         "TailCausalAttention", "onetrans_trt.plugins.tail_causal_attention",
-        "user encoder: newest Lq of Lk S-tokens, bottom-right causal, padded histories"),
+        "user encoder: newest Lq of Lk S-tokens, bottom-right causal (causal=1) or bidirectional (causal=0), "
+        "padded histories"),
     "SegmentedPrefixAttention": OpInfo(
         "SegmentedPrefixAttention", "onetrans_trt.plugins.segmented_prefix_attention",
         "candidate scorer across users: each candidate's NS queries over its own user's packed K/V plus its own"),
+    "SharedDecodeAttention": OpInfo(
+        "SharedDecodeAttention", "onetrans_trt.plugins.shared_decode_attention",
+        "HyFormer query decoding: C candidates' queries over one user's K/V of one sequence (shared), nothing own"),
 }
 
 

@@ -34,12 +34,15 @@ class Body:
         self.nodes.append(helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(arr)))
         return out
 
-    def attr_const(self, attr: str, hint: str = "attr") -> str:
-        """A float Constant whose value is the function's attribute ``attr``."""
+    def attr_const(self, attr: str, hint: str = "attr", kind: str = "float") -> str:
+        """A Constant whose value is the function's attribute ``attr``: a float scalar
+        (``kind="float"``, ``value_float``) or an int64 scalar (``kind="int"``, ``value_int``)."""
+        field, typ = {"float": ("value_float", onnx.AttributeProto.FLOAT),
+                      "int": ("value_int", onnx.AttributeProto.INT)}[kind]
         out = self._name(hint)
         node = helper.make_node("Constant", [], [out])
         a = onnx.AttributeProto()
-        a.name, a.ref_attr_name, a.type = "value_float", attr, onnx.AttributeProto.FLOAT
+        a.name, a.ref_attr_name, a.type = field, attr, typ
         node.attribute.append(a)
         self.nodes.append(node)
         return out
@@ -78,11 +81,22 @@ def own_causal_merged(b: Body, q: str, k_own: str, v_own: str, scale: str, zero:
 
 
 def make_function(name: str, inputs: list[str], outputs: list[str], body: Body,
-                  attributes: list[str], opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
-    """A model-local function; ``opset`` must equal the model's default-domain opset (>= 18)."""
+                  attributes: list[str], opset: int = FUNCTION_OPSET,
+                  defaults: dict[str, object] | None = None) -> onnx.FunctionProto:
+    """A model-local function; ``opset`` must equal the model's default-domain opset (>= 18).
+
+    ``defaults`` maps an attribute to the value a calling node that lacks it gets (the
+    FunctionProto's ``attribute_proto``; an attribute is either in ``attributes``, without a
+    default, or in ``defaults``, never both): nodes written before an attribute existed
+    keep their meaning."""
+    defaults = dict(defaults or {})
+    both = set(defaults) & set(attributes)
+    if both:
+        raise ValueError(f"{name}: attributes {sorted(both)} are listed both with and without a default")
     return helper.make_function(
         DOMAIN, name, inputs, outputs, body.nodes,
         opset_imports=[helper.make_opsetid("", max(opset, FUNCTION_OPSET))], attributes=attributes,
+        attribute_protos=[helper.make_attribute(k, v) for k, v in defaults.items()] or None,
     )
 
 

@@ -20,7 +20,16 @@ that the plugin modules must respect (each broke the first GPU run once):
 - a float ONNX attribute reaches the plugin as a 1-element FLOAT32 ``PluginField``; an attribute
   annotated ``float`` is read with ``float(f.data)``, which numpy >= 2.4 refuses for a 1-D array,
   so ours are declared ``numpy.typing.NDArray[numpy.float32]`` and read with :func:`attr_float`;
-- every attribute is passed to ``autotune``/``aot_impl`` positionally, in registration order.
+  an INT ONNX attribute arrives as a 1-element INT32 field (the ONNX parser's ``loadFields``),
+  so int attributes are declared ``numpy.typing.NDArray[numpy.int32]`` and read with :func:`attr_int`;
+- every attribute is passed to ``autotune``/``aot_impl`` positionally, in registration order;
+- an attribute the ONNX node lacks is NOT defaulted: the parser's ``loadFields`` only warns
+  ("Attribute X not found in plugin node! Ensure that the plugin creator has a default value
+  defined or the engine may fail to build") and skips the field; ``create_plugin`` (``_lib.py``
+  256-279) builds the attributes from the fields it got; ``register`` functions may not have
+  defaults (``_validate.py`` 108-111), so ``register_function(*descs, **attrs)``
+  (``_plugin_class.py`` 69, 131) raises TypeError for the missing keyword and the node fails
+  to build. Every node handed to TensorRT must carry every registered attribute.
 """
 
 from __future__ import annotations
@@ -66,6 +75,16 @@ def attr_float(value) -> float:
     return float(arr[0])
 
 
+def attr_int(value) -> int:
+    """An int attribute as TensorRT delivers it (a 1-element INT32 array; a plain int also works)."""
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"expected one int attribute value, got {arr.size}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
+        raise ValueError(f"expected an int attribute, got dtype {arr.dtype}")
+    return int(arr[0])
+
+
 def cdiv(a, b):
     """Ceiling division on ints or on TensorRT symbolic expressions (no bool branching)."""
     return (a + b - 1) // b
@@ -86,15 +105,17 @@ def register_once(name: str, fn) -> None:
         _registered.add(name)
 
 
-def aot_kernel(trt, trtp, plugin_id: str, kernel_module, q, scale: float, geometry):
+def aot_kernel(trt, trtp, plugin_id: str, kernel_module, q, scale: float, geometry, **compile_kwargs):
     """The ``aot_impl`` return value: compile ``kernel_module``'s Triton kernel for ``q``'s
-    dtype and (static) head size, and launch it on ``geometry = (grid_x, grid_y, extras)``."""
+    dtype and (static) head size, and launch it on ``geometry = (grid_x, grid_y, extras)``.
+    ``compile_kwargs`` (plain Python values, e.g. ``causal=1``) go to the kernel module's
+    ``compile`` as they are: the constexprs an attribute selects."""
     head_dim = q.shape_expr[3]
     if not head_dim.is_constant:  # a property
         raise ValueError(f"{plugin_id}: the head dimension must be static")
     dtype = "float16" if q.dtype == trt.float16 else "float32"
     kernel = kernel_module.compile(dtype, head_dim=int(head_dim.constant_value()), scale=attr_float(scale),
-                                   arch=target_sm())
+                                   arch=target_sm(), **compile_kwargs)
     grid_x, grid_y, extras = geometry
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y = grid_x, grid_y

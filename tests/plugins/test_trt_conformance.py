@@ -47,11 +47,20 @@ def standin(monkeypatch):
     return mods
 
 
-def _node(op: str, head_dim: int) -> onnx.NodeProto:
-    """The node our fuse-attention pass writes (see test_fused_nodes_carry_exactly_the_plugin_attributes)."""
+# the attributes each plugin registers, in registration order (TensorRT passes them in this order)
+PLUGIN_ATTRS = {"SharedPrefixAttention": ["scale"], "TailCausalAttention": ["scale", "causal"],
+                "SegmentedPrefixAttention": ["scale"], "SharedDecodeAttention": ["scale"]}
+# what fuse-attention writes besides scale: TailCausalAttention always carries causal (1 or 0)
+NODE_ATTRS = {"TailCausalAttention": {"causal": 1}}
+
+
+def _node(op: str, head_dim: int, **attrs) -> onnx.NodeProto:
+    """The node our fuse-attention pass writes (see test_fused_nodes_carry_exactly_the_plugin_attributes);
+    ``attrs`` override (or, as None, drop) the op's attributes besides scale."""
     inputs = __import__(OPS[op].package, fromlist=["INPUTS"]).INPUTS
+    extra = {k: v for k, v in {**NODE_ATTRS.get(op, {}), **attrs}.items() if v is not None}
     return helper.make_node(op, list(inputs), ["out"], domain="onetrans", scale=float(1.0 / np.sqrt(head_dim)),
-                            plugin_namespace=PLUGIN_NAMESPACE, aot=1)
+                            plugin_namespace=PLUGIN_NAMESPACE, aot=1, **extra)
 
 
 # per op: input dims (None = dynamic), concrete shapes for a geometry check, expected (grid, extras)
@@ -83,7 +92,17 @@ def _seg(h, dh):
     return dims, shapes, (triton_kernel.grid(c, h, t), [c, h, t, n, u]), 7
 
 
-CASES = {"SharedPrefixAttention": _spa, "TailCausalAttention": _tca, "SegmentedPrefixAttention": _seg}
+def _sda(h, dh):
+    dims = [[None, h, None, dh], [1, h, None, dh], [1, h, None, dh], [1]]
+    c, nq, n = 37, 3, 300
+    shapes = [(c, h, nq, dh), (1, h, n, dh), (1, h, n, dh), (1,)]
+    from onetrans_trt.plugins.shared_decode_attention import triton_kernel
+
+    return dims, shapes, (triton_kernel.grid(c, h, nq), [c, h, nq, n]), 4
+
+
+CASES = {"SharedPrefixAttention": _spa, "TailCausalAttention": _tca, "SegmentedPrefixAttention": _seg,
+         "SharedDecodeAttention": _sda}
 
 
 def entry_params(ptx: str, name: str) -> list[str]:
@@ -106,17 +125,25 @@ def check_abi(ptx: str, name: str, n_inputs: int, n_extras: int, n_outputs: int)
     assert len(trailing) <= 2 and all(k == "ptr" for k in trailing), trailing
 
 
+# every op, TailCausalAttention once per mode: (op, the node's attributes besides scale)
+VARIANTS = [("SharedPrefixAttention", {}), ("TailCausalAttention", {"causal": 1}),
+            ("TailCausalAttention", {"causal": 0}), ("SegmentedPrefixAttention", {}), ("SharedDecodeAttention", {})]
+
+
 @pytest.mark.parametrize("head_dim", HEAD_SIZES)
-@pytest.mark.parametrize("op", list(CASES))
-def test_register_autotune_aot_impl_end_to_end(standin, op, head_dim):
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0] + "".join(f"-{k}={x}" for k, x in v[1].items()))
+def test_register_autotune_aot_impl_end_to_end(standin, variant, head_dim):
     from onetrans_trt.plugins import register_trt_plugins
 
+    op, node_attrs = variant
     register_trt_plugins()
     plugin_id = f"{PLUGIN_NAMESPACE}::{op}"
     d = trt_standin.REGISTRY[plugin_id]
-    assert list(d.attrs) == ["scale"] and d.num_outputs == 1
+    assert list(d.attrs) == PLUGIN_ATTRS[op] and d.num_outputs == 1
+    assert list(d.attrs) == __import__(OPS[op].package, fromlist=["PLUGIN_ATTRIBUTES"]).PLUGIN_ATTRIBUTES
     dims, shapes, (grid, extras), n_in = CASES[op](2, head_dim)
-    fields = trt_standin.fields_from_onnx_node(_node(op, head_dim), d)
+    fields = trt_standin.fields_from_onnx_node(_node(op, head_dim, **node_attrs), d)
+    assert [f.name for f in fields] == PLUGIN_ATTRS[op]  # the parser passes every registered field, in order
     builds = trt_standin.build_node(plugin_id, dims, fields)
     assert [b.io_types[0].name for b in builds] == ["FLOAT", "HALF"]  # one kernel per autotuned type
     from onetrans_trt.plugins._triton import ptx_cap
@@ -124,6 +151,9 @@ def test_register_autotune_aot_impl_end_to_end(standin, op, head_dim):
     cap, _ = ptx_cap(90)
     for b in builds:
         assert isinstance(b.attrs["scale"], np.ndarray) and b.attrs["scale"].dtype == np.float32
+        for name, value in node_attrs.items():  # an INT attribute arrives as a 1-element INT32 array
+            got = b.attrs[name]
+            assert isinstance(got, np.ndarray) and got.dtype == np.int32 and got.shape == (1,) and got[0] == value
         check_abi(b.ptx, b.kernel_name, n_in, len(b.extras), 1)
         assert f".visible .entry {b.kernel_name}(" in b.ptx
         isa = re.search(r"^\.version (\d+)\.(\d+)", b.ptx, re.M)
@@ -258,3 +288,47 @@ def test_ptx_cap_defaults_and_arch_floor(monkeypatch):
         ptx_cap(100)
     for cuda, isa in (("12.0", 80), ("12.4", 84), ("12.6", 85), ("12.9", 88), ("13.0", 90), ("13.4", 94)):
         assert _triton.max_ptx_for_cuda(cuda) == isa
+
+
+def test_tail_causal_modes_are_two_kernels(standin):
+    """The node's ``causal`` selects the kernel compiled by aot_impl: the PTX of mode 0 is not mode 1's."""
+    from onetrans_trt.plugins import register_trt_plugins
+
+    register_trt_plugins()
+    plugin_id = f"{PLUGIN_NAMESPACE}::TailCausalAttention"
+    d = trt_standin.REGISTRY[plugin_id]
+    dims, _, _, _ = _tca(2, 16)
+    ptx = {}
+    for mode in (1, 0):
+        fields = trt_standin.fields_from_onnx_node(_node("TailCausalAttention", 16, causal=mode), d)
+        ptx[mode] = [b.ptx for b in trt_standin.build_node(plugin_id, dims, fields)]
+    assert ptx[0][0] != ptx[1][0] and ptx[0][1] != ptx[1][1]
+
+
+def test_a_tail_causal_node_without_causal_does_not_build(standin):
+    """TensorRT has no attribute defaults: the parser warns and skips the field, and the plugin's
+    register function then misses ``causal`` (a TypeError), as in TensorRT. Hence fuse-attention
+    always writes ``causal``; ONNX Runtime's function alone defaults it to 1."""
+    from onetrans_trt.plugins import register_trt_plugins
+
+    register_trt_plugins()
+    plugin_id = f"{PLUGIN_NAMESPACE}::TailCausalAttention"
+    d = trt_standin.REGISTRY[plugin_id]
+    dims, _, _, _ = _tca(2, 16)
+    with pytest.warns(UserWarning, match="Attribute causal not found in plugin node"):
+        fields = trt_standin.fields_from_onnx_node(_node("TailCausalAttention", 16, causal=None), d)
+    assert [f.name for f in fields] == ["scale"]
+    with pytest.raises(TypeError, match="causal"):
+        trt_standin.build_node(plugin_id, dims, fields)
+
+
+def test_a_tail_causal_node_with_another_causal_value_does_not_build(standin):
+    from onetrans_trt.plugins import register_trt_plugins
+
+    register_trt_plugins()
+    plugin_id = f"{PLUGIN_NAMESPACE}::TailCausalAttention"
+    dims, _, _, _ = _tca(2, 16)
+    fields = trt_standin.fields_from_onnx_node(_node("TailCausalAttention", 16, causal=2),
+                                               trt_standin.REGISTRY[plugin_id])
+    with pytest.raises(ValueError, match="causal must be 0 or 1"):
+        trt_standin.build_node(plugin_id, dims, fields)

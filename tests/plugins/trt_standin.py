@@ -23,6 +23,15 @@ plugin importer (onnx-tensorrt ``onnxOpImporters.cpp`` FallbackPluginImporter / 
   refuses that for a 1-D array), ``NDArray[dt]`` as ``f.data.astype(dt)``, ``str`` by decoding.
   The ONNX parser passes only the creator's field names (``plugin_namespace``/``aot`` are
   consumed by the parser): FLOAT -> FLOAT32 length 1, INT -> INT32, STRING -> CHAR + NUL.
+- A registered attribute the ONNX node lacks (onnx-tensorrt ``onnxOpImporters.cpp`` loadFields:
+  10.1-GA 96e78110 lines 6112-6125, unchanged in the later 0137504e whose FallbackPluginImporter
+  has the ``kV3QUICK`` creator path QDPs take; the TensorRT 11.1 submodule commit 7c51a63a was not
+  available to read): the parser logs the warning "Attribute <name> not found in plugin node!
+  Ensure that the plugin creator has a default value defined or the engine may fail to build."
+  and skips the field. A QDP creator has no defaults: ``register`` functions may not declare any (P/_validate.py 108-111),
+  ``create_plugin`` builds the attributes from the fields it got (P/_lib.py 256-279) and the
+  register function is called as ``register_function(*descs, **attrs)`` (P/_plugin_class.py 69,
+  131): a TypeError for the missing keyword, so the node does not build.
 - Symbolic sizes (P/_tensor.py 80-320): ``+ - * // == <`` only (no reflected operators),
   ``is_constant`` a property, ``constant_value()`` a method, ``bool()`` of a non-constant raises
   (10.16+); ``SymIntExprs.from_tuple`` wraps plain values as ``SymIntExpr`` (not ``SymInt32``).
@@ -388,14 +397,18 @@ def fields_from_onnx_node(node, d: PluginDef) -> list[PluginField]:
     """The ONNX parser's loadFields: the creator's field names in creator (registration) order,
     FLOAT -> FLOAT32[1], INT -> INT32[1], STRING -> CHAR with a trailing NUL; every other node
     attribute (plugin_namespace, plugin_version, aot) is not passed."""
+    import warnings
+
     import onnx
 
     attrs = {a.name: a for a in node.attribute}
     out = []
     for name in d.attrs:
         a = attrs.get(name)
-        if a is None:
-            continue  # the parser warns and skips; register() then misses a keyword
+        if a is None:  # loadFields: warn and skip; register() then misses a keyword (module docstring)
+            warnings.warn(f"Attribute {name} not found in plugin node! Ensure that the plugin creator has a default "
+                          "value defined or the engine may fail to build.", UserWarning, stacklevel=2)
+            continue
         if a.type == onnx.AttributeProto.FLOAT:
             out.append(PluginField(name, np.array([a.f], np.float32)))
         elif a.type == onnx.AttributeProto.INT:

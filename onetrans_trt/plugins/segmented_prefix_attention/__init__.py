@@ -14,3 +14,4 @@ Attribute ``scale``.
 OP = "SegmentedPrefixAttention"
 INPUTS = ["q", "k_prefix", "v_prefix", "prefix_valid", "cand_user", "k_own", "v_own"]
 OUTPUTS = ["out"]
+PLUGIN_ATTRIBUTES = ["scale"]  # the TensorRT plugin's, in registration order

@@ -9,3 +9,4 @@ Attribute ``scale`` (softmax scale, default ``1/sqrt(dh)``).
 OP = "SharedPrefixAttention"
 INPUTS = ["q", "k_prefix", "v_prefix", "prefix_valid", "k_own", "v_own"]
 OUTPUTS = ["out"]
+PLUGIN_ATTRIBUTES = ["scale"]  # the TensorRT plugin's, in registration order
