@@ -561,9 +561,12 @@ def info(ckpt: Path, as_json: bool) -> None:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.option("--request", "request_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="A request JSON file (one object, a list, or JSON lines).")
-@click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "ort", "ort-fp16", "ort-int8",
-                                              "ort-unified", "trt", "trt-fp16", "trt-int8"]),
-              default=None, help="For a checkpoint: torch-split (default; encodes the user once) or "
+@click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "torch-compile", "torch-compile-static",
+                                              "ort", "ort-fp16", "ort-int8", "ort-unified", "trt", "trt-fp16",
+                                              "trt-int8"]),
+              default=None, help="For a checkpoint: torch-split (default; encodes the user once), "
+                                 "torch-compile / torch-compile-static (the same split through torch.compile, "
+                                 "dynamic or per-shape; compiles on the first request) or "
                                  "torch-unified (the full model per candidate, the naive path). For a "
                                  "build: ort (default) or ort-unified (needs export --unified).")
 @click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -1394,7 +1397,8 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
     _emit(res, as_json, line)
 
 
-PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]
+PEER_BACKENDS = ["torch-unified", "torch-split", "torch-compile", "torch-compile-static", "ort-unified", "ort",
+                 "ort-fp16", "ort-int8"]
 
 
 @cli.command("bench")
@@ -1422,7 +1426,9 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16
               help="peers: L for cache hit vs miss [1024 (512 quick)].")
 @click.option("--cache-candidates", type=click.IntRange(1), default=None, help="peers: C for cache hit vs miss [64].")
 @click.option("--backends", default=None,
-              help="peers: comma-separated subset of torch-unified,torch-split,ort-unified,ort,ort-fp16,ort-int8.")
+              help="peers: comma-separated subset of torch-unified,torch-split,torch-compile,torch-compile-static,"
+                   "ort-unified,ort,ort-fp16,ort-int8 [all; --quick leaves out the torch.compile pair, whose "
+                   "compiles take minutes].")
 @click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
 @click.option("--concurrency", default=None,

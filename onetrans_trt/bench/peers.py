@@ -3,8 +3,9 @@
 One run measures, each group interleaved (every contender once per round, in turn):
 
 - **peers**: per-request latency (p50/p99) and candidates/s of ``torch-unified``,
-  ``torch-split``, ``ort-unified`` and ``ort`` (plus ``ort-fp16``/``ort-int8`` when the build
-  has them) on one request of L history events and C candidates, as ratios against
+  ``torch-split``, ``torch-compile``/``torch-compile-static`` (the same split through
+  ``torch.compile``, dynamic shapes or static; not in ``--quick``), ``ort-unified`` and ``ort``
+  (plus ``ort-fp16``/``ort-int8`` when the build has them) on one request of L history events and C candidates, as ratios against
   ``ort-unified``; each with its theoretical FLOPs and achieved GFLOP/s;
 - **machine**: ONNX Runtime's own MatMul GFLOP/s on this machine, same threads, same run;
 - **scorer**: the candidate scorer alone at a large C, its GFLOP/s against the machine's;
@@ -162,7 +163,8 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     info = inspect_build(build, candidates=C, history=L)
     f = info["flops"]
     ck = Path(m["checkpoint"]["path"])
-    wanted = backends or ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]
+    compiled = [] if quick else ["torch-compile", "torch-compile-static"]  # compiles take minutes: not in --quick
+    wanted = backends or ["torch-unified", "torch-split", *compiled, "ort-unified", "ort", "ort-fp16", "ort-int8"]
     rankers: dict[str, Ranker] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
@@ -197,8 +199,9 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
         sp = peers["ort"]["speedup_vs_ort_unified"]
         result["peers"]["ort_split_speedup"] = sp
         result["peers"]["fraction_of_theoretical"] = sp / theory if theory else None
-    if "ort" in peers and "torch-split" in peers:
-        result["peers"]["ort_over_torch_split"] = peers["torch-split"]["p50_ms"] / peers["ort"]["p50_ms"]
+    for peer in ("torch-split", "torch-compile", "torch-compile-static"):
+        if "ort" in peers and peer in peers:
+            result["peers"][f"ort_over_{peer.replace('-', '_')}"] = peers[peer]["p50_ms"] / peers["ort"]["p50_ms"]
     rankers.clear()
 
     # -- scorer alone at a large C --------------------------------------------------------
@@ -296,8 +299,11 @@ def table(res: dict[str, Any]) -> str:
     if pe.get("fraction_of_theoretical") is not None:
         out.append(f"  ort split {pe['ort_split_speedup']:.1f}x faster than ort-unified = "
                    f"{100 * pe['fraction_of_theoretical']:.0f}% of the FLOP ratio")
-    if pe.get("ort_over_torch_split") is not None:
-        out.append(f"  ort split {pe['ort_over_torch_split']:.2f}x faster than torch-split")
+    for peer in ("torch-split", "torch-compile", "torch-compile-static"):
+        ratio = pe.get("ort_over_" + peer.replace("-", "_"))
+        if ratio is not None:
+            note = "" if peer == "torch-split" else " (compiled in the warm-up call, not timed)"
+            out.append(f"  ort split {ratio:.2f}x faster than {peer}{note}")
     sc = res["scorer"]
     out.append(f"\ncandidate scorer alone, C={sc['candidates']}: {sc['p50_ms']:.1f} ms p50, "
                f"{sc['gflops_per_s']:.1f} GFLOP/s = {100 * sc['fraction_of_machine_matmul']:.0f}% of machine MatMul")
