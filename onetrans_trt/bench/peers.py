@@ -289,13 +289,13 @@ def table(res: dict[str, Any]) -> str:
     pe = res["peers"]
     out.append(f"\nper request, L={pe['history']} history events, C={pe['candidates']} candidates "
                f"(theoretical unified/split FLOPs {pe['theoretical_flop_ratio']:.1f}x)")
-    out.append(f"  {'backend':<14}{'p50 ms':>10}{'p99 ms':>10}{'cand/s':>11}{'GFLOP/s':>9}{'vs ort-unified':>16}")
+    out.append(f"  {'backend':<21}{'p50 ms':>10}{'p99 ms':>10}{'cand/s':>11}{'GFLOP/s':>9}{'vs ort-unified':>16}")
     for name, st in pe["backends"].items():
         sp = st.get("speedup_vs_ort_unified")
-        out.append(f"  {name:<14}{st['p50_ms']:>10.1f}{st['p99_ms']:>10.1f}{st['candidates_per_s']:>11.0f}"
+        out.append(f"  {name:<21}{st['p50_ms']:>10.1f}{st['p99_ms']:>10.1f}{st['candidates_per_s']:>11.0f}"
                    f"{st.get('gflops_per_s', float('nan')):>9.1f}{(f'{sp:.2f}x' if sp else '-'):>16}")
     for name, why in pe["skipped"].items():
-        out.append(f"  {name:<14}skipped: {why}")
+        out.append(f"  {name:<21}skipped: {why}")
     if pe.get("fraction_of_theoretical") is not None:
         out.append(f"  ort split {pe['ort_split_speedup']:.1f}x faster than ort-unified = "
                    f"{100 * pe['fraction_of_theoretical']:.0f}% of the FLOP ratio")
