@@ -311,11 +311,24 @@ class SharedDecode(_Attention):
         o = op.Div(op.MatMul(p, v), op.Where(op.Greater(den, zero_d), den, one))
         return op.Transpose(op.Reshape(o, back, _outputs=["o_r"]), _outputs=["out"])
 
-    def check(self, context, x, k_t, v, cond, real, fill, zero, zero_p, zero_d, one, c, c_pow, mask, q_t, qq, qk, p,
-              o_r, out, **_):
+    def _folded(self, q_t, qq, k_t, o_r, out) -> bool:
+        """The candidates' queries folded into one batch and back: ``q_t [H, C, N, dh] -> qq [1, H,
+        C*N, dh]``, ``o [1, H, C*N, dh] -> o_r [H, C, N, dh]``; sets K's layout and the op's input
+        and output permutations (the head split's transposes merged into the fold's)."""
         pa = list(q_t.producer().attributes.get_ints("perm", []))
         pb = list(out.producer().attributes.get_ints("perm", []))
-        if mask != "where" or _scalar(fill) != -math.inf or _scalar(c) is None or len(pa) != 4 or len(pb) != 4:
+        if len(pa) != 4 or len(pb) != 4 or qq.shape is None or qq.shape[0] != 1:
+            return False
+        if not (_same_dims(qq, q_t, [(1, 0), (3, 3)]) and _same_dims(o_r, q_t, [(0, 0), (1, 1), (2, 2), (3, 3)])):
+            return False
+        self.key = _key(k_t, qq)
+        self._q_perm = [pa[1], pa[0], pa[2], pa[3]]  # x -> [C, H, N, dh]
+        self._out_perm = [[1, 0, 2, 3][i] for i in pb]  # the op's [C, H, N, dh] -> what `out` was
+        return self.key is not None
+
+    def check(self, context, x, k_t, v, cond, real, fill, zero, zero_p, zero_d, one, c, c_pow, mask, q_t, qq, qk, p,
+              o_r, out, **_):
+        if mask != "where" or _scalar(fill) != -math.inf or _scalar(c) is None:
             return False
         if {_scalar(zero), _scalar(zero_p), _scalar(zero_d)} != {0.0} or _scalar(one) != 1.0:
             return False
@@ -323,16 +336,8 @@ class SharedDecode(_Attention):
         if found is None or found_p is None or found[0] is not found_p[0] or found[1] or found_p[1]:
             return False  # one key mask, no order of keys against queries
         self._len, self._scale = found[0], _scalar(c) ** c_pow
-        # q_t [H, C, N, dh] -> qq [1, H, C*N, dh]; o [1, H, C*N, dh] -> o_r [H, C, N, dh]
-        if not (_same_dims(qq, q_t, [(1, 0), (3, 3)]) and _same_dims(o_r, q_t, [(0, 0), (1, 1), (2, 2), (3, 3)])):
-            return False
-        if qq.shape[0] != 1:
-            return False
-        self.key = _key(k_t, qq)
-        self._q_perm = [pa[1], pa[0], pa[2], pa[3]]  # x -> [C, H, N, dh]
-        self._out_perm = [[1, 0, 2, 3][i] for i in pb]  # the op's [C, H, N, dh] -> what `out` was
         readers = [u for u in p.uses() if u.node.op_type == "MatMul"]
-        return self.key is not None and len(qk.uses()) == 1 and len(readers) == 1 and \
+        return self._folded(q_t, qq, k_t, o_r, out) and len(qk.uses()) == 1 and len(readers) == 1 and \
             _source(self.key[0]).startswith("user_k_") and _source(v).startswith("user_v_")
 
     def rewrite(self, op, x, v, **_):
@@ -363,10 +368,8 @@ class SharedDecodeSink(SharedDecode):
 
     def check(self, context, x, k_t, v, cond, fill, sink_k, sink_v, c, c0, c_pow, c0_pow, ax_s0, s_lo, e_lo, s_hi,
               e_hi, ax_lo, ax_hi, mask, q_t, qq, qk, p, o_r, out, **_):
-        pa = list(q_t.producer().attributes.get_ints("perm", []))
-        pb = list(out.producer().attributes.get_ints("perm", []))
-        if mask != "where" or _scalar(fill) != -math.inf or None in (_scalar(c), _scalar(c0)) or len(pa) != 4 \
-                or len(pb) != 4 or _scalar(c) ** c_pow != _scalar(c0) ** c0_pow:
+        if mask != "where" or _scalar(fill) != -math.inf or None in (_scalar(c), _scalar(c0)) \
+                or _scalar(c) ** c_pow != _scalar(c0) ** c0_pow:
             return False
         axis = p.producer().attributes.get_int("axis", -1)
         last = ({-1, 3}, {-1, 3}, {-1, 3})
@@ -378,17 +381,14 @@ class SharedDecodeSink(SharedDecode):
         if found is None or found[1]:
             return False
         self._len, self._scale = found[0], _scalar(c) ** c_pow
-        if not (_same_dims(qq, q_t, [(1, 0), (3, 3)]) and _same_dims(o_r, q_t, [(0, 0), (1, 1), (2, 2), (3, 3)])):
+        if not self._folded(q_t, qq, k_t, o_r, out):
             return False
         # the sink's key and value: [1, H, 1, dh] each, broadcast over the rows
         if not all(t.shape is not None and len(t.shape) == 4 and t.shape[0] == 1 and t.shape[2] == 1 and
-                   _same_dims(t, qq, [(1, 1), (3, 3)]) for t in (sink_k, sink_v)) or qq.shape[0] != 1:
+                   _same_dims(t, qq, [(1, 1), (3, 3)]) for t in (sink_k, sink_v)):
             return False
-        self.key = _key(k_t, qq)
-        self._q_perm = [pa[1], pa[0], pa[2], pa[3]]
-        self._out_perm = [[1, 0, 2, 3][i] for i in pb]
         readers = [u for u in p.uses() if u.node.op_type == "Slice"]
-        return self.key is not None and len(qk.uses()) == 1 and len(readers) == 2 and \
+        return len(qk.uses()) == 1 and len(readers) == 2 and \
             _source(self.key[0]).startswith("user_k_") and _source(v).startswith("user_v_")
 
     def rewrite(self, op, x, v, sink_k, sink_v, **_):
