@@ -1398,7 +1398,7 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
 
 
 PEER_BACKENDS = ["torch-unified", "torch-split", "torch-compile", "torch-compile-static", "ort-unified", "ort",
-                 "ort-fp16", "ort-int8"]
+                 "ort-kv-copy", "ort-fp16", "ort-int8"]
 
 
 @cli.command("bench")
@@ -1427,8 +1427,9 @@ PEER_BACKENDS = ["torch-unified", "torch-split", "torch-compile", "torch-compile
 @click.option("--cache-candidates", type=click.IntRange(1), default=None, help="peers: C for cache hit vs miss [64].")
 @click.option("--backends", default=None,
               help="peers: comma-separated subset of torch-unified,torch-split,torch-compile,torch-compile-static,"
-                   "ort-unified,ort,ort-fp16,ort-int8 [all; --quick leaves out the torch.compile pair, whose "
-                   "compiles take minutes].")
+                   "ort-unified,ort,ort-kv-copy,ort-fp16,ort-int8 [all; --quick leaves out the torch.compile pair, "
+                   "whose compiles take minutes]. ort-kv-copy: the split as a plain export runs it (the user's K/V "
+                   "copied to every candidate; OneTrans builds with their checkpoint).")
 @click.option("--no-pyramid", is_flag=True, help="peers: skip pyramid on vs off (it re-exports the model).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads for ORT and PyTorch [all cores].")
 @click.option("--concurrency", default=None,

@@ -4,9 +4,14 @@ One run measures, each group interleaved (every contender once per round, in tur
 
 - **peers**: per-request latency (p50/p99) and candidates/s of ``torch-unified``,
   ``torch-split``, ``torch-compile``/``torch-compile-static`` (the same split through
-  ``torch.compile``, dynamic shapes or static; not in ``--quick``), ``ort-unified`` and ``ort``
-  (plus ``ort-fp16``/``ort-int8`` when the build has them) on one request of L history events and C candidates, as ratios against
-  ``ort-unified``; each with its theoretical FLOPs and achieved GFLOP/s;
+  ``torch.compile``, dynamic shapes or static; not in ``--quick``), ``ort-unified``, ``ort``,
+  ``ort-kv-copy`` (the split as a straightforward ``torch.onnx`` export runs it: the user's K/V
+  copied to every candidate, :mod:`onetrans_trt.bench.kv_copy`; OneTrans only) and
+  ``ort-fp16``/``ort-int8`` when the build has them, on one request of L history events and C
+  candidates, as ratios against ``ort-unified``; each with its theoretical FLOPs, achieved
+  GFLOP/s and largest logit difference from the eager PyTorch split on that request
+  (``ort-kv-copy`` is dropped, with the reason, when that is over the fp32 tolerance: a fast
+  wrong path is no contender);
 - **machine**: ONNX Runtime's own MatMul GFLOP/s on this machine, same threads, same run;
 - **scorer**: the candidate scorer alone at a large C, its GFLOP/s against the machine's;
 - **cache**: a request whose user K/V is cached (the encoder skipped, counted) against one
@@ -28,6 +33,9 @@ import numpy as np
 
 from onetrans_trt.errors import InputError
 
+KV_COPY = "ort-kv-copy"  # onetrans_trt.bench.kv_copy.NAME (that module imports torch: loaded when run)
+# the peers an "ort split Nx faster than <peer>" line is printed for, when both ran
+RATIO_PEERS = ("torch-split", "torch-compile", "torch-compile-static", KV_COPY)
 QUICK = dict(history=256, candidates=64, scorer_candidates=512, cache_history=512, cache_candidates=64,
              rounds=12, budget_s=6.0)
 FULL = dict(history=512, candidates=128, scorer_candidates=1024, cache_history=1024, cache_candidates=64,
@@ -96,6 +104,38 @@ def _stats(lat: dict[str, float], candidates: int, flops: float | None) -> dict[
     return out
 
 
+def _diffs_vs_split(rankers: dict[str, Any], req, ck: Path) -> tuple[dict[str, float], float | None]:
+    """``(diffs, ref_max_abs)``: each peer's largest |logit - eager PyTorch split's| on ``req``
+    (the request the peers are timed on; one untimed call each, before the warm-up) and the
+    reference's own largest |logit|. The reference is the ``torch-split`` peer when it runs,
+    else the checkpoint's model; without either: ``({}, None)``."""
+    from onetrans_trt.runtime.backends import TorchSplitBackend
+    from onetrans_trt.runtime.ranker import Ranker
+
+    ref_ranker = rankers.get("torch-split")
+    if ref_ranker is None:
+        if not (ck / "model.safetensors").is_file():
+            return {}, None
+        from onetrans_trt.export.api import load_splittable
+
+        model = load_splittable(ck)
+        ref_ranker = Ranker(model.cfg.schema, list(model.cfg.tasks), TorchSplitBackend(model), chunk_size=1 << 30)
+    ref = np.asarray(ref_ranker.rank(req).logits, np.float64)
+    diffs = {}
+    for name, r in rankers.items():
+        got = np.asarray(r.rank(req).logits, np.float64)
+        diffs[name] = float(np.abs(got - ref).max()) if ref.size else 0.0
+    return diffs, (float(np.abs(ref).max()) if ref.size else 0.0)
+
+
+def _fp32_tolerance(ref_max_abs: float | None) -> float:
+    """``validate`` 's fp32 bar on a logit: ``atol + rtol * max|ref|``."""
+    from onetrans_trt.validate.policy import DEFAULT_POLICY
+
+    tol = DEFAULT_POLICY["fp32"]
+    return tol["atol"] + tol["rtol"] * (ref_max_abs or 0.0)
+
+
 def bench_peers(build: str | Path | None = None, *, preset: str | None = None, quick: bool = False,
                 history: int | None = None, candidates: int | None = None, scorer_candidates: int | None = None,
                 cache_history: int | None = None, cache_candidates: int | None = None, rounds: int | None = None,
@@ -120,6 +160,7 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     import torch
 
     from onetrans_trt.bench.fused import random_build
+    from onetrans_trt.bench.kv_copy import kv_copy_backend
     from onetrans_trt.bench.timing import interleaved
     from onetrans_trt.data.requests import encode_request
     from onetrans_trt.export.api import read_manifest
@@ -164,12 +205,18 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     f = info["flops"]
     ck = Path(m["checkpoint"]["path"])
     compiled = [] if quick else ["torch-compile", "torch-compile-static"]  # compiles take minutes: not in --quick
-    wanted = backends or ["torch-unified", "torch-split", *compiled, "ort-unified", "ort", "ort-fp16", "ort-int8"]
+    wanted = backends or ["torch-unified", "torch-split", *compiled, "ort-unified", "ort", KV_COPY, "ort-fp16",
+                          "ort-int8"]
     rankers: dict[str, Ranker] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
         try:
-            if name.startswith("torch"):
+            if name == KV_COPY:  # exported here from the checkpoint; the build's own encoder gives the K/V
+                say("export the K/V-copy scorer (torch.onnx, the user's K/V copied to every candidate)")
+                rankers[name] = Ranker(cfg.schema, list(cfg.tasks), kv_copy_backend(build, tmp / KV_COPY,
+                                                                                    threads=threads),
+                                       chunk_size=1 << 30)
+            elif name.startswith("torch"):
                 if not (ck / "model.safetensors").is_file():
                     raise InputError(f"checkpoint {ck} not found")
                 rankers[name] = Ranker.load(ck, backend=name, chunk_size=1 << 30)
@@ -178,6 +225,15 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
         except InputError as e:
             skipped[name] = str(e)
     req = _request(cfg.schema, L, C)
+    diffs, ref_max = _diffs_vs_split(rankers, req, ck)
+    tol = _fp32_tolerance(ref_max)
+    if KV_COPY in rankers and diffs.get(KV_COPY) is None:
+        skipped[KV_COPY] = "no eager PyTorch split to check its logits against (the checkpoint is gone)"
+        del rankers[KV_COPY]
+    elif KV_COPY in rankers and not diffs[KV_COPY] <= tol:
+        skipped[KV_COPY] = (f"its logits differ from the eager PyTorch split by {diffs[KV_COPY]:.2e} "
+                            f"(fp32 tolerance {tol:.1e}): not measured")
+        del rankers[KV_COPY]
     say(f"peers at L={L}, C={C}: {', '.join(rankers)}")
     lat = interleaved({k: (lambda r=r: r.rank(req)) for k, r in rankers.items()}, rounds=p["rounds"],
                       warmup=1, budget_s=p["budget_s"])
@@ -186,6 +242,8 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
         split = rankers[name].backend.split
         peers[name] = _stats(st, C, f["split_total"] if split else f["unified"])
         peers[name]["path"] = "split" if split else "unified"
+        if diffs.get(name) is not None:
+            peers[name]["max_abs_vs_torch_split"] = diffs[name]
     base = "ort-unified" if "ort-unified" in peers else None
     if base:
         for st in peers.values():
@@ -199,7 +257,7 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
         sp = peers["ort"]["speedup_vs_ort_unified"]
         result["peers"]["ort_split_speedup"] = sp
         result["peers"]["fraction_of_theoretical"] = sp / theory if theory else None
-    for peer in ("torch-split", "torch-compile", "torch-compile-static"):
+    for peer in RATIO_PEERS:
         if "ort" in peers and peer in peers:
             result["peers"][f"ort_over_{peer.replace('-', '_')}"] = peers[peer]["p50_ms"] / peers["ort"]["p50_ms"]
     rankers.clear()
@@ -289,20 +347,24 @@ def table(res: dict[str, Any]) -> str:
     pe = res["peers"]
     out.append(f"\nper request, L={pe['history']} history events, C={pe['candidates']} candidates "
                f"(theoretical unified/split FLOPs {pe['theoretical_flop_ratio']:.1f}x)")
-    out.append(f"  {'backend':<21}{'p50 ms':>10}{'p99 ms':>10}{'cand/s':>11}{'GFLOP/s':>9}{'vs ort-unified':>16}")
+    out.append(f"  {'backend':<21}{'p50 ms':>10}{'p99 ms':>10}{'cand/s':>11}{'GFLOP/s':>9}{'vs ort-unified':>16}"
+               f"{'max |diff|':>12}")
     for name, st in pe["backends"].items():
         sp = st.get("speedup_vs_ort_unified")
+        diff = st.get("max_abs_vs_torch_split")
         out.append(f"  {name:<21}{st['p50_ms']:>10.1f}{st['p99_ms']:>10.1f}{st['candidates_per_s']:>11.0f}"
-                   f"{st.get('gflops_per_s', float('nan')):>9.1f}{(f'{sp:.2f}x' if sp else '-'):>16}")
+                   f"{st.get('gflops_per_s', float('nan')):>9.1f}{(f'{sp:.2f}x' if sp else '-'):>16}"
+                   f"{(f'{diff:.1e}' if diff is not None else '-'):>12}")
     for name, why in pe["skipped"].items():
         out.append(f"  {name:<21}skipped: {why}")
     if pe.get("fraction_of_theoretical") is not None:
         out.append(f"  ort split {pe['ort_split_speedup']:.1f}x faster than ort-unified = "
                    f"{100 * pe['fraction_of_theoretical']:.0f}% of the FLOP ratio")
-    for peer in ("torch-split", "torch-compile", "torch-compile-static"):
+    for peer in RATIO_PEERS:
         ratio = pe.get("ort_over_" + peer.replace("-", "_"))
         if ratio is not None:
-            note = "" if peer == "torch-split" else " (compiled in the warm-up call, not timed)"
+            note = {"torch-split": "", KV_COPY: " (the straightforward export: user K/V copied per candidate)"}.get(
+                peer, " (compiled in the warm-up call, not timed)")
             out.append(f"  ort split {ratio:.2f}x faster than {peer}{note}")
     sc = res["scorer"]
     out.append(f"\ncandidate scorer alone, C={sc['candidates']}: {sc['p50_ms']:.1f} ms p50, "

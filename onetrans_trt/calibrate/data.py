@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from onetrans_trt.data.requests import encode_events, encode_ns, merge_stream, pad_streams
+from onetrans_trt.data.requests import encode_events, encode_ns, history_feeds, merge_stream, pad_streams
 
 
 def calibration_requests(build: str | Path, n: int, *, data_dir=None, seed: int = 7, n_candidates: int = 16,
@@ -44,14 +44,16 @@ def build_calibration_set(build: str | Path, n: int, *, data_dir=None, progress=
     schema = cfg.schema
     user = ort_session(build / "user_encoder.onnx")
     kv_names = [o.name for o in user.get_outputs()]
+    user_names = [i.name for i in user.get_inputs()]
     scorer_inputs = {i.name for i in ort_session(build / "candidate_scorer.onnx").get_inputs()}
     arrays: dict[str, np.ndarray] = {"source": np.array(source)}
     for i, req in enumerate(reqs):
         stream = merge_stream(schema, encode_events(schema, req.history))
         hist = pad_streams(schema, [stream], length=schema.s_max_len)
-        kv = user.run(kv_names, hist)
+        feed = history_feeds(hist, user_names, schema)  # HyFormer's graphs: each sequence on its own
+        kv = user.run(kv_names, feed)
         ns = encode_ns(schema, req.user, req.context, req.candidates)
-        for k, v in hist.items():
+        for k, v in feed.items():
             arrays[f"user/{i}/{k}"] = v
         for k, v in {**ns, "s_length": hist["s_length"], **dict(zip(kv_names, kv))}.items():
             if k in scorer_inputs:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -503,6 +504,80 @@ def pad_streams(schema: FeatureSchema, streams: Sequence[Mapping[str, np.ndarray
                 out[key][i, width - n:] = s[key]
     out["s_length"] = lens
     return out
+
+
+# ---- each sequence on its own (HyFormer's graphs) ---------------------------------------
+_OWN_INPUT = re.compile(r"^s(\d+)_(.+)$")
+
+
+def sequence_input_names(schema: FeatureSchema) -> list[str]:
+    """The per-sequence history inputs: for sequence ``j``, ``s<j>_<field>`` ``[U, W_j]``
+    (its own fields only, left-padded) and ``s<j>_length`` ``[U]``."""
+    names: list[str] = []
+    for j, seq in enumerate(schema.sequences):
+        names += [f"s{j}_{f}" for f in seq.fields] + [f"s{j}_length"]
+    return names
+
+
+def is_sequence_input(name: str) -> bool:
+    """Whether ``name`` is one of sequence j's own inputs (``s<j>_<field>``, ``s<j>_length``)."""
+    return _OWN_INPUT.match(name) is not None
+
+
+def _own_fields(names: Sequence[str]) -> dict[int, list[str]]:
+    """``{j: [field, ...]}`` of the per-sequence names among ``names``."""
+    out: dict[int, list[str]] = {}
+    for n in names:
+        m = _OWN_INPUT.match(n)
+        if m:
+            fields = out.setdefault(int(m.group(1)), [])
+            if m.group(2) != "length":
+                fields.append(m.group(2))
+    return out
+
+
+def split_sequences(schema: FeatureSchema | None, hist: Mapping[str, np.ndarray], min_width: int = 1, *,
+                    names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A merged ``[U, L]`` stream (``s_type``, ``s_<field>``, ``s_length``) as each sequence's
+    own inputs (:func:`sequence_input_names`, or the per-sequence ones among ``names``): the
+    stream's newest ``s_max_len`` positions (all without a schema), of those the real ones (the
+    last ``s_length``), of those sequence j's events in order, left-padded to the batch's most
+    (at least ``min_width``: shapes are never empty). [SEP] tokens belong to no sequence. What a
+    model laying each sequence out from the merged stream reads, exactly."""
+    types = np.asarray(hist["s_type"])
+    if types.ndim != 2:
+        raise ValueError(f"s_type: expected [users, history], got shape {types.shape}")
+    u, width = types.shape
+    n = width if schema is None else min(width, schema.s_max_len)
+    types = types[:, width - n:]
+    lens = np.clip(np.asarray(hist["s_length"]).reshape(-1).astype(np.int64), 0, n)
+    if lens.shape[0] != u:
+        raise ValueError(f"s_length: expected {u} lengths (one per user), got {lens.shape[0]}")
+    real = np.arange(n)[None, :] >= (n - lens)[:, None]
+    wanted = _own_fields(names if names is not None else sequence_input_names(schema))
+    out: dict[str, np.ndarray] = {}
+    for j, fields in sorted(wanted.items()):
+        mine = (types == j + 1) & real
+        count = mine.sum(axis=1).astype(np.int64)
+        w = max(min_width, int(count.max(initial=0)))
+        for f in fields:
+            src = np.asarray(hist[f"s_{f}"])[:, width - n:]
+            dst = np.zeros((u, w), dtype=src.dtype)
+            for i in range(u):
+                if count[i]:
+                    dst[i, w - count[i]:] = src[i][mine[i]]
+            out[f"s{j}_{f}"] = dst
+        out[f"s{j}_length"] = count
+    return out
+
+
+def history_feeds(hist: Mapping[str, Any], names: Sequence[str], schema: FeatureSchema | None = None) -> dict[str, Any]:
+    """The user-encoder feeds ``names`` out of ``hist``: taken as they are, or, for a graph that
+    reads each sequence on its own (``s<j>_*``) given a merged stream, split first
+    (:func:`split_sequences`). A name neither has raises ``KeyError``."""
+    if "s_type" in hist and any(n not in hist and _OWN_INPUT.match(n) for n in names):
+        hist = {**hist, **split_sequences(schema, hist, names=names)}
+    return {n: hist[n] for n in names}
 
 
 def encode_request(schema: FeatureSchema, req: Request) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -83,8 +84,27 @@ def _example(model, n_users: int = 2, n_candidates: int = 3) -> tuple[dict, dict
             for _ in range(n_users)]
     streams = [merge_stream(schema, encode_events(schema, r.history)) for r in reqs]
     hist = pad_streams(schema, streams, length=max(2, schema.s_max_len))
+    if model.cfg.family == "hyformer":  # each sequence on its own, >= 2 wide (no 0/1 specialisation)
+        from onetrans_trt.data.requests import split_sequences
+
+        hist = {**hist, **split_sequences(schema, hist, min_width=2)}
     _, ns = encode_request(schema, reqs[0])
     return hist, ns
+
+
+_OWN_SEQ = re.compile(r"^s(\d+)_(.+)$")
+
+
+def _default_axes(name: str) -> dict[int, str]:
+    """Our models' dynamic axes: ``s_length`` and ``s<j>_length`` by users; the merged stream
+    ``s_*`` by users and ``history``; sequence j's own ``s<j>_*`` by users and ``history<j>``;
+    the rest by candidates."""
+    own = _OWN_SEQ.match(name)
+    if name == "s_length" or (own and own.group(2) == "length"):
+        return {0: "users"}
+    if own:
+        return {0: "users", 1: f"history{own.group(1)}"}
+    return {0: "users", 1: "history"} if name.startswith("s_") else {0: "candidates"}
 
 
 def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int,
@@ -97,9 +117,9 @@ def trace_onnx(module: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path
     from torch.export import Dim
 
     if dynamic is None:
-        dynamic = {n: ({0: "users"} if n == "s_length" else {0: "users", 1: "history"} if n.startswith("s_")
-                       else {0: "candidates"}) for n in module.input_names}
-    top = {"users": 4096, "history": 1 << 16, "candidates": 1 << 20}
+        dynamic = {n: _default_axes(n) for n in module.input_names}
+    top = {"users": 4096, "history": 1 << 16, "candidates": 1 << 20,
+           **{d: 1 << 16 for axes in dynamic.values() for d in axes.values() if d.startswith("history")}}
     dims: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
     for name in module.input_names:
@@ -251,19 +271,23 @@ def write_samples(model, reqs: list[Request], out: Path) -> dict[str, Any]:
     import torch
     from polygraphy.json import save_json
 
+    from onetrans_trt.data.requests import history_feeds
+    from onetrans_trt.export.serving import history_input_names
     from onetrans_trt.kv import state_arrays
 
+    names = history_input_names(model)
     out.mkdir(parents=True, exist_ok=True)
     user_feeds, scorer_feeds, arrays = [], [], {}
     with torch.no_grad():
         for i, req in enumerate(reqs):
             hist, ns = encode_request(model.cfg.schema, req)
+            hist = {**hist, **history_feeds(hist, names, model.cfg.schema)}  # + what the graph reads
             kv = model.encode_user({k: torch.from_numpy(v) for k, v in hist.items()})
             logits = model.score_candidates(kv, {k: torch.from_numpy(v) for k, v in ns.items()})
             kvs = {k: v.numpy() for k, v in state_arrays(kv).items()}
             unified = model({k: torch.from_numpy(v) for k, v in
                              {**{k: np.repeat(v, len(req.candidates), 0) for k, v in hist.items()}, **ns}.items()})
-            user_feeds.append({k: np.ascontiguousarray(v) for k, v in hist.items()})
+            user_feeds.append({k: np.ascontiguousarray(hist[k]) for k in names})
             scorer_feeds.append({**{k: np.ascontiguousarray(v) for k, v in ns.items()},
                                  "s_length": hist["s_length"].copy(), **kvs})
             for k, v in {**hist, **ns, **kvs}.items():

@@ -18,6 +18,14 @@ from onetrans_trt.kv import UserKV, kv_names, state_arrays
 
 
 def history_input_names(model: nn.Module) -> list[str]:
+    """OneTrans reads the merged stream (``s_type``, ``s_<field>`` ``[U, L]``, ``s_length``);
+    HyFormer each sequence on its own (``s<j>_<field>`` ``[U, W_j]``, ``s<j>_length``: its
+    encoders run at that sequence's own length; a merged request is split on the host by
+    :func:`~onetrans_trt.data.requests.history_feeds`)."""
+    if model.cfg.family == "hyformer":
+        from onetrans_trt.data.requests import sequence_input_names
+
+        return sequence_input_names(model.cfg.schema)
     return ["s_type", *[f"s_{f}" for f in model.cfg.schema.seq_fields], "s_length"]
 
 
@@ -73,7 +81,9 @@ class ServingGraph(nn.Module):
         kv = self.model.encode_user(hist)
         # The scorer reads the raw s_length (a length >= the K/V's is "all real"), so it
         # depends on no shape of the history inputs and the cut leaves no S side in it.
-        first = UserKV([k[0:1] for k in kv.keys], [v[0:1] for v in kv.values], hist["s_length"][0:1],
+        # (HyFormer's scorer reads its per-sequence lengths from the state, not this one)
+        length = hist["s_length"] if "s_length" in hist else kv.lengths
+        first = UserKV([k[0:1] for k in kv.keys], [v[0:1] for v in kv.values], length[0:1],
                        {k: v[0:1] for k, v in kv.extras.items()})
         logits = self.model.score_candidates(first, ns)
         state = state_arrays(kv)

@@ -25,6 +25,7 @@ attaches on save.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -400,6 +401,7 @@ class SharedDecodeSink(SharedDecode):
         return out if self._out_perm == [0, 1, 2, 3] else op.Transpose(out, perm=self._out_perm)
 
 
+HISTORY_LENGTH = re.compile(r"^s\d*_length$")  # the merged stream's s_length, or sequence j's s<j>_length
 TAIL = [TailCausal.rule("scores"), *TailCausal.rule("q").commute(), *TailCausal.rule("qk").commute()]
 RULES = pattern.RewriteRuleSet([*TAIL, SharedPrefix.rule(), SharedDecode.rule(), SharedDecodeSink.rule()])
 
@@ -408,7 +410,7 @@ def _fuse(graph: gs.Graph, rules: pattern.RewriteRuleSet) -> tuple[gs.Graph, int
     """A copy of ``graph`` with ``rules`` applied (to its onnx_ir model), and how many sites they fused."""
     graph = graph.copy()
     given = {t.name for t in graph.inputs}
-    if "s_length" not in given and not any(n.startswith("user_k_") for n in given):  # no attention of ours
+    if not any(HISTORY_LENGTH.match(n) or n.startswith("user_k_") for n in given):  # no attention of ours
         return graph.cleanup().toposort(), 0
     proto = gs.export_onnx(graph.toposort(), do_type_check=False)
     model = ir.serde.deserialize_model(proto)

@@ -23,6 +23,7 @@ from onetrans_trt.errors import BuildError
 KV_NAME = re.compile(r"^user_([kv])_(\d+)$")
 STATE_NAME = re.compile(r"^user_\w+$")  # K/V and any further user state (HyFormer: user_seq_*)
 SCORER_OUTPUTS = ("logits", "probs")
+HISTORY_NAME = re.compile(r"^s\d*_")  # the merged stream s_*, or sequence j's own s<j>_* (HyFormer)
 
 
 def kv_layer(name: str) -> int | None:
@@ -69,7 +70,7 @@ def candidate_scorer(graph: gs.Graph) -> gs.Graph:
     length = next((i for i in g.inputs if i.name == "s_length"), None)
     if length is not None:
         length.shape = [1]
-    history = [i.name for i in g.inputs if i.name.startswith("s_") and i.name != "s_length"]
+    history = [i.name for i in g.inputs if HISTORY_NAME.match(i.name) and i.name != "s_length"]
     g.inputs = [i for i in g.inputs if i.name.startswith("ns_")] + ([length] if length is not None else []) + kv
     g.outputs = outs
     g.cleanup(remove_unused_graph_inputs=True).toposort()

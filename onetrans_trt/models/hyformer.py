@@ -229,7 +229,14 @@ class HyFormer(nn.Module):
     # -- user side -----------------------------------------------------------------------
     def sequences(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Each sequence on its own: ``([U, W_j, d]`` tokens left-padded, ``[U]`` real count).
-        ``W_j``: the stream's width, or sequence j's ``max_len`` (its newest events kept)."""
+        ``W_j``: the stream's width, or sequence j's ``max_len`` (its newest events kept).
+
+        The batch is either the merged stream (``s_type``, ``s_<field>``, ``s_length``: laid out
+        here) or each sequence's own inputs (``s<j>_<field>`` ``[U, W_j]`` left-padded and
+        ``s<j>_length``, :func:`~onetrans_trt.data.requests.split_sequences`; what the exported
+        graphs read): the same tokens either way."""
+        if f"s0_length" in batch:
+            return self._own_sequences(batch)
         b = newest_tokens(batch, self.cfg.schema.s_max_len)
         x = self.s_tokenizer(b)
         types = b["s_type"]
@@ -260,6 +267,18 @@ class HyFormer(nn.Module):
             out.append((xj, count))  # padding slots hold zeros, not the other sequences' events
         return out
 
+    def _own_sequences(self, batch: dict[str, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for j, seq in enumerate(self.cfg.schema.sequences):
+            x = self.s_tokenizer.sequence(j, {f: batch[f"s{j}_{f}"] for f in seq.fields})
+            n = x.shape[1]
+            width = n if self.caps[j] is None else torch.sym_min(n, self.caps[j])
+            x = x.narrow(1, n - width, width)  # the newest max_len events (a size the exporter can read)
+            count = torch.clamp(batch[f"s{j}_length"].reshape(-1), min=0, max=x.shape[1])
+            # padding slots hold zeros, as the merged stream's layout leaves them
+            out.append((x * prefix_key_mask(x.shape[1], count).to(x.dtype).unsqueeze(-1), count))
+        return out
+
     def encode_user(self, batch: dict[str, Tensor], self_kv: bool = False) -> UserKV:
         """Every (layer, sequence) K/V, flattened as ``keys[l * J + j]``; extras: each
         sequence's real length and mean-pooled tokens (the query generator's summary).
@@ -281,8 +300,10 @@ class HyFormer(nn.Module):
                 if self_kv and sk is not None:
                     slot = lay * len(seqs) + j
                     enc[f"enc_k_{slot}"], enc[f"enc_v_{slot}"] = sk, sv
-        return UserKV(keys, values, batch["s_length"],
-                      {SEQ_LENGTH: torch.stack(lengths, dim=1), SEQ_POOL: torch.stack(pools, dim=1), **enc})
+        n_seq = torch.stack(lengths, dim=1)
+        total = batch["s_length"] if "s_length" in batch else n_seq.sum(dim=1)
+        return UserKV(keys, values, total,
+                      {SEQ_LENGTH: n_seq, SEQ_POOL: torch.stack(pools, dim=1), **enc})
 
     # -- candidate side -------------------------------------------------------------------
     def score_candidates(self, user_kv: UserKV, batch: dict[str, Tensor]) -> Tensor:

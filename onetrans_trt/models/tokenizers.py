@@ -118,6 +118,14 @@ class STokenizer(_UsesEmbeddings):
             out = out + (types == k + 1).to(out.dtype).unsqueeze(-1) * mlp(x)
         return out
 
+    def sequence(self, j: int, ids: dict[str, Tensor]) -> Tensor:
+        """Sequence ``j``'s events alone (``ids``: its own fields, ``[U, W]``): ``[U, W, d]``, what
+        :meth:`forward` gives those events in a merged stream (its type row plus its MLP; adding
+        the other sequences' masked-out zeros changes no bit)."""
+        seq = self.schema.sequences[j]
+        x = torch.cat([self.emb.tables[t](ids[f]) for f, t in seq.fields.items()], dim=-1)
+        return self.type_emb.weight[j + 1] + self.mlps[j](x)
+
 
 def ns_tokenizer_for(cfg, emb: Embeddings, hidden: int) -> nn.Module:
     """The NS tokenizer a model config asks for (auto-split or group-wise)."""

@@ -139,7 +139,12 @@ class OrtSplitBackend:
         return sess
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
+        from onetrans_trt.data.requests import history_feeds
+
         missing = [n for n in self.user_inputs if n not in hist]
+        if missing and "s_type" in hist:  # a merged stream for a graph reading each sequence on its own
+            hist = {**hist, **history_feeds(hist, self.user_inputs)}
+            missing = [n for n in self.user_inputs if n not in hist]
         if missing:
             raise InputError(f"user encoder inputs missing: {missing}")
         if self.device is None:

@@ -79,7 +79,9 @@ class TrtSplitBackend:
         return out
 
     def encode_user(self, hist: dict[str, np.ndarray]) -> UserKV:
-        out = self._run("user_encoder", hist)
+        from onetrans_trt.data.requests import history_feeds
+
+        out = self._run("user_encoder", history_feeds(hist, self._io("user_encoder")[0]))
         return from_state(out, np.asarray(hist["s_length"]))  # by name: K/V slots in order, then extras
 
     def score(self, kv: UserKV, ns: dict[str, np.ndarray]) -> np.ndarray:

@@ -285,7 +285,7 @@ class Preprocess:
 
     def encode_request(self, raw: bytes) -> tuple[Any, dict[str, np.ndarray]]:
         """``(request, tensors)`` of one request JSON (raises RequestError)."""
-        from onetrans_trt.data.requests import Request, encode_request
+        from onetrans_trt.data.requests import Request, encode_request, history_feeds, is_sequence_input
         from onetrans_trt.errors import RequestError
 
         if len(raw) > self.limits.max_request_bytes:
@@ -297,7 +297,8 @@ class Preprocess:
             raise RequestError(f"request: not JSON ({str(e)[:120]})") from None
         req, _ = self.limits.apply(Request.from_json(obj))
         hist, ns = encode_request(self.schema, req)
-        have = {**hist, **ns}
+        own = [n for n in self.outputs if is_sequence_input(n)]  # HyFormer: each sequence on its own
+        have = {**hist, **(history_feeds(hist, own, self.schema) if own else {}), **ns}
         out = {}
         for name, (dtype, rank) in self.outputs.items():
             if name not in have:

@@ -131,6 +131,9 @@ def _index_ranges(schema, width: int) -> dict[str, tuple[int, int]]:
             out[f"ns_{f.name}"] = (0, schema.tables[f.table].rows - 1)
     for field, table in schema.seq_fields.items():
         out[f"s_{field}"] = (0, schema.tables[table].rows - 1)
+    for j, seq in enumerate(schema.sequences):  # HyFormer's graphs: each sequence on its own
+        for field, table in seq.fields.items():
+            out[f"s{j}_{field}"] = (0, schema.tables[table].rows - 1)
     return out
 
 
@@ -164,7 +167,11 @@ def _feeds_as_encoded(build: Path, manifest: dict, path: Path, n: int, schema=No
         if schema is None:
             continue
         width = hist["s_type"].shape[1] if "s_type" in hist and hist["s_type"].ndim == 2 else 0
-        for name, (low, high) in _index_ranges(schema, width).items():
+        ranges = _index_ranges(schema, width)
+        for j, seq in enumerate(schema.sequences):  # sequence j's length: 0..its own inputs' width
+            own = [hist[f"s{j}_{f}"] for f in seq.fields if f"s{j}_{f}" in hist and hist[f"s{j}_{f}"].ndim == 2]
+            ranges[f"s{j}_length"] = (0, own[0].shape[1] if own else 0)
+        for name, (low, high) in ranges.items():
             a = hist.get(name, ns.get(name))
             if a is not None and a.size and a.dtype.kind in "iub" and (a.min() < low or a.max() > high):
                 raise InputError(f"--inputs {path}: request {i} {name} holds {int(a.min())}..{int(a.max())}; "
@@ -454,7 +461,7 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
             kv = backend.encode_user(hist)
             for key, a in state_arrays(kv).items():
                 kv_stats.setdefault(key, ErrorStats(key)).add(a, kv_ref[key])
-            ref_kv = from_state(feeds, feeds.get("s_length", hist["s_length"]))
+            ref_kv = from_state(feeds, feeds["s_length"] if "s_length" in feeds else hist.get("s_length"))
             ns = {k: v for k, v in feeds.items() if k.startswith("ns_")}
             if not next(iter(ns.values())).shape[0]:
                 continue  # a request without candidates: its K/V is compared above, nothing to score

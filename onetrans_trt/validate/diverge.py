@@ -117,10 +117,12 @@ def localize(graph_path: Path, role: str, feeds: dict[str, np.ndarray], torch_mo
     opts = session_options(simulate_qdq=simulate_qdq)
     with session_source(model) as source:  # bytes, or a temporary file with external data when large
         sess = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    from onetrans_trt.data.requests import history_feeds
+
     names = [i.name for i in sess.get_inputs()]
     wanted = [t for _, t, _, _ in checkpoints]
     try:
-        got = dict(zip(wanted, sess.run(wanted, {n: feeds[n] for n in names})))
+        got = dict(zip(wanted, sess.run(wanted, history_feeds(feeds, names))))  # (HyFormer: split sequences)
     except Exception as e:  # noqa: BLE001 - the graph itself fails: name the node that did
         return failing_node(str(e), scopes, role, model)
     captured: dict[str, np.ndarray] = {}

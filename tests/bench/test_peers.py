@@ -34,7 +34,7 @@ def test_bench_peers_on_a_build(tiny_build, tmp_path):
     res = json.loads(out.read_text())
     assert json.loads(r.stdout) == res
     peers = res["peers"]["backends"]
-    assert set(peers) == {"torch-unified", "torch-split", "ort-unified", "ort"}
+    assert set(peers) == {"torch-unified", "torch-split", "ort-unified", "ort", "ort-kv-copy"}
     assert set(res["peers"]["skipped"]) == {"ort-fp16", "ort-int8"}  # not converted/calibrated
     assert peers["ort-unified"]["speedup_vs_ort_unified"] == 1.0
     f = res["peers"]["flops"]

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
-from onetrans_trt.data.requests import encode_events, encode_request, merge_stream, pad_streams
+from onetrans_trt.data.requests import encode_events, encode_request, merge_stream, pad_streams, sequence_input_names, split_sequences
 from onetrans_trt.data.synthetic import synthetic_request, synthetic_schema
 from onetrans_trt.export.api import SCORER_PASSES, USER_PASSES, _example, trace_onnx
 from onetrans_trt.export.serving import ServingGraph, state_output_names
@@ -113,13 +113,14 @@ def test_fused_graphs_equal_unfused_and_pytorch(graphs, form):
     (ue_p, cs_p), (ue_f, cs_f) = graphs[form][False], graphs[form][True]
     hist, ns = _users(model.cfg.schema)
     names = state_output_names(model.cfg)
-    plain, fused = ort_run(ue_p, hist), ort_run(ue_f, hist)
+    own = split_sequences(model.cfg.schema, hist)  # the graphs read each sequence on its own
+    plain, fused = ort_run(ue_p, own), ort_run(ue_f, own)
     for a, b in zip(plain, fused):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
     state = dict(zip([o.name for o in ue_f.graph.output], fused))
     lengths = state[f"user_{SEQ_LENGTH}"]
     assert lengths[2].tolist() == [0, 0] and lengths[3][1] == 0 and lengths[3][0] > 0  # the edges are there
-    with torch.no_grad():
+    with torch.no_grad():  # PyTorch from the merged stream
         kv_t = model.encode_user({k: torch.from_numpy(v) for k, v in hist.items()})
     for u in range(len(lengths)):
         feeds = {**ns, **{n: state[n][u:u + 1] for n in names}}
@@ -130,3 +131,36 @@ def test_fused_graphs_equal_unfused_and_pytorch(graphs, form):
         with torch.no_grad():
             want = model.score_candidates(one, {k: torch.from_numpy(v) for k, v in ns.items()}).numpy()
         assert np.abs(b[0] - want).max() <= 1e-4
+
+
+def test_graphs_read_each_sequence_on_its_own(graphs):
+    """The user encoder takes each sequence's own inputs with its own length axis, and its
+    K/V follow each sequence's real token count (not the merged stream's width); the scorer
+    reads no history input."""
+    model = graphs["paper"]["model"]
+    schema = model.cfg.schema
+    ue, cs = graphs["paper"][True]
+    assert [i.name for i in ue.graph.input] == sequence_input_names(schema)
+    axes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in ue.graph.input}
+    assert axes["s0_item_id"] == ["users", "history0"] and axes["s1_item_id"] == ["users", "history1"]
+    assert axes["s0_length"] == ["users"]
+    assert not [i.name for i in cs.graph.input if not (i.name.startswith("ns_") or i.name.startswith("user_"))]
+    hist, _ = _users(schema)
+    merged_width = hist["s_type"].shape[1]
+    own = split_sequences(schema, hist)
+    widths = [own["s0_item_id"].shape[1], own["s1_item_id"].shape[1]]
+    assert max(widths) < merged_width  # (the case tells the layouts apart)
+    state = dict(zip([o.name for o in ue.graph.output], ort_run(ue, own)))
+    caps = [model.cfg.hy_seq(j)["max_len"] for j in range(2)]
+    window = model.cfg.hy_seq(1)["window"]
+    # layer 0's K/V: sequence 0 (full encoder) as wide as the sequence (its cap at most); sequence 1
+    # (LONGER) its newest `window` tokens of that
+    want = [min(widths[0], caps[0]), min(widths[1], caps[1], window)]
+    assert [state[f"user_k_{j}"].shape[2] for j in range(2)] == want
+    assert [state[f"user_v_{j}"].shape[2] for j in range(2)] == want
+    # one user alone: each sequence exactly its real count wide
+    one = split_sequences(schema, {k: v[1:2] for k, v in hist.items()})
+    n = [max(1, int(one[f"s{j}_length"][0])) for j in range(2)]
+    st1 = dict(zip([o.name for o in ue.graph.output], ort_run(ue, one)))
+    assert [st1[f"user_k_{j}"].shape[2] for j in range(2)] == [min(n[0], caps[0]), min(n[1], caps[1], window)]
+    assert n[0] != n[1] and min(n[0], caps[0]) < widths[0]

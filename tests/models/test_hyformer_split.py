@@ -3,7 +3,9 @@ forward, over >= 100 seeded random configurations: all three sequence encoders, 
 sequences, both NS tokenizers, 1-3 queries per sequence, histories empty / partial / full
 / over the maximum, extra left padding on the unified side, sequences left empty; and every HyFormer form option (sink or none, K/V norm or none, causal
 or bidirectional sequence attention, query generation over all pools or the own one, heads
-over queries and NS tokens or queries only).
+over queries and NS tokens or queries only). Each config also runs from each sequence's own
+inputs (``s<j>_*``, what the exported graphs read, with extra left padding): the same state
+and scores as from the merged stream.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from onetrans_trt.data.requests import encode_request
+from onetrans_trt.data.requests import encode_request, split_sequences
 from onetrans_trt.data.synthetic import synthetic_request, synthetic_schema
 from onetrans_trt.errors import ConfigError
 from onetrans_trt.models.config import ModelConfig
@@ -64,7 +66,17 @@ def test_hyformer_split_equals_unified(seed):
     cfg, req, extra_pad = random_case(seed)
     model = HyFormer(cfg).eval()
     _randomize(model, torch.Generator().manual_seed(seed))
-    _, kv = assert_split_equals_unified(model, cfg, req, extra_pad)
+    hist, kv = assert_split_equals_unified(model, cfg, req, extra_pad)
+    # each sequence on its own (what the graphs read), with extra left padding: the same state and scores
+    own = {k: np.pad(v, ((0, 0), (extra_pad, 0))) if v.ndim == 2 else v
+           for k, v in split_sequences(cfg.schema, hist).items()}
+    _, ns = encode_request(cfg.schema, req)
+    with torch.no_grad():
+        kv_own = model.encode_user(_t(own))
+        got, want = model.score_candidates(kv_own, _t(ns)), model.score_candidates(kv, _t(ns))
+    assert torch.equal(kv_own.extras[SEQ_LENGTH], kv.extras[SEQ_LENGTH])
+    assert (kv_own.extras[SEQ_POOL] - kv.extras[SEQ_POOL]).abs().max().item() <= 1e-6
+    assert (got - want).abs().max().item() <= 1e-5
     j = cfg.schema.num_sequences
     assert len(kv.keys) == cfg.n_layers * j
     # each sequence's real length is what the request holds (newest s_max_len events kept)
