@@ -187,6 +187,9 @@ def _dynamic_dims(model) -> dict[str, dict[str, int]]:
 
         for i, n in enumerate(hyformer_slot_lengths(hyformer_manifest(cfg), lmax)):
             dims[f"kv_len_{i}"] = {"min": 1, "typical": n, "max": n}
+        for j in range(schema.num_sequences):  # sequence j's own inputs: up to the whole stream (the graph
+            cap = cfg.hy_seq(j)["max_len"]      # keeps its newest max_len), typically its cap
+            dims[f"history{j}"] = {"min": 1, "typical": lmax if cap is None else min(lmax, cap), "max": lmax}
         return dims
     for l, q in enumerate(cfg.query_schedule()):
         dims[f"kv_len_{l}"] = {"min": n_min, "typical": n_typ, "max": n_typ}

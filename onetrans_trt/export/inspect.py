@@ -56,6 +56,11 @@ def state_lengths(manifest: dict, history: int) -> list[int]:
 
 def request_dims(manifest: dict, candidates: int, history: int) -> dict[str, int]:
     dims = {"users": 1, "candidates": candidates, "history": history}
+    hy = manifest.get("hyformer")
+    if hy:  # each sequence's own length axis: the most a stream of `history` events gives it (its cap)
+        per = hy.get("per_sequence") or [{"max_len": None}] * hy["sequences"]
+        for j, spec in enumerate(per):
+            dims[f"history{j}"] = history if spec["max_len"] is None else min(history, spec["max_len"])
     for l, n in enumerate(state_lengths(manifest, history)):
         dims[f"kv_len_{l}"] = n
     return dims

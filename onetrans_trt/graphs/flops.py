@@ -8,6 +8,7 @@ matmul operand exposed as an output, so the count holds for any symbolic shape l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,11 @@ def placeholder_feeds(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str,
             else:
                 shape.append(int(d.dim_value))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        own = re.match(r"^s(\d+)_length$", v.name)  # HyFormer: sequence j's own length, its whole axis
         if v.name in ("s_length", "user_seq_length"):
             feeds[v.name] = np.full(shape, dims.get("history", 1), dtype=dtype)
+        elif own:
+            feeds[v.name] = np.full(shape, dims.get(f"history{own.group(1)}", dims.get("history", 1)), dtype=dtype)
         elif np.issubdtype(dtype, np.floating):
             feeds[v.name] = np.full(shape, 0.01, dtype=dtype)
         else:

@@ -215,6 +215,9 @@ class OrtUnifiedBackend:
         self.inputs = [i.name for i in self.sess.get_inputs()]
 
     def score_unified(self, hist: dict[str, np.ndarray], ns: dict[str, np.ndarray]) -> np.ndarray:
+        from onetrans_trt.data.requests import history_feeds
+
         c = next(iter(ns.values())).shape[0]
+        hist = history_feeds(hist, [n for n in self.inputs if n not in ns])  # (HyFormer: split sequences)
         feeds = {n: (np.repeat(hist[n], c, axis=0) if n in hist else ns[n]) for n in self.inputs}
         return self.sess.run(["logits"], feeds)[0]

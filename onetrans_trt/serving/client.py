@@ -41,17 +41,22 @@ def _json_text(request: Any) -> str:
     return json.dumps(request)
 
 
-def ensemble_tensors(schema: Any, request: Any, limits: Any = None) -> dict[str, np.ndarray]:
+def ensemble_tensors(schema: Any, request: Any, limits: Any = None, *,
+                     per_sequence: bool = False) -> dict[str, np.ndarray]:
     """The ``onetrans`` ensemble's inputs for one request, encoded here with
     :func:`~onetrans_trt.data.requests.encode_request` (as the ``preprocess`` model does):
     user tensors ``[1, ...]`` (a per-user scalar such as ``s_length`` ``[1, 1]``), candidate
-    tensors ``[C, ...]``."""
-    from onetrans_trt.data.requests import Request, RequestLimits, encode_request
+    tensors ``[C, ...]``. ``per_sequence`` (HyFormer builds, whose user encoder reads each
+    sequence on its own): the user tensors are ``s<j>_<field>`` ``[1, W_j]`` and
+    ``s<j>_length`` ``[1, 1]`` instead of the merged stream."""
+    from onetrans_trt.data.requests import Request, RequestLimits, encode_request, split_sequences
 
     req = request if isinstance(request, Request) else Request.from_json(
         json.loads(_json_text(request)) if isinstance(request, (str, bytes, bytearray)) else request)
     req, _ = (limits or RequestLimits()).apply(req)
     hist, ns = encode_request(schema, req)
+    if per_sequence:
+        hist = split_sequences(schema, hist)
     out = {k: (np.asarray(v).reshape(1, 1) if np.asarray(v).ndim == 1 else np.asarray(v)) for k, v in hist.items()}
     out.update({k: np.asarray(v) for k, v in ns.items()})
     return out

@@ -245,8 +245,14 @@ def validate_build(build: str | Path, *, backends: list[str] | None = None, data
     t = lambda d: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}  # noqa: E731
     # the reference, once per request
     refs = []
+    from onetrans_trt.data.requests import history_feeds
+
+    ue_names = [i["name"] for i in manifest["graphs"]["user_encoder"]["inputs"]]
     with torch.no_grad():
         for i, (hist, ns) in enumerate(encoded):
+            # what the user encoder graph reads (HyFormer: each sequence on its own), so the reference
+            # state has the graph's layout; the model reads either form
+            hist = {**hist, **history_feeds(hist, ue_names, model.cfg.schema)}
             kv = model.encode_user(t(hist))
             state = {k: v.numpy() for k, v in state_arrays(kv).items()}
             scored = model.score_candidates(kv, t(ns)).numpy()

@@ -37,11 +37,14 @@ def _check_scores(server: TritonServer, build: Path, requests, backend: str = "o
     Ranker; returns the worst difference."""
     from onetrans_trt.runtime.ranker import Ranker
 
+    from onetrans_trt.export.api import read_manifest
+
     ranker = Ranker.load(build, backend=backend, **({"limits": limits} if limits else {}))
+    per_sequence = read_manifest(build)["model"]["family"] == "hyformer"  # its encoder: each sequence alone
     worst = 0.0
     for req in requests:
         want = ranker.rank(req)
-        tensors = client.ensemble_tensors(ranker.schema, req, limits)
+        tensors = client.ensemble_tensors(ranker.schema, req, limits, per_sequence=per_sequence)
         for got in (client.rank_http(server.http_url, req.to_json()),
                     client.rank_grpc(server.grpc_url, json.dumps(req.to_json())),
                     client.infer_grpc(server.grpc_url, "onetrans", tensors),
