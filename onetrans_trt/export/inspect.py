@@ -86,8 +86,12 @@ def inspect_build(build: str | Path, *, candidates: int = 128, history: int | No
         del model
     split = graphs["user_encoder"]["flops"] + graphs["candidate_scorer"]["flops"]
     if (build / UNIFIED).is_file():
-        unified = graph_flops(build / UNIFIED, {**dims, "users": candidates})["flops"]
-        how = "unified.onnx at the same sizes"
+        # counted at 1 and 2 rows and extended linearly to C (every row of the unified graph is one
+        # (history, candidate) pair: its work is affine in the rows): running it at C rows with every
+        # matmul operand kept as an output needs C times the memory (24 GB and more at C=1024, L=512)
+        f1, f2 = (graph_flops(build / UNIFIED, {**dims, "users": u})["flops"] for u in (1, 2))
+        unified = f1 + (candidates - 1) * (f2 - f1)
+        how = "unified.onnx at the same sizes (counted at 1 and 2 rows, linear in the rows)"
     else:
         one = graph_flops(build / CANDIDATE_SCORER, {**dims, "candidates": 1})["flops"]
         unified = candidates * (graphs["user_encoder"]["flops"] + one)
