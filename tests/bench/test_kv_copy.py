@@ -1,6 +1,6 @@
 """The ``ort-kv-copy`` bench peer: the straightforward K/V-copy export of the split.
 
-One tiny OneTrans with random weights is exported once and `bench`'s peers section runs once
+The session's trained tiny OneTrans build (MovieLens schema) and `bench`'s peers section run once
 on it (quick, tiny sizes, its scratch files kept), so the graph checked here is the one bench
 measured. Asserted: its logits equal the split's (eager and ORT) within 1e-4 for partial,
 full and empty histories at C = 1, 3, 17; the graph really copies the user's K/V per
@@ -20,35 +20,25 @@ from onetrans_trt.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MAX_HISTORY = 16
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_torch_thread):
-    """``(model, build, kv-copy graph, bench result)``: the tiny preset (random weights, synthetic
-    schema) exported without unified.onnx, and ``bench_peers(quick=True)`` on it with its own
-    default peers, no pyramid twin (a second export), scratch kept in ``work``."""
+def tiny(tiny_build, tmp_path_factory, one_torch_thread):
+    """``(model, build, kv-copy graph, bench result)``: the session's trained tiny build (real
+    MovieLens schema) and its checkpoint's model, and ``bench_peers(quick=True)`` on it with its
+    own default peers, no pyramid twin (a second export), scratch kept in ``work``."""
     from onetrans_trt.bench.kv_copy import GRAPH, NAME
     from onetrans_trt.bench.peers import bench_peers
-    from onetrans_trt.data.synthetic import synthetic_schema
-    from onetrans_trt.export.api import export_build
-    from onetrans_trt.models.checkpoint import save_checkpoint
-    from onetrans_trt.models.config import ModelConfig
-    from onetrans_trt.models.onetrans import OneTrans
-    from tests.helpers import randomize
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.models.checkpoint import load_checkpoint
 
-    root = tmp_path_factory.mktemp("kv-copy")
-    model = randomize(OneTrans(ModelConfig.from_preset("tiny", synthetic_schema(max_history=MAX_HISTORY))), seed=3)
-    ck = save_checkpoint(model, root / "ckpt")
-    build = root / "build"
-    export_build(ck, build, n_samples=1)
-    work = root / "work"
-    res = bench_peers(build, quick=True, history=12, candidates=5, scorer_candidates=8, cache_history=12,
+    model = load_checkpoint(read_manifest(tiny_build)["checkpoint"]["path"]).eval()
+    work = tmp_path_factory.mktemp("kv-copy") / "work"
+    res = bench_peers(tiny_build, quick=True, history=12, candidates=5, scorer_candidates=8, cache_history=12,
                       cache_candidates=4, rounds=1, threads=1, pyramid=False, work=work)
-    return model, build, work / NAME / GRAPH, res
+    return model, tiny_build, work / NAME / GRAPH, res
 
 
-@pytest.mark.parametrize("events", [5, MAX_HISTORY, 0], ids=["partial", "full", "empty"])
+@pytest.mark.parametrize("events", [5, "full", 0], ids=["partial", "full", "empty"])
 @pytest.mark.parametrize("candidates", [1, 3, 17])
 def test_kv_copy_logits_equal_the_split(tiny, events, candidates):
     import torch
@@ -59,6 +49,7 @@ def test_kv_copy_logits_equal_the_split(tiny, events, candidates):
 
     model, build, graph, _ = tiny
     schema = model.cfg.schema
+    events = schema.max_history if events == "full" else events
     req = synthetic_request(schema, np.random.default_rng(events * 100 + candidates), n_history=events,
                             n_candidates=candidates)
     hist, ns = encode_request(schema, req)
