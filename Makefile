@@ -57,7 +57,7 @@ test: venv data browser qemu redis
 # the tests that take minutes each (onetrans-s fusion, the HyFormer CLI chain, SIGKILL inside
 # export/calibrate writes, the three example modules exported and validated, bench suites)
 test-heavy: venv data browser
-	$(BIN)/python -m pytest -q -m heavy
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m heavy --durations=15
 
 # the whole Triton server suite: a real tritonserver (the nvidia-pytriton 0.7.0 wheel, fetched with
 # `pip download` into ~/.cache/onetrans-trt/tritonserver on first use) on loopback; both families,

@@ -40,7 +40,9 @@ def check_build_by_capability(r, build) -> None:
         assert all((d / e).stat().st_size > 0 for e in engines)
 
 
-@pytest.mark.parametrize("family", ["onetrans", pytest.param("hyformer", marks=pytest.mark.heavy)])
+# every command in a row (~2.5 min each): make test-heavy; make test runs the README Quickstart's chain
+@pytest.mark.heavy
+@pytest.mark.parametrize("family", ["onetrans", "hyformer"])
 def test_cli_chain(family, tmp_path, movielens):
     ck, build = tmp_path / "ck", tmp_path / "build"
     r = run("train", "--model", family, "--preset", "tiny", "--out", ck, "--epochs", "1", "--limit", "3000", "--json")

@@ -15,6 +15,10 @@ from click.testing import CliRunner
 
 from onetrans_trt.cli import cli
 
+# exports a random `small` model twice (~3 min): make test-heavy; the append itself is proven in
+# make test by tests/export/test_append_graph.py and tests/runtime/test_ranker_append.py
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):

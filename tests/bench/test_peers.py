@@ -25,6 +25,7 @@ def _numbers(tree, path: str = "") -> list[tuple[str, float]]:
     return [(path, float(tree))] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
 
 
+@pytest.mark.heavy  # ~65 s; make test: tests/bench/test_kv_copy.py checks the peers' logits on the same build
 def test_bench_peers_on_a_build(tiny_build, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench", str(tiny_build), "--quick", "--history", "30", "--candidates", "8",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 import torch
 
 from onetrans_trt.bench.memory import peak_growth
@@ -23,6 +24,7 @@ from onetrans_trt.graphs.no_broadcast import kv_broadcasts
 from tests.protocol.test_protocol import example
 
 
+@pytest.mark.heavy  # an export and two memory measurements (~50 s)
 def test_naive_example_exports_without_kv_copies_and_its_memory_grows_like_ours(tmp_path):
     import numpy as np
 

@@ -18,11 +18,12 @@ from onetrans_trt.runtime.ranker import Ranker
 VARIANTS = [  # (preset, pyramid, ns_tokenizer, merge_mode, pyramid_impl)
     ("tiny", "linear", "auto_split", "timestamp_aware", "slice_first"),
     ("tiny", "off", "group", "timestamp_agnostic", "slice_first"),
+    # make test-heavy from here (40-80 s each): compute-then-slice, the small preset
     ("tiny", "linear", "group", "timestamp_agnostic", "compute_then_slice"),
     ("small", "linear", "group", "timestamp_aware", "slice_first"),
-    # 80 s (a small model over 200 requests of a second MovieLens merge): make test-heavy
     ("small", "off", "auto_split", "timestamp_agnostic", "slice_first"),
 ]
+N_FAST = 2  # the variants make test runs
 
 
 def _ckpt(movielens, tmp: Path, preset, pyramid, tok, merge, impl, seed: int | None = None) -> Path:
@@ -41,8 +42,8 @@ def _ckpt(movielens, tmp: Path, preset, pyramid, tok, merge, impl, seed: int | N
     return save_checkpoint(model, tmp / "ckpt")
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, id="-".join(v), marks=[pytest.mark.heavy] * (v == VARIANTS[-1]))
-                                     for v in VARIANTS])
+@pytest.mark.parametrize("variant", [pytest.param(v, id="-".join(v), marks=[pytest.mark.heavy] * (i >= N_FAST))
+                                     for i, v in enumerate(VARIANTS)])
 def test_ort_equals_pytorch_unified_on_200_real_requests(variant, movielens, tmp_path):
     from tests.helpers import stable_seed
 
@@ -106,6 +107,7 @@ def test_ort_unified_backend_matches(tiny_build, movielens):
         assert np.abs(a.rank(req).logits - b.rank(req).logits).max() <= 1e-4
 
 
+@pytest.mark.heavy  # two small exports (~95 s)
 def test_inspect_reports_flops_and_the_pyramid_saves_by_the_schedule_ratio(movielens, tmp_path):
     from onetrans_trt.export.inspect import inspect_build, kv_lengths
 

@@ -36,7 +36,8 @@ def _builds(tmp_path, preset: str):
     return fused, plain
 
 
-@pytest.mark.parametrize("preset,layers", [("tiny", 2), ("small", 3), pytest.param("onetrans-s", 6, marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("preset,layers", [("tiny", 2), pytest.param("small", 3, marks=pytest.mark.heavy),
+                                          pytest.param("onetrans-s", 6, marks=pytest.mark.heavy)])
 def test_every_attention_is_fused_and_outputs_do_not_change(preset, layers, tmp_path):
     from polygraphy.json import load_json
 

@@ -104,6 +104,7 @@ def test_concurrent_users_are_scored_in_one_call(triton, tiny_build, batching_re
         assert client.infer_http(url, "candidate_scorer_users", empty)["logits"].shape == (1, 0, 2)
 
 
+@pytest.mark.serve_full  # exports an example module (~50 s): make serve-test
 def test_batching_off_and_what_cannot_be_packed(tiny_build, tmp_path):
     from onetrans_trt.cli import cli
     from tests.examples.test_example_stages import _export
