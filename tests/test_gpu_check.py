@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.heavy  # the whole CPU part of make gpu-check (~45 s)
 def test_gpu_check_runs_its_cpu_parts_and_says_what_it_skipped(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-m", "onetrans_trt.gpu_check", "--json", str(tmp_path / "r.json")],

@@ -73,7 +73,7 @@ print(json.dumps([float(plain.run(None, x)[0][0, 0]), float(ort_session({str(pat
 
 
 @needs_qemu
-def test_without_vnni_the_tiny_int8_encoder_scores_as_here(tiny_int8_build):
+def test_without_vnni_the_tiny_int8_encoder_scores_as_here(tiny_int8_build, tmp_path):
     """The CI failure of 2026-12-02 (ort-int8 user_v_1 0.472 > 0.407 on a host without VNNI),
     reproduced and gone: the INT8 encoder under emulation with ORT's defaults is far from the
     float graph; with our options it gives this host's numbers."""
@@ -82,7 +82,7 @@ def test_without_vnni_the_tiny_int8_encoder_scores_as_here(tiny_int8_build):
     b = tiny_int8_build
     z = np.load(b / "int8" / "calibration.npz")
     feeds = [{k.split("/", 2)[2]: z[k] for k in z.files if k.startswith(f"user/{i}/")} for i in range(8)]
-    np.savez(b.parent / "feeds.npz", **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    np.savez(tmp_path / "feeds.npz", **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
     ref, here = ort_session(b / "user_encoder.onnx"), ort_session(b / "int8" / "user_encoder.onnx")
     names = [o.name for o in ref.get_outputs()]
     fp32 = [ref.run(None, f) for f in feeds]
@@ -90,17 +90,17 @@ def test_without_vnni_the_tiny_int8_encoder_scores_as_here(tiny_int8_build):
     out = _under_haswell(f"""
 import numpy as np, onnxruntime as ort
 from onetrans_trt.runtime.ort_backend import ort_session
-z = np.load({str(b.parent / "feeds.npz")!r})
+z = np.load({str(tmp_path / "feeds.npz")!r})
 feeds = [{{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{{i}}/")}} for i in range(8)]
 g = {str(b / "int8" / "user_encoder.onnx")!r}
 plain = ort.InferenceSession(g, ort.SessionOptions(), providers=["CPUExecutionProvider"])
 ours = ort_session(g)
-np.savez({str(b.parent / "emulated.npz")!r}, **{{f"{{s}}/{{i}}/{{j}}": o for s, sess in (("plain", plain), ("ours", ours))
+np.savez({str(tmp_path / "emulated.npz")!r}, **{{f"{{s}}/{{i}}/{{j}}": o for s, sess in (("plain", plain), ("ours", ours))
          for i, f in enumerate(feeds) for j, o in enumerate(sess.run(None, f))}})
 print("[]")
 """)
     assert out == []
-    em = np.load(b.parent / "emulated.npz")
+    em = np.load(tmp_path / "emulated.npz")
 
     def worst(kind):
         return max(float(np.abs(em[f"{kind}/{i}/{j}"] - fp32[i][j]).max()) for i in range(8) for j in range(len(names)))

@@ -76,18 +76,12 @@ def write_figure(text: str, name: str, body: str) -> str:
 def test_counts(root: Path = ROOT) -> dict[str, int]:
     """``{"test": N, "heavy": M, "serve_full": K}``: the tests ``make test`` (-m "not heavy and
     not serve_full"), ``make test-heavy`` (-m heavy) and only ``make serve-test`` collect."""
-    counts = {}
-    for marker in ("heavy", "serve_full"):
-        p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", marker, "-p",
-                            "no:cacheprovider"], cwd=root, env=block_env(root), capture_output=True, text=True,
-                           timeout=600)
-        m = re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", p.stdout)
-        if not m:
-            raise RuntimeError(f"pytest --collect-only printed no count:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-        counts[marker] = int(m.group(1))
-        total = int(m.group(2))
-    return {"heavy": counts["heavy"], "serve_full": counts["serve_full"],
-            "test": total - counts["heavy"] - counts["serve_full"]}
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "tools.marker_counts", "-p",
+                        "no:cacheprovider"], cwd=root, env=block_env(root), capture_output=True, text=True, timeout=600)
+    m = re.search(r"^marker-counts: (\{.*\})$", p.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"pytest --collect-only printed no count:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return json.loads(m.group(1))
 
 
 def fig_test_counts(counts: dict[str, int]) -> str:

@@ -76,6 +76,7 @@ def test_an_error_or_ctrl_c_inside_a_suite_removes_its_scratch_directory(suite, 
     assert ours(fresh_tmp) == [], ours(fresh_tmp)
 
 
+@pytest.mark.heavy  # a whole bench on a build (~45 s); the signal tests below stay in make test
 def test_a_successful_run_on_a_build_removes_its_scratch_directory(tiny_build, fresh_tmp, monkeypatch):
     """On a build, the scratch directory holds the pyramid-off twin; gone after the run."""
     import onetrans_trt.bench.peers as peers

@@ -40,7 +40,8 @@ def test_an_empty_split_and_a_split_with_no_long_sequence(movielens):
     assert movielens.sequence_caps(short) == [8] * movielens.schema.num_sequences
 
 
-@pytest.mark.parametrize("value,want", [(None, "auto"), ("off", None), ("40,16,8", [40, 16, 8])])
+@pytest.mark.parametrize("value,want", [(None, "auto"), pytest.param("off", None, marks=pytest.mark.heavy),
+                                        pytest.param("40,16,8", [40, 16, 8], marks=pytest.mark.heavy)])
 def test_train_writes_the_caps_it_was_given(value, want, tmp_path, movielens):
     out = tmp_path / "ck"
     args = ["train", "--model", "hyformer", "--preset", "tiny", "--epochs", "1", "--limit", "64", "--out", str(out)]

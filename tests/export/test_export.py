@@ -17,13 +17,13 @@ from onetrans_trt.runtime.ranker import Ranker
 
 VARIANTS = [  # (preset, pyramid, ns_tokenizer, merge_mode, pyramid_impl)
     ("tiny", "linear", "auto_split", "timestamp_aware", "slice_first"),
+    # make test-heavy from here (30-80 s each): pyramid off, compute-then-slice, the small preset
     ("tiny", "off", "group", "timestamp_agnostic", "slice_first"),
-    # make test-heavy from here (40-80 s each): compute-then-slice, the small preset
     ("tiny", "linear", "group", "timestamp_agnostic", "compute_then_slice"),
     ("small", "linear", "group", "timestamp_aware", "slice_first"),
     ("small", "off", "auto_split", "timestamp_agnostic", "slice_first"),
 ]
-N_FAST = 2  # the variants make test runs
+N_FAST = 1  # the variants make test runs (the rest: make test-heavy)
 
 
 def _ckpt(movielens, tmp: Path, preset, pyramid, tok, merge, impl, seed: int | None = None) -> Path:
@@ -192,6 +192,7 @@ def test_cli_export_errors_are_one_line(case, tmp_path, tiny_ckpt):
     assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-2000:]
 
 
+@pytest.mark.heavy  # exports and measures peak memory at several sizes (~40 s)
 def test_scorer_memory_grows_with_c_t_l_not_c_l_d(tmp_path):
     """ORT peak memory (measured exactly: the kernel's high-water mark in a fresh process,
     see bench/memory.py) grows from C=128 to C=1024 by no more than the scorer's own

@@ -170,6 +170,7 @@ def _tiny_scores(build: Path) -> tuple[np.ndarray, np.ndarray]:
     return be.score(be.encode_user(hist), ns), arrays["0/logits"]
 
 
+@pytest.mark.heavy  # the tiny checkpoint exported again with external data (~70 s)
 def test_our_checkpoint_exports_with_external_data_and_runs_from_another_directory(tiny_external, tmp_path,
                                                                                    monkeypatch):
     _assert_external_build(tiny_external, ("user_encoder.onnx", "candidate_scorer.onnx", "serving.onnx",
@@ -179,6 +180,7 @@ def test_our_checkpoint_exports_with_external_data_and_runs_from_another_directo
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.heavy  # the tiny checkpoint exported again with external data (~70 s)
 def test_rerunning_passes_replaces_graph_and_data_together(tiny_external, tmp_path, monkeypatch):
     from onetrans_trt.export.api import read_manifest, rerun_passes
 

@@ -32,6 +32,7 @@ def _check(res: dict, levels: list[int]) -> None:
         assert lv["users_per_scorer_call"] == 1.0 if lv["concurrency"] == 1 else lv["users_per_scorer_call"] >= 1.0
 
 
+@pytest.mark.serve_full  # ~30 s; make test keeps the server's raw/tensor, cache and cross-user tests
 def test_bench_server_small_load(triton, tiny_build, tmp_path):
     r = _run("bench", tiny_build, "--suite", "server", "--concurrency", "1,3", "--requests", "4", "--rounds", "1",
              "--candidates", "8", "--json", "--out", tmp_path / "b.json")

@@ -99,6 +99,7 @@ def test_one_weight_perturbed_by_one_percent_is_caught_at_its_layer(tiny_build, 
     assert "first divergence: layer 1, layers.1.ns_ffn.up" in p.stdout, p.stdout
 
 
+@pytest.mark.heavy  # its own FP16 export (~35 s); the other catches below stay in make test
 def test_fp16_norm_forced_to_fp16_overflows_and_is_caught(tiny_ckpt, tmp_path):
     """Activations of a few thousand are fine in FP32 and in an FP32 norm, but a norm
     computed in FP16 squares them past 65504."""
