@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quality", type=int, default=0, metavar="N",
-                    help="also rank N real MovieLens requests (50 candidates each) with FP32 and dyn-s7 through "
+                    help="also rank N real MovieLens requests (50 candidates each) with dyn-s7 and dyn-s8 through "
                          "the Ranker, against the build's PyTorch checkpoint: |dAUC|, top-10 overlap, Kendall tau "
                          "(a trained checkpoint's build; what `calibrate`'s quality report measures)")
     ap.add_argument("--json", type=Path)
@@ -119,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {k:12s} p50 {r['p50_ms']:9.1f} ms  fp32/this {r['fp32_over_this']:5.2f}x  "
                       f"max |diff| {r['max_abs_diff']:.4g}", flush=True)
         if a.quality:
-            out["quality"] = {"dyn-s7": _quality(a.build, session(paths["s7"], False), a.quality)}
-            print("quality of dyn-s7 against PyTorch:", json.dumps(out["quality"]["dyn-s7"]), flush=True)
+            out["quality"] = {}
+            for name, path, exact in (("dyn-s7", paths["s7"], False), ("dyn-s8", paths["s8"], True)):
+                out["quality"][name] = _quality(a.build, session(path, exact), a.quality)
+                print(f"quality of {name} against PyTorch:", json.dumps(out["quality"][name]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
     return 0
@@ -128,33 +130,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quality(build: Path, scorer, n: int) -> dict:
     """``calibrate``'s quality report for an ORT scorer session swapped into the ``ort`` Ranker."""
-    from onetrans_trt.calibrate.quality import ranking_agreement
+    from onetrans_trt.calibrate.quality import compare_rankers
     from onetrans_trt.data.movielens import MovieLens
     from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.models.training import binary_metrics
     from onetrans_trt.runtime.ranker import Ranker
 
     variant = Ranker.load(build, backend="ort")
     variant.backend.scorer = scorer  # same inputs and outputs as the FP32 scorer
     ref = Ranker.load(read_manifest(build)["checkpoint"]["path"], backend="torch-split")
-    schema = ref.schema
-    ml = MovieLens(max_history=schema.max_history, merge_mode=schema.merge_mode)
-    ys, pv, pr, overlaps, taus = [], [], [], [], []
-    for req, labels in ml.requests(n, n_candidates=50, seed=2024):
-        lv, lr = variant.rank(req).logits, ref.rank(req).logits
-        o, t = ranking_agreement(lv[:, 0], lr[:, 0])
-        overlaps.append(o)
-        taus.append(t)
-        for j, lab in enumerate(labels):
-            if lab is not None:
-                ys.append(lab)
-                pv.append(lv[j])
-                pr.append(lr[j])
-    y = np.asarray(ys, np.float32)
-    mv, mr = binary_metrics(y, np.asarray(pv), ref.tasks), binary_metrics(y, np.asarray(pr), ref.tasks)
-    return {"requests": n, "delta_auc": {t: mv[t]["auc"] - mr[t]["auc"] for t in ref.tasks},
-            "torch_auc": {t: mr[t]["auc"] for t in ref.tasks},
-            "top10_overlap_mean": float(np.mean(overlaps)), "kendall_tau_mean": float(np.mean(taus))}
+    ml = MovieLens(max_history=ref.schema.max_history, merge_mode=ref.schema.merge_mode)
+    q = compare_rankers(variant, ref, ml.requests(n, n_candidates=50, seed=2024))
+    return {"requests": n, "delta_auc": {t: m["delta_auc"] for t, m in q["metrics"].items()},
+            "torch_auc": {t: m["torch_auc"] for t, m in q["metrics"].items()}, **q["ranking"],
+            "max_abs_logit_error": q["max_abs_logit_error"]}
 
 
 if __name__ == "__main__":

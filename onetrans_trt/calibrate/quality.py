@@ -40,7 +40,6 @@ def evaluate_variant(build: str | Path, variant: str, *, n_requests: int = 200, 
                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     from onetrans_trt.data.movielens import MovieLens
     from onetrans_trt.export.api import read_manifest
-    from onetrans_trt.models.training import binary_metrics
     from onetrans_trt.runtime.ranker import Ranker
 
     build = Path(build)
@@ -53,6 +52,23 @@ def evaluate_variant(build: str | Path, variant: str, *, n_requests: int = 200, 
     schema = ref_ranker.schema
     ml = MovieLens(data_dir, max_history=schema.max_history, merge_mode=schema.merge_mode)
     reqs = ml.requests(n_requests, n_candidates=n_candidates, seed=2024)
+    q = compare_rankers(variant_ranker, ref_ranker, reqs, progress=progress)
+    return {
+        "variant": variant, "backend": VARIANT_BACKENDS[variant],
+        "data": f"MovieLens-100K test requests ({len(reqs)}, {n_candidates} candidates each, seed 2024)",
+        "requests": len(reqs),
+        "candidates_per_request": n_candidates, **q,
+        "note": getattr(variant_ranker.backend, "note", ""),
+    }
+
+
+def compare_rankers(variant_ranker, ref_ranker, reqs, *, progress: Callable[[int, int], None] | None = None
+                    ) -> dict[str, Any]:
+    """Two Rankers on the same labelled requests (``(request, labels)`` pairs): per task AUC and
+    logloss of each and their deltas, top-10 overlap and Kendall tau of the first task's order,
+    the largest logit difference."""
+    from onetrans_trt.models.training import binary_metrics
+
     tasks = ref_ranker.tasks
     ys, pv, pr, overlaps, taus, worst = [], [], [], [], [], 0.0
     for i, (req, labels) in enumerate(reqs):
@@ -71,17 +87,13 @@ def evaluate_variant(build: str | Path, variant: str, *, n_requests: int = 200, 
     y, pv, pr = np.asarray(ys, np.float32), np.asarray(pv), np.asarray(pr)
     mv, mr = binary_metrics(y, pv, tasks), binary_metrics(y, pr, tasks)
     return {
-        "variant": variant, "backend": VARIANT_BACKENDS[variant],
-        "data": f"MovieLens-100K test requests ({len(reqs)}, {n_candidates} candidates each, seed 2024)",
-        "requests": len(reqs),
-        "candidates_per_request": n_candidates, "labelled": int(len(y)),
+        "labelled": int(len(y)),
         "metrics": {t: {"auc": mv[t]["auc"], "logloss": mv[t]["logloss"], "torch_auc": mr[t]["auc"],
                         "torch_logloss": mr[t]["logloss"], "delta_auc": mv[t]["auc"] - mr[t]["auc"],
                         "delta_logloss": mv[t]["logloss"] - mr[t]["logloss"]} for t in tasks},
         "ranking": {"top10_overlap_mean": float(np.mean(overlaps)), "top10_overlap_min": float(np.min(overlaps)),
                     "kendall_tau_mean": float(np.mean(taus)), "kendall_tau_min": float(np.min(taus))},
         "max_abs_logit_error": worst,
-        "note": getattr(variant_ranker.backend, "note", ""),
     }
 
 
