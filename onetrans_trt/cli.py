@@ -562,13 +562,15 @@ def info(ckpt: Path, as_json: bool) -> None:
 @click.option("--request", "request_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="A request JSON file (one object, a list, or JSON lines).")
 @click.option("--backend", type=click.Choice(["torch-split", "torch-unified", "torch-compile", "torch-compile-static",
-                                              "ort", "ort-fp16", "ort-int8", "ort-unified", "trt", "trt-fp16",
-                                              "trt-int8"]),
+                                              "ort", "ort-fp16", "ort-int8", "ort-int8-qdq", "ort-int8-cpu",
+                                              "ort-unified", "trt", "trt-fp16", "trt-int8"]),
               default=None, help="For a checkpoint: torch-split (default; encodes the user once), "
                                  "torch-compile / torch-compile-static (the same split through torch.compile, "
                                  "dynamic or per-shape; compiles on the first request) or "
                                  "torch-unified (the full model per candidate, the naive path). For a "
-                                 "build: ort (default) or ort-unified (needs export --unified).")
+                                 "build: ort (default), ort-unified (needs export --unified), ort-fp16, "
+                                 "ort-int8 (on CPU: int8-cpu/ when the build has it, else int8/), ort-int8-qdq "
+                                 "(int8/, TensorRT's graphs), ort-int8-cpu (int8-cpu/), trt*.")
 @click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file of request limits (max_history, max_candidates, max_request_bytes, "
                    "over_limit refuse|truncate); defaults apply without it.")
@@ -989,9 +991,12 @@ def _unread_quality_options(module_build: bool, n: int, inputs_path, reads_data:
 
 @cli.command("convert")
 @click.argument("build", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp16"]), default="fp16", show_default=True)
-@click.option("--kv-fp16", is_flag=True, help="Pass the K/V between the graphs in FP16 (halves the user cache).")
-@click.option("--keep-fp32", default="", help="Comma-separated op types or node names to keep in FP32 "
+@click.option("--precision", type=click.Choice(["fp16", "int8-cpu"]), default="fp16", show_default=True,
+              help="fp16: both graphs in FP16 (BUILD/fp16/, for GPUs); int8-cpu: the candidate scorer for ONNX "
+                   "Runtime's CPU integer kernels (BUILD/int8-cpu/: dynamic INT8, 7-bit weights, exact on every "
+                   "x86-64 CPU; no calibration set needed).")
+@click.option("--kv-fp16", is_flag=True, help="fp16: pass the K/V between the graphs in FP16 (halves the user cache).")
+@click.option("--keep-fp32", default="", help="fp16: comma-separated op types or node names to keep in FP32 "
                                               "(norms, softmax paths and the final logits always are).")
 @click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
               help="MovieLens test requests for the quality report (0: skip it); on a module build: how many "
@@ -1006,8 +1011,14 @@ def _unread_quality_options(module_build: bool, n: int, inputs_path, reads_data:
 @JSON_OUT
 def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_path, synthetic, module_ref, weights,
                 data_dir, as_json) -> None:
-    """Write FP16 variants of both graphs to BUILD/fp16/ and report their ranking quality
-    against the float32 PyTorch model (BUILD/fp16/quality.json).
+    """Write FP16 variants of both graphs to BUILD/fp16/ (or, with --precision int8-cpu, the CPU
+    INT8 candidate scorer to BUILD/int8-cpu/) and report their ranking quality against the
+    float32 PyTorch model (BUILD/<variant>/quality.json).
+
+    \b
+    int8-cpu is what `rank`/`serve-repo`/`bench` run as `ort-int8` on a CPU (or by name,
+    `ort-int8-cpu`); TensorRT's INT8 stays `calibrate` (BUILD/int8/, Q/DQ).
+      onetrans-trt convert BUILD --precision int8-cpu
 
     \b
     A build from `export --module` has no dataset: its quality report compares the FP16
@@ -1020,6 +1031,9 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
     """
     from onetrans_trt.calibrate.fp16 import convert_build
 
+    if precision == "int8-cpu":
+        _refuse(("kv_fp16", "keep_fp32"), "with --precision int8-cpu",
+                "they shape the FP16 variant; the CPU INT8 scorer reads the float32 encoder's K/V")
     module_build = _module_build(build)
     _unread_quality_options(module_build, quality_requests, inputs_path, quality_requests > 0,
                             data_only_for_quality=("inputs_path", "synthetic"))
@@ -1029,20 +1043,28 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
     else:
         _checkpoint_only(build, **{"--inputs": inputs_path, "--synthetic": synthetic, "--module": module_ref,
                                    "--weights": weights})
-    info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()], kv_fp16=kv_fp16)
+    if precision == "int8-cpu":
+        from onetrans_trt.calibrate.int8_cpu import convert_int8_cpu
+
+        info = convert_int8_cpu(build)
+        lines = [f"wrote {build}/int8-cpu/ ({info['quantized_matmuls']} MatMuls in INT8, {info['weight_bits']}-bit "
+                 f"weights, activations quantized at run time; user encoder: the build's float32 one)"]
+    else:
+        info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()],
+                             kv_fp16=kv_fp16)
+        lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"]
     rep = None
-    lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"]
     if plan is not None:
         from onetrans_trt.calibrate.module import quality_lines
 
         with _progress() as prog:
-            rep = _module_quality(build, "fp16", plan, prog)
+            rep = _module_quality(build, precision, plan, prog)
         lines += quality_lines(rep)
     elif quality_requests and not module_build:
         with _progress() as prog:
-            rep = _quality(build, "fp16", quality_requests, data_dir, prog)
+            rep = _quality(build, precision, quality_requests, data_dir, prog)
         lines += _quality_lines(rep)
-    _emit({"fp16": info, "quality": rep}, as_json, "\n".join(lines))
+    _emit({precision: info, "quality": rep}, as_json, "\n".join(lines))
 
 
 @cli.command("calibrate")
@@ -1398,7 +1420,7 @@ def serve_repo_cmd(build, out, backend, precision, limits_path, threads, user_ca
 
 
 PEER_BACKENDS = ["torch-unified", "torch-split", "torch-compile", "torch-compile-static", "ort-unified", "ort",
-                 "ort-kv-copy", "ort-fp16", "ort-int8"]
+                 "ort-kv-copy", "ort-fp16", "ort-int8", "ort-int8-qdq", "ort-int8-cpu"]
 
 
 @cli.command("bench")

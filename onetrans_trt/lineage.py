@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from onetrans_trt.errors import BuildError, StaleArtifact
+from onetrans_trt.variants import MADE_BY as VARIANTS  # variant -> the command that makes it
+from onetrans_trt.variants import has_variant
 
 FORMAT = "onetrans-trt/lineage/1"
 ROLES = ("user_encoder", "candidate_scorer")
-VARIANTS = {"fp16": "convert", "int8": "calibrate"}
 ENGINE_LINEAGE = "lineage.json"
 log = logging.getLogger("onetrans_trt.lineage")
 _warned: set[tuple[str, str]] = set()
@@ -103,7 +104,7 @@ def variant_state(build: str | Path, manifest: dict, variant: str) -> tuple[str,
     mismatched: the message names the command to re-run), ``unknown`` (no record) or
     ``absent`` (the manifest lists no such variant)."""
     info = (manifest.get("precisions") or {}).get(variant)
-    default = [VARIANTS[variant], "BUILD"]
+    default = list(VARIANTS[variant])
     if not isinstance(info, dict):
         return "absent", f"{build} has no {variant} variant; run `{command_line(build, None, default)}`"
     lin = info.get("lineage")
@@ -125,10 +126,10 @@ def check_variant(build: str | Path, manifest: dict, variant: str) -> None:
     state, msg = variant_state(build, manifest, variant)
     if state == "stale":
         raise StaleArtifact(msg)
-    if state == "absent" and (Path(build) / variant / "candidate_scorer.onnx").is_file():
+    if state == "absent" and has_variant(build, variant):
         state, msg = "unknown", (f"{build}/{variant}/ is not listed in the manifest (its command did not finish): it "
                                  f"cannot be checked against the current graphs; re-run "
-                                 f"`{command_line(build, None, [VARIANTS[variant], 'BUILD'])}`")
+                                 f"`{command_line(build, None, list(VARIANTS[variant]))}`")
     if state == "unknown":
         warn_once((str(Path(build).resolve()), variant), msg)
 

@@ -315,12 +315,13 @@ def check_manifest(m: Any, path: Path) -> dict[str, Any]:
     returns it. A variant's bad lineage names the command that records it again."""
     from onetrans_trt.contracts import refused
     from onetrans_trt.manifest import FORMAT, Manifest, Variant
+    from onetrans_trt.variants import MADE_BY
 
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BuildError(f"{path}: not an onetrans-trt build manifest")
     variants = m["precisions"] if isinstance(m.get("precisions"), dict) else {}
     for v, info in variants.items():
-        how = {"fp16": "convert", "int8": "calibrate"}.get(v, "export")
+        how = " ".join(a for a in MADE_BY.get(v, ["export"]) if a != "BUILD")
         with refused(BuildError, info, f"precisions.{v}", prefix=f"{path}: ", suffix=f"; re-run `onetrans-trt {how}`"):
             Variant.model_validate(info)
     with refused(BuildError, m, "", prefix=f"{path}: ", suffix="; re-run `onetrans-trt export`"):

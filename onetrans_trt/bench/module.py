@@ -23,7 +23,7 @@ import numpy as np
 
 from onetrans_trt.errors import InputError
 
-PEERS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8"]
+PEERS = ["torch-unified", "torch-split", "ort-unified", "ort", "ort-fp16", "ort-int8", "ort-int8-qdq", "ort-int8-cpu"]
 QUICK = dict(rounds=12, budget_s=6.0)
 FULL = dict(rounds=8, budget_s=60.0)
 
@@ -60,7 +60,9 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
     C = candidates or spec.dim_range("candidates")[1]
     if threads:
         torch.set_num_threads(threads)
-    wanted = backends or PEERS
+    from onetrans_trt.variants import int8_backends
+
+    wanted = backends or [*PEERS[:5], *int8_backends(build)]
     unknown = [b for b in wanted if b not in PEERS]
     if unknown:
         raise InputError(f"--backends: unknown {unknown}; choose from {','.join(PEERS)}")
@@ -90,21 +92,22 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
             be = OrtUnifiedBackend(build, threads=threads)
             fns[name] = lambda be=be: be.score_unified(user_np, cand_np)
         else:
-            sub = {"ort": "", "ort-fp16": "fp16", "ort-int8": "int8"}[name]
-            if sub and sub not in precisions:
-                how = {"fp16": "convert", "int8": "calibrate"}[sub]
-                skipped[name] = f"no {sub} variant (onetrans-trt {how} {build})"
+            from onetrans_trt.variants import graph_path, make_command, variant_of
+
+            sub = variant_of(build, name)
+            if sub != "fp32" and sub not in precisions:
+                skipped[name] = f"no {sub} variant ({make_command(sub).replace(' BUILD', f' {build}')})"
                 continue
-            if sub:
+            if sub != "fp32":
                 from onetrans_trt import lineage
 
                 state, why = lineage.variant_state(build, m, sub)
                 if state == "stale":  # made from graphs since rewritten: not measured as this build's
                     skipped[name] = why
                     continue
-            prefix = f"{sub}/" if sub else ""
-            be = OrtSplitBackend(build, name=name, user_graph=f"{prefix}user_encoder.onnx",
-                                 scorer_graph=f"{prefix}candidate_scorer.onnx", threads=threads, device=None)
+            be = OrtSplitBackend(build, name=name, user_graph=str(graph_path(build, sub, "user_encoder")),
+                                 scorer_graph=str(graph_path(build, sub, "candidate_scorer")), threads=threads,
+                                 device=None)
 
             def run(be=be):
                 state = state_arrays(be.encode_user(user_np))

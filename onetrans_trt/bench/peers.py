@@ -7,13 +7,15 @@ One run measures, each group interleaved (every contender once per round, in tur
   ``torch.compile``, dynamic shapes or static; not in ``--quick``), ``ort-unified``, ``ort``,
   ``ort-kv-copy`` (the split as a straightforward ``torch.onnx`` export runs it: the user's K/V
   copied to every candidate, :mod:`onetrans_trt.bench.kv_copy`; OneTrans only) and
-  ``ort-fp16``/``ort-int8`` when the build has them, on one request of L history events and C
+  ``ort-fp16``/``ort-int8`` (``ort-int8-qdq`` and ``ort-int8-cpu`` on a build with ``int8-cpu/``)
+  when the build has them, on one request of L history events and C
   candidates, as ratios against ``ort-unified``; each with its theoretical FLOPs, achieved
   GFLOP/s and largest logit difference from the eager PyTorch split on that request
   (``ort-kv-copy`` is dropped, with the reason, when that is over the fp32 tolerance: a fast
   wrong path is no contender);
 - **machine**: ONNX Runtime's own MatMul GFLOP/s on this machine, same threads, same run;
-- **scorer**: the candidate scorer alone at a large C, its GFLOP/s against the machine's;
+- **scorer**: the candidate scorer alone at a large C, its GFLOP/s against the machine's, and
+  its CPU INT8 form beside it (interleaved) when the build has ``int8-cpu/``;
 - **cache**: a request whose user K/V is cached (the encoder skipped, counted) against one
   that misses and against the scorer graph alone on the same K/V (a hit's floor), with the
   FLOP bound of the speed-up;
@@ -168,6 +170,7 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     from onetrans_trt.models.config import read_config
     from onetrans_trt.runtime.cache import UserKVCache
     from onetrans_trt.runtime.ranker import Ranker
+    from onetrans_trt.variants import has_variant, int8_backends
 
     p = dict(QUICK if quick else FULL)
     for k, v in dict(history=history, candidates=candidates, scorer_candidates=scorer_candidates,
@@ -206,7 +209,7 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     ck = Path(m["checkpoint"]["path"])
     compiled = [] if quick else ["torch-compile", "torch-compile-static"]  # compiles take minutes: not in --quick
     wanted = backends or ["torch-unified", "torch-split", *compiled, "ort-unified", "ort", KV_COPY, "ort-fp16",
-                          "ort-int8"]
+                          *int8_backends(build)]
     rankers: dict[str, Ranker] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
@@ -268,17 +271,26 @@ def _bench_peers(build: str | Path | None, tmp: Path, *, preset: str | None, qui
     from onetrans_trt.onnx_files import load_model
     from onetrans_trt.runtime.ort_backend import OrtSplitBackend
 
+    if "ort" in peers and "ort-int8-cpu" in peers:
+        result["peers"]["ort_int8_cpu_speedup"] = peers["ort"]["p50_ms"] / peers["ort-int8-cpu"]["p50_ms"]
     SC = p["scorer_candidates"]
     say(f"candidate scorer alone at C={SC}")
     ort_split = OrtSplitBackend(build, threads=threads)
     dims = request_dims(m, SC, L)
     sflops = graph_flops(build / "candidate_scorer.onnx", dims)["flops"]  # reads any external data beside it
     feeds = placeholder_feeds(load_model(build / "candidate_scorer.onnx", external=False), dims)
-    slat = interleaved({"scorer": lambda: ort_split.scorer.run(["logits"], feeds)}, rounds=p["rounds"],
-                       warmup=1, budget_s=p["budget_s"])["scorer"]
-    sres = _stats(slat, SC, sflops)
+    scorers = {"scorer": lambda: ort_split.scorer.run(["logits"], feeds)}
+    if has_variant(build, "int8-cpu") and "ort-int8-cpu" not in skipped:  # side by side with the FP32 scorer
+        cpu8 = Ranker.load(build, backend="ort-int8-cpu", threads=threads).backend
+        scorers["int8-cpu"] = lambda: cpu8.scorer.run(["logits"], feeds)
+    slats = interleaved(scorers, rounds=p["rounds"], warmup=1, budget_s=p["budget_s"])
+    sres = _stats(slats["scorer"], SC, sflops)
     sres["fraction_of_machine_matmul"] = sres["gflops_per_s"] / machine
     result["scorer"] = {"candidates": SC, "history": L, **sres}
+    if "int8-cpu" in slats:
+        i8 = _stats(slats["int8-cpu"], SC, sflops)
+        result["scorer"]["int8_cpu"] = {"p50_ms": i8["p50_ms"], "p99_ms": i8["p99_ms"],
+                                        "fp32_over_int8_cpu": sres["p50_ms"] / i8["p50_ms"]}
 
     # -- cache hit vs miss ------------------------------------------------------------------
     CL, CC = p["cache_history"], p["cache_candidates"]
@@ -366,9 +378,15 @@ def table(res: dict[str, Any]) -> str:
             note = {"torch-split": "", KV_COPY: " (the straightforward export: user K/V copied per candidate)"}.get(
                 peer, " (compiled in the warm-up call, not timed)")
             out.append(f"  ort split {ratio:.2f}x faster than {peer}{note}")
+    if pe.get("ort_int8_cpu_speedup") is not None:
+        out.append(f"  ort-int8-cpu {pe['ort_int8_cpu_speedup']:.2f}x faster than ort (CPU INT8 scorer, float32 "
+                   "encoder)")
     sc = res["scorer"]
     out.append(f"\ncandidate scorer alone, C={sc['candidates']}: {sc['p50_ms']:.1f} ms p50, "
                f"{sc['gflops_per_s']:.1f} GFLOP/s = {100 * sc['fraction_of_machine_matmul']:.0f}% of machine MatMul")
+    if sc.get("int8_cpu"):
+        out.append(f"  its CPU INT8 form (int8-cpu/): {sc['int8_cpu']['p50_ms']:.1f} ms p50 -> "
+                   f"{sc['int8_cpu']['fp32_over_int8_cpu']:.2f}x faster than FP32, side by side")
     ca = res["cache"]
     out.append(f"\nuser K/V cache, L={ca['history']}, C={ca['candidates']}: hit {ca['hit']['p50_ms']:.1f} ms, "
                f"miss {ca['miss']['p50_ms']:.1f} ms p50 -> hits {ca['hit_speedup']:.1f}x faster "

@@ -23,8 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onetrans_trt.errors import InputError
-
-SUBDIR = {"fp32": "", "fp16": "fp16", "int8": "int8"}
+from onetrans_trt.variants import SUBDIR  # noqa: F401 - variant -> its directory in a build
 SYNTHETIC_CANDIDATES = 16  # per calibration request, as for our own builds
 
 
@@ -164,13 +163,13 @@ def evaluate_module_variant(build: str | Path, variant: str, module, requests: l
     from onetrans_trt.protocol import unified_inputs
     from onetrans_trt.runtime.ort_backend import OrtSplitBackend
     from onetrans_trt.validate.module import read_spec
+    from onetrans_trt.variants import graph_path
 
     build = Path(build)
     spec = read_spec(build)
-    sub = SUBDIR[variant]
-    prefix = f"{sub}/" if sub else ""
-    be = OrtSplitBackend(build, name=VARIANT_BACKENDS[variant], user_graph=f"{prefix}user_encoder.onnx",
-                         scorer_graph=f"{prefix}candidate_scorer.onnx", device=None)
+    be = OrtSplitBackend(build, name=VARIANT_BACKENDS[variant],
+                         user_graph=str(graph_path(build, variant, "user_encoder")),
+                         scorer_graph=str(graph_path(build, variant, "candidate_scorer")), device=None)
     tasks = list(spec.tasks)
     per = {t: {"abs": 0.0, "rel": 0.0, "overlap": [], "tau": []} for t in tasks}
     users = 0

@@ -14,8 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from onetrans_trt.errors import BuildError
-
-VARIANT_BACKENDS = {"fp32": "ort", "fp16": "ort-fp16", "int8": "ort-int8"}
+from onetrans_trt.variants import BACKEND_OF as VARIANT_BACKENDS  # variant -> the ORT backend that runs it
 
 
 def ranking_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> tuple[float, float]:
@@ -99,8 +98,9 @@ def compare_rankers(variant_ranker, ref_ranker, reqs, *, progress: Callable[[int
 
 def write_quality(build: str | Path, variant: str, **kw: Any) -> dict[str, Any]:
     from onetrans_trt.io import atomic_write_json
+    from onetrans_trt.variants import SUBDIR
 
     report = evaluate_variant(build, variant, **kw)
-    sub = Path(build) / (variant if variant != "fp32" else ".")
+    sub = Path(build) / (SUBDIR[variant] or ".")
     atomic_write_json(sub / "quality.json", report)
     return report

@@ -59,19 +59,28 @@ def ort_session(path: Any, providers: list[str] | None = None, threads: int | No
         from onetrans_trt.trust import check_onnx
 
         path = Path(path)
-        check_onnx(path)  # a regular file, external data confined to its directory, ops we know
-        return _session_from(path, str(path), providers, threads, simulate_qdq)
+        model = check_onnx(path)  # a regular file, external data confined to its directory, ops we know
+        return _session_from(path, str(path), providers, threads, simulate_qdq, _fast_int8(model))
+    fast = _fast_int8(path)
     with session_source(path) as source:
-        return _session_from(Path("<in-memory model>"), source, providers, threads, simulate_qdq)
+        return _session_from(Path("<in-memory model>"), source, providers, threads, simulate_qdq, fast)
 
 
-def _session_from(path: Path, source, providers, threads, simulate_qdq):
+def _fast_int8(model) -> bool:
+    """A graph whose INT8 weights are marked 7-bit (the CPU INT8 variant) runs ORT's fast integer
+    kernels as they are: they cannot saturate on it (``onetrans_trt/calibrate/int8_cpu.py``)."""
+    from onetrans_trt.ort_options import int8_weights_cannot_saturate
+
+    return int8_weights_cannot_saturate(model)
+
+
+def _session_from(path: Path, source, providers, threads, simulate_qdq, fast_int8: bool = False):
     import onnxruntime as ort
 
     _quiet_ort()
     from onetrans_trt.ort_options import session_options
 
-    opts = session_options(severity=4, threads=threads, simulate_qdq=simulate_qdq)
+    opts = session_options(severity=4, threads=threads, simulate_qdq=simulate_qdq, exact_int8=not fast_int8)
     opts.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=providers or default_providers())

@@ -125,7 +125,9 @@ class Ranker:
         """Load a checkpoint directory (torch backends) or a build directory (ORT/TensorRT backends).
 
         Backends: ``torch-split`` / ``torch-unified`` for a checkpoint; ``ort`` (default for a
-        build), ``ort-fp16``, ``ort-int8``, ``ort-unified`` (needs ``export --unified``) and
+        build), ``ort-fp16``, ``ort-int8`` (on the CPU: ``int8-cpu/`` when the build has it, else
+        ``int8/``), ``ort-int8-qdq`` (``int8/``: TensorRT's Q/DQ graphs), ``ort-int8-cpu``
+        (``int8-cpu/``; :mod:`onetrans_trt.variants`), ``ort-unified`` (needs ``export --unified``) and
         ``trt``/``trt-fp16``/``trt-int8`` for a build. Without ``backend`` a checkpoint gets
         ``torch-split`` when its model splits into user encoder and candidate scorer, else
         (the ``baseline`` family) ``torch-unified``. ``kw``: ``cache``, ``limits``,
@@ -159,16 +161,27 @@ class Ranker:
 
         manifest = read_manifest(build)
         cfg = read_config(build)
+        from onetrans_trt.variants import (ORT_BACKENDS, SUBDIR, graph_path, has_variant, make_command,
+                                           variant_of)
+
         if backend == "ort":
             b: Any = OrtSplitBackend(build, providers=providers, threads=threads)
-        elif backend in ("ort-fp16", "ort-int8"):
-            sub = backend.split("-")[1]
-            if not (build / sub / "candidate_scorer.onnx").is_file():
-                how = "onetrans-trt convert BUILD --precision fp16" if sub == "fp16" else "onetrans-trt calibrate BUILD"
-                raise InputError(f"{build}: no {sub}/ graphs for backend {backend!r}; run `{how}` first")
-            lineage.check_variant(build, manifest, sub)  # made from graphs since rewritten: refused
-            b = OrtSplitBackend(build, name=backend, user_graph=f"{sub}/user_encoder.onnx",
-                                scorer_graph=f"{sub}/candidate_scorer.onnx", providers=providers, threads=threads)
+        elif backend in ORT_BACKENDS:  # a precision variant (onetrans_trt.variants)
+            variant = variant_of(build, backend, on_cpu=runs_on_cpu(providers))
+            if not has_variant(build, variant):
+                how = make_command(variant).replace(" BUILD", f" {build}")
+                more = " (or `onetrans-trt convert BUILD --precision int8-cpu` for CPU serving)" \
+                    if backend == "ort-int8" else ""
+                raise InputError(f"{build}: no {SUBDIR[variant]}/ graphs for backend {backend!r}; run `{how}` "
+                                 f"first{more}")
+            lineage.check_variant(build, manifest, variant)  # made from graphs since rewritten: refused
+            b = OrtSplitBackend(build, name=backend, user_graph=str(graph_path(build, variant, "user_encoder")),
+                                scorer_graph=str(graph_path(build, variant, "candidate_scorer")),
+                                providers=providers, threads=threads)
+            b.variant = variant
+            if variant == "int8-cpu":
+                b.note = (b.note + "; " if b.note else "") + ("int8-cpu/: INT8 candidate scorer for ONNX Runtime's CPU "
+                                                              "integer kernels, float32 user encoder")
         elif backend.startswith("trt"):
             from onetrans_trt.runtime.trt_backend import TrtSplitBackend
 
@@ -182,7 +195,8 @@ class Ranker:
             b = OrtUnifiedBackend(build, providers=providers, threads=threads)
         else:
             raise InputError(f"unknown backend {backend!r} for a build; choose one of "
-                             f"'ort', 'ort-fp16', 'ort-int8', 'ort-unified', 'trt', 'trt-fp16', 'trt-int8'")
+                             f"'ort', 'ort-fp16', 'ort-int8', 'ort-int8-qdq', 'ort-int8-cpu', 'ort-unified', 'trt', "
+                             f"'trt-fp16', 'trt-int8'")
         if kw.get("append") is True:
             from onetrans_trt.runtime.append import appender_for
 
@@ -190,7 +204,7 @@ class Ranker:
         if kw.get("store") is not None and getattr(b, "split", False):
             kw.setdefault("family", cfg.family)
             if kw.get("build_hash") is None:
-                kw["build_hash"] = files_hash(b.name, encoder_files(build, backend))
+                kw["build_hash"] = files_hash(b.name, encoder_files(build, backend, getattr(b, "variant", None)))
         return cls(cfg.schema, list(cfg.tasks), b, **kw)
 
     @classmethod
@@ -270,15 +284,23 @@ class Ranker:
         return kv, said
 
 
-def encoder_files(build: Path, backend: str) -> list[Path]:
+def encoder_files(build: Path, backend: str, variant: str | None = None) -> list[Path]:
     """The files the user encoder of ``backend`` runs from in ``build``: the graph and its
     external data (``<graph>.data``, when there), or the TensorRT engine."""
     if backend.startswith("trt"):
         precision = backend.split("-")[1] if "-" in backend else "fp32"
         return [build / "engines" / precision / "user_encoder.engine"]
-    sub = backend.split("-")[1] if backend in ("ort-fp16", "ort-int8") else ""
-    graph = build / sub / "user_encoder.onnx" if sub else build / "user_encoder.onnx"
+    from onetrans_trt.variants import graph_path, variant_of
+
+    graph = graph_path(build, variant or variant_of(build, backend, on_cpu=runs_on_cpu(None)), "user_encoder")
     return [graph] + [p for p in [graph.with_name(graph.name + ".data")] if p.is_file()]
+
+
+def runs_on_cpu(providers: list[str] | None) -> bool:
+    """Whether ONNX Runtime sessions with ``providers`` (None: the default ones) run on the CPU."""
+    from onetrans_trt.runtime.ort_backend import default_providers
+
+    return (providers or default_providers())[0] == "CPUExecutionProvider"
 
 
 def files_hash(name: str, files: list[Path]) -> str:

@@ -48,10 +48,16 @@ def backend_status(build: Path) -> dict[str, tuple[str, bool] | None]:
     """Every backend -> ``None`` when it can run on ``build`` here, else ``(reason, capability)``:
     ``capability`` is true when this machine lacks something (TensorRT, a GPU: exit 3), false
     when the build lacks an artifact (exit 2)."""
-    out: dict[str, tuple[str, bool] | None] = {"torch-split": None, "ort": None}
-    for p, how in (("fp16", "convert {b} --precision fp16"), ("int8", "calibrate {b}")):
-        out[f"ort-{p}"] = None if (build / p / "candidate_scorer.onnx").is_file() else (
-            f"no {p}/candidate_scorer.onnx; run `onetrans-trt {how.format(b=build)}`", False)
+    from onetrans_trt.variants import ORT_BACKENDS, SUBDIR, has_variant, make_command, variant_of
+
+    out: dict[str, tuple[str, bool] | None] = {"torch-split": None}
+    for name in ORT_BACKENDS:
+        v = variant_of(build, name)
+        if v == "fp32":  # the build's own graphs
+            out[name] = None
+            continue
+        out[name] = None if has_variant(build, v) else (
+            f"no {SUBDIR[v]}/candidate_scorer.onnx; run `{make_command(v).replace(' BUILD', f' {build}')}`", False)
     problem = _trt_problem()
     for p in ("fp32", "fp16", "int8"):
         name = "trt" if p == "fp32" else f"trt-{p}"
@@ -66,7 +72,10 @@ def backend_status(build: Path) -> dict[str, tuple[str, bool] | None]:
 
 
 def available_backends(build: Path) -> list[str]:
-    return [n for n, s in backend_status(build).items() if s is None]
+    """The backends that can run on ``build`` here, as a listing shows them (one name per
+    variant: see :func:`_other_names`)."""
+    other = _other_names(build)
+    return [n for n, s in backend_status(build).items() if s is None and n not in other]
 
 
 def choose_backends(build: Path, backends: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -78,7 +87,9 @@ def choose_backends(build: Path, backends: list[str] | None) -> tuple[list[str],
     status = backend_status(build)
     avail = [n for n, s in status.items() if s is None]
     if backends is None:
-        return avail, {n: s[0] for n, s in status.items() if s is not None}
+        other = _other_names(build)
+        return [n for n in avail if n not in other], {n: s[0] for n, s in status.items()
+                                                      if s is not None and n not in other}
     cannot = [b for b in backends if status.get(b) and status[b][1]]
     if cannot:
         names = ", ".join(repr(b) for b in cannot)
@@ -92,14 +103,25 @@ def choose_backends(build: Path, backends: list[str] | None) -> tuple[list[str],
     return list(backends), {}
 
 
+def _other_names(build: Path) -> set[str]:
+    """ONNX Runtime backends left out of the default list because another name runs the same
+    graphs: a build with ``int8-cpu/`` is validated as ``ort-int8-qdq`` (TensorRT's Q/DQ graphs)
+    and ``ort-int8-cpu``; one without it as ``ort-int8`` (what it names there, as before)."""
+    from onetrans_trt.variants import int8_backends
+
+    return {"ort-int8", "ort-int8-qdq", "ort-int8-cpu"} - set(int8_backends(build))
+
+
 def check_lineage(build: Path, manifest: dict, backends: list[str]) -> None:
     """Refuse (StaleArtifact, exit 2) a backend whose variant or engines were made from graphs
     the build no longer has, before any work; warn about ones without a record."""
     from onetrans_trt import lineage
 
+    from onetrans_trt.variants import ORT_BACKENDS, variant_of
+
     for name in backends:
-        if name in ("ort-fp16", "ort-int8"):
-            lineage.check_variant(build, manifest, name[4:])
+        if name in ORT_BACKENDS and name != "ort":
+            lineage.check_variant(build, manifest, variant_of(build, name))
         elif name.startswith("trt"):
             lineage.check_engines(build, manifest, name[4:] if "-" in name else "fp32")
 
@@ -116,9 +138,12 @@ def _backend(build: Path, name: str, model):
 def _graph_paths(build: Path, backend: str) -> dict[str, Path] | None:
     if not backend.startswith("ort"):
         return None
-    sub = {"ort": "", "ort-fp16": "fp16", "ort-int8": "int8"}[backend]
-    d = build / sub if sub else build
-    return {"user_encoder": d / "user_encoder.onnx", "candidate_scorer": d / "candidate_scorer.onnx"}
+    from onetrans_trt.variants import graph_path, variant_of
+
+    if backend == "ort-unified":
+        return None
+    v = variant_of(build, backend)
+    return {role: graph_path(build, v, role) for role in ("user_encoder", "candidate_scorer")}
 
 
 def _index_ranges(schema, width: int) -> dict[str, tuple[int, int]]:
@@ -440,9 +465,12 @@ def validate_goldens(build: str | Path, goldens: str | Path, *, backends: list[s
             cs_out = load_json(str(goldens / "candidate_scorer_outputs.json"))
     except Exception as e:  # noqa: BLE001 - polygraphy raises various errors on bad JSON
         raise InputError(f"{goldens}: unreadable goldens ({type(e).__name__})") from None
-    chosen = backends or [b for b in ("ort", "ort-fp16", "ort-int8") if b == "ort" or (build / b[4:]).is_dir()]
-    skipped = {} if backends else {b: f"no {b[4:]}/ graphs in {build}" for b in ("ort-fp16", "ort-int8")
-                                   if b not in chosen}
+    if backends:
+        chosen, skipped = list(backends), {}
+    else:
+        chosen, skipped = choose_backends(build, None)
+        chosen = [b for b in chosen if b.startswith("ort") and b != "ort-unified"]
+        skipped = {b: why for b, why in skipped.items() if b.startswith("ort") and b != "ort-unified"}
     for name in chosen:
         if name.startswith("torch") or name.startswith("trt"):
             raise InputError(f"--goldens validates ONNX Runtime backends; {name!r} is not one")

@@ -41,8 +41,11 @@ _SAY = {":dict_type": "expected an object of precisions", "dict_type": "{where} 
 
 
 def precision_of(backend: str) -> str:
+    """The policy a backend is judged by: ``ort-fp16``/``trt-fp16`` fp16; ``ort-int8``,
+    ``ort-int8-qdq``, ``ort-int8-cpu``, ``trt-int8`` int8; the others fp32."""
+    parts = backend.split("-")
     for p in ("fp16", "int8"):
-        if backend.endswith(p):
+        if p in parts:
             return p
     return "fp32"
 

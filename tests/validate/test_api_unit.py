@@ -73,10 +73,14 @@ def test_backend_status_says_why(tmp_path, monkeypatch):
     b = tmp_path
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installed
     st = api.backend_status(b)
-    assert list(st) == ["torch-split", "ort", "ort-fp16", "ort-int8", "trt", "trt-fp16", "trt-int8"]
+    assert list(st) == ["torch-split", "ort", "ort-fp16", "ort-int8", "ort-int8-qdq", "ort-int8-cpu", "trt",
+                        "trt-fp16", "trt-int8"]
     assert st["torch-split"] is None and st["ort"] is None
     assert st["ort-fp16"] == (f"no fp16/candidate_scorer.onnx; run `onetrans-trt convert {b} --precision fp16`", False)
-    assert st["ort-int8"] == (f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`", False)
+    assert st["ort-int8"] == st["ort-int8-qdq"] == (f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`",
+                                                    False)
+    assert st["ort-int8-cpu"] == (f"no int8-cpu/candidate_scorer.onnx; run `onetrans-trt convert {b} --precision "
+                                  "int8-cpu`", False)
     why, capability = st["trt"]
     assert capability is True and st["trt-fp16"] == st["trt-int8"] == st["trt"]
     assert why.startswith("TensorRT is not usable here (ModuleNotFoundError: ") and why.endswith(
@@ -96,8 +100,8 @@ def test_backend_status_says_why(tmp_path, monkeypatch):
     assert st["trt-fp16"] is None
     assert st["trt-int8"] == (f"no engines/int8/candidate_scorer.engine; run `onetrans-trt build {b} --precision int8`",
                               False)
-    assert api.choose_backends(b, None) == (["torch-split", "ort", "trt-fp16"], {
-        k: v[0] for k, v in st.items() if v is not None})
+    assert api.choose_backends(b, None) == (["torch-split", "ort", "trt-fp16"], {  # one name per variant
+        k: v[0] for k, v in st.items() if v is not None and k not in ("ort-int8-qdq", "ort-int8-cpu")})
     assert api.choose_backends(b, ["trt-fp16", "ort"]) == (["trt-fp16", "ort"], {})
 
 
@@ -414,8 +418,8 @@ def test_validate_build_refusals(fx, tmp_path, monkeypatch):
                             f"trt: no engines/fp32/candidate_scorer.engine; run `onetrans-trt build {b} --precision fp32`")
     with pytest.raises(InputError) as e:
         api.validate_build(b, backends=["ort", "trt-bf16"], requests_file=fx / "requests.json", ckpt=fx / "ckpt")
-    assert str(e.value).endswith("; trt-bf16: unknown (choose from torch-split, ort, ort-fp16, ort-int8, trt, "
-                                 "trt-fp16, trt-int8)")
+    assert str(e.value).endswith("; trt-bf16: unknown (choose from torch-split, ort, ort-fp16, ort-int8, ort-int8-qdq, "
+                                 "ort-int8-cpu, trt, trt-fp16, trt-int8)")
     # this machine lacks TensorRT: exit 3 (as `rank --backend trt`), before any artifact is looked for
     monkeypatch.setattr(api, "_trt_problem", lambda: "TensorRT is not usable here (X)")
     for asked, names in ((["ort-int8", "trt-fp16"], "backend 'trt-fp16'"),
