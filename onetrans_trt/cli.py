@@ -991,12 +991,10 @@ def _unread_quality_options(module_build: bool, n: int, inputs_path, reads_data:
 
 @cli.command("convert")
 @click.argument("build", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp16", "int8-cpu"]), default="fp16", show_default=True,
-              help="fp16: both graphs in FP16 (BUILD/fp16/, for GPUs); int8-cpu: the candidate scorer for ONNX "
-                   "Runtime's CPU integer kernels (BUILD/int8-cpu/: dynamic INT8, 7-bit weights, exact on every "
-                   "x86-64 CPU; no calibration set needed).")
-@click.option("--kv-fp16", is_flag=True, help="fp16: pass the K/V between the graphs in FP16 (halves the user cache).")
-@click.option("--keep-fp32", default="", help="fp16: comma-separated op types or node names to keep in FP32 "
+@click.option("--precision", type=click.Choice(["fp16"]), default="fp16", show_default=True,
+              help="fp16 (INT8 is `calibrate`: --target tensorrt for GPUs, --target cpu for ONNX Runtime on CPU).")
+@click.option("--kv-fp16", is_flag=True, help="Pass the K/V between the graphs in FP16 (halves the user cache).")
+@click.option("--keep-fp32", default="", help="Comma-separated op types or node names to keep in FP32 "
                                               "(norms, softmax paths and the final logits always are).")
 @click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
               help="MovieLens test requests for the quality report (0: skip it); on a module build: how many "
@@ -1011,14 +1009,8 @@ def _unread_quality_options(module_build: bool, n: int, inputs_path, reads_data:
 @JSON_OUT
 def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_path, synthetic, module_ref, weights,
                 data_dir, as_json) -> None:
-    """Write FP16 variants of both graphs to BUILD/fp16/ (or, with --precision int8-cpu, the CPU
-    INT8 candidate scorer to BUILD/int8-cpu/) and report their ranking quality against the
-    float32 PyTorch model (BUILD/<variant>/quality.json).
-
-    \b
-    int8-cpu is what `rank`/`serve-repo`/`bench` run as `ort-int8` on a CPU (or by name,
-    `ort-int8-cpu`); TensorRT's INT8 stays `calibrate` (BUILD/int8/, Q/DQ).
-      onetrans-trt convert BUILD --precision int8-cpu
+    """Write FP16 variants of both graphs to BUILD/fp16/ and report their ranking quality
+    against the float32 PyTorch model (BUILD/fp16/quality.json).
 
     \b
     A build from `export --module` has no dataset: its quality report compares the FP16
@@ -1031,9 +1023,6 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
     """
     from onetrans_trt.calibrate.fp16 import convert_build
 
-    if precision == "int8-cpu":
-        _refuse(("kv_fp16", "keep_fp32"), "with --precision int8-cpu",
-                "they shape the FP16 variant; the CPU INT8 scorer reads the float32 encoder's K/V")
     module_build = _module_build(build)
     _unread_quality_options(module_build, quality_requests, inputs_path, quality_requests > 0,
                             data_only_for_quality=("inputs_path", "synthetic"))
@@ -1043,28 +1032,20 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
     else:
         _checkpoint_only(build, **{"--inputs": inputs_path, "--synthetic": synthetic, "--module": module_ref,
                                    "--weights": weights})
-    if precision == "int8-cpu":
-        from onetrans_trt.calibrate.int8_cpu import convert_int8_cpu
-
-        info = convert_int8_cpu(build)
-        lines = [f"wrote {build}/int8-cpu/ ({info['quantized_matmuls']} MatMuls in INT8, {info['weight_bits']}-bit "
-                 f"weights, activations quantized at run time; user encoder: the build's float32 one)"]
-    else:
-        info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()],
-                             kv_fp16=kv_fp16)
-        lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"]
+    info = convert_build(build, keep_fp32=[k.strip() for k in keep_fp32.split(",") if k.strip()], kv_fp16=kv_fp16)
+    lines = [f"wrote {build}/fp16/ (K/V {info['kv_dtype']})"]
     rep = None
     if plan is not None:
         from onetrans_trt.calibrate.module import quality_lines
 
         with _progress() as prog:
-            rep = _module_quality(build, precision, plan, prog)
+            rep = _module_quality(build, "fp16", plan, prog)
         lines += quality_lines(rep)
     elif quality_requests and not module_build:
         with _progress() as prog:
-            rep = _quality(build, precision, quality_requests, data_dir, prog)
+            rep = _quality(build, "fp16", quality_requests, data_dir, prog)
         lines += _quality_lines(rep)
-    _emit({precision: info, "quality": rep}, as_json, "\n".join(lines))
+    _emit({"fp16": info, "quality": rep}, as_json, "\n".join(lines))
 
 
 @cli.command("calibrate")
@@ -1075,6 +1056,11 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True,
               help="Calibration requests (each one user's history and 16 candidates); with --inputs every "
                    "request of the file is used.")
+@click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True,
+              help="tensorrt: both graphs with explicit Q/DQ, per-channel weights (BUILD/int8/, what TensorRT "
+                   "builds; `ort-int8-qdq`). cpu: the candidate scorer for ONNX Runtime's CPU integer kernels "
+                   "(BUILD/int8-cpu/: per-tensor scales, 7-bit weights, exact on every x86-64 CPU; the user encoder "
+                   "stays the build's float32 one; `ort-int8-cpu`, and `ort-int8` on CPU).")
 @click.option("--keep-float", default="", help="Comma-separated op types or node names to leave unquantized "
                                                "(attention scores/softmax and norms always are).")
 @click.option("--quality-requests", type=click.IntRange(0), default=200, show_default=True,
@@ -1091,8 +1077,8 @@ def convert_cmd(build, precision, kv_fp16, keep_fp32, quality_requests, inputs_p
 @WEIGHTS_OPT
 @DATA_DIR
 @JSON_OUT
-def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_path, synthetic, module_ref, weights,
-                  data_dir, as_json) -> None:
+def calibrate_cmd(build, data, samples, target, keep_float, quality_requests, inputs_path, synthetic, module_ref,
+                  weights, data_dir, as_json) -> None:
     """INT8: calibrate on real requests (max), quantize both graphs with NVIDIA ModelOpt
     (explicit Q/DQ, per-channel weights), fuse attention, write BUILD/int8/ with the
     calibration set (calibration.npz) and the quality report (quality.json).
@@ -1104,6 +1090,10 @@ def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_pat
     source, which runs the module's code (--module/--weights; or --quality-requests 0).
       onetrans-trt calibrate BUILD --inputs requests.npz
       onetrans-trt calibrate BUILD --synthetic --samples 64 --quality-requests 50
+
+    \b
+    --target cpu: INT8 for ONNX Runtime on CPU (BUILD/int8-cpu/), same data options:
+      onetrans-trt calibrate BUILD --target cpu
     """
     from onetrans_trt.calibrate.int8 import calibrate_build
 
@@ -1132,19 +1122,38 @@ def calibrate_cmd(build, data, samples, keep_float, quality_requests, inputs_pat
         plan = _module_quality_plan(build, quality_requests, inputs_path, synthetic, module_ref, weights)
     else:
         _checkpoint_only(build, **{"--module": module_ref, "--weights": weights})
+    if target == "cpu":
+        _refuse(("keep_float",), "with --target cpu", "the CPU INT8 variant quantizes every MatMul with a constant "
+                                                      "weight and nothing else")
+    variant = "int8" if target == "tensorrt" else "int8-cpu"
     with _progress() as prog:
         task = prog.add_task("calibrate", total=None, status="")
-        info = calibrate_build(build, n_samples=samples, data_dir=data_dir, inputs=inputs_path, synthetic=synthetic,
-                               keep_float=[k.strip() for k in keep_float.split(",") if k.strip()],
-                               progress=lambda stage, i, n: prog.update(task, completed=i, total=n, status=stage))
-        if plan is not None:
-            rep = _module_quality(build, "int8", plan, prog)
+        say = lambda stage, i, n: prog.update(task, completed=i, total=n, status=stage)  # noqa: E731
+        if target == "cpu":
+            from onetrans_trt.calibrate.int8_cpu import calibrate_int8_cpu
+
+            info = calibrate_int8_cpu(build, n_samples=samples, data_dir=data_dir, inputs=inputs_path,
+                                      synthetic=synthetic, progress=say)
         else:
-            rep = _quality(build, "int8", quality_requests, data_dir, prog) \
+            info = calibrate_build(build, n_samples=samples, data_dir=data_dir, inputs=inputs_path,
+                                   synthetic=synthetic, keep_float=[k.strip() for k in keep_float.split(",") if k.strip()],
+                                   progress=say)
+        if plan is not None:
+            rep = _module_quality(build, variant, plan, prog)
+        else:
+            rep = _quality(build, variant, quality_requests, data_dir, prog) \
                 if quality_requests and not module_build else None
+    head = f"wrote {build}/{variant}/ ({info['calibration']['requests']} calibration requests from " \
+           f"{info['calibration']['source']}; "
+    if target == "cpu":
+        lines = [head + f"{info['quantized_matmuls']} MatMuls in INT8, {info['weight_bits']}-bit weights, per-tensor "
+                        "scales; user encoder: the build's float32 one)"]
+        ql = (__import__("onetrans_trt.calibrate.module", fromlist=["quality_lines"]).quality_lines
+              if plan is not None else _quality_lines)
+        _emit({variant: info, "quality": rep}, as_json, "\n".join(lines + (ql(rep) if rep else [])))
+        return
     q = {k: v["qdq"]["QuantizeLinear"] for k, v in info["graphs"].items()}
-    lines = [f"wrote {build}/int8/ ({info['calibration']['requests']} calibration requests from "
-             f"{info['calibration']['source']}; Q nodes {q})"]
+    lines = [head + f"Q nodes {q})"]
     if plan is not None:
         from onetrans_trt.calibrate.module import quality_lines
 

@@ -6,7 +6,7 @@ variant         directory       made by                                   ONNX R
 ``fp32``        the build       ``export``                                ``ort``
 ``fp16``        ``fp16/``       ``convert``                               ``ort-fp16``
 ``int8``        ``int8/``       ``calibrate`` (Q/DQ: what TensorRT runs)   ``ort-int8-qdq``
-``int8-cpu``    ``int8-cpu/``   ``convert --precision int8-cpu``          ``ort-int8-cpu``
+``int8-cpu``    ``int8-cpu/``   ``calibrate --target cpu``                ``ort-int8-cpu``
 ==============  ==============  ========================================  ======================
 
 ``ort-int8`` names the build's INT8 for the hardware it runs on: on the CPU execution provider
@@ -23,7 +23,7 @@ from pathlib import Path
 
 SUBDIR = {"fp32": "", "fp16": "fp16", "int8": "int8", "int8-cpu": "int8-cpu"}
 MADE_BY = {"fp16": ["convert", "BUILD"], "int8": ["calibrate", "BUILD"],
-           "int8-cpu": ["convert", "BUILD", "--precision", "int8-cpu"]}
+           "int8-cpu": ["calibrate", "BUILD", "--target", "cpu"]}
 BACKEND_OF = {"fp32": "ort", "fp16": "ort-fp16", "int8": "ort-int8-qdq", "int8-cpu": "ort-int8-cpu"}
 VARIANT_OF = {b: v for v, b in BACKEND_OF.items()}
 ORT_BACKENDS = ["ort", "ort-fp16", "ort-int8", "ort-int8-qdq", "ort-int8-cpu"]

@@ -161,13 +161,14 @@ def serving_graphs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_build(movielens, tmp_path_factory):
     """A `small` OneTrans trained briefly on real data (1 epoch on 20k samples), exported,
-    with FP16 and INT8 variants and their quality reports."""
+    with FP16, INT8 (Q/DQ) and CPU INT8 variants and their quality reports."""
 
     def make(root: Path):
         import warnings
 
         from onetrans_trt.calibrate.fp16 import convert_build
         from onetrans_trt.calibrate.int8 import calibrate_build
+        from onetrans_trt.calibrate.int8_cpu import calibrate_int8_cpu
         from onetrans_trt.calibrate.quality import write_quality
         from onetrans_trt.data.movielens import TASKS, Split
         from onetrans_trt.export.api import export_build
@@ -192,7 +193,8 @@ def small_build(movielens, tmp_path_factory):
             warnings.simplefilter("ignore")
             convert_build(build)
             calibrate_build(build, n_samples=64)
-            return {v: write_quality(build, v, n_requests=200) for v in ("fp16", "int8")}
+            calibrate_int8_cpu(build, n_samples=64)
+            return {v: write_quality(build, v, n_requests=200) for v in ("fp16", "int8", "int8-cpu")}
 
     root, reports = shared_artifact(tmp_path_factory, "small_build", make)
     return root / "build", reports

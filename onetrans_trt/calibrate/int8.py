@@ -273,15 +273,15 @@ def calibrate_build(build: str | Path, *, n_samples: int = 64, data_dir=None, ke
     say("done", 2, 2)
     # lineage: serving.onnx is re-cut and quantized; the user encoder makes the scorer's calibration K/V
     info["lineage"] = lineage.record(manifest, ("serving", "user_encoder", "candidate_scorer"),
-                                     _calibrate_command(n_samples, keep_float, inputs, synthetic))
+                                     calibrate_command(n_samples, keep_float, inputs, synthetic))
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info
 
 
-def _calibrate_command(n_samples: int, keep_float, inputs, synthetic: bool) -> list[str]:
-    """``calibrate`` as it was run (for the re-run a stale int8/ names)."""
-    return ["calibrate", "BUILD", "--samples", str(n_samples),
+def calibrate_command(n_samples: int, keep_float, inputs, synthetic: bool, target: str = "tensorrt") -> list[str]:
+    """``calibrate`` as it was run (for the re-run a stale int8/ or int8-cpu/ names)."""
+    return ["calibrate", "BUILD", *(["--target", target] if target != "tensorrt" else []), "--samples", str(n_samples),
             *(["--inputs", str(Path(inputs).resolve())] if inputs is not None else []),
             *(["--synthetic"] if synthetic else []),
             *(["--keep-float", ",".join(keep_float)] if keep_float else [])]
@@ -343,7 +343,7 @@ def _calibrate_module(build: Path, manifest: dict, *, n_samples: int, keep_float
             info["graphs"][role] = {**graph_record(tmp_dir, fname, f"int8/{fname}"), "qdq": qdq_summary(q),
                                     "fused": count_fused(gs.import_onnx(q))}
     say("done", 2, 2)
-    info["lineage"] = lineage.record(manifest, command=_calibrate_command(n_samples, keep_float, inputs, synthetic))
+    info["lineage"] = lineage.record(manifest, command=calibrate_command(n_samples, keep_float, inputs, synthetic))
     manifest.setdefault("precisions", {})["int8"] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info

@@ -3,35 +3,40 @@
 TensorRT's INT8 graph (``int8/``, explicit Q/DQ, per-channel weights from ``calibrate``) does
 not run on ORT's CPU integer kernels: they refuse a per-channel zero point on the NS tokens'
 batched ``[T, d, d]`` weights, so ORT runs it as simulated quantization, no faster than FP32.
-This variant is built for those kernels instead, chosen by measurement
-(``tools/cpu_int8_probe.py``, README "CPU INT8"):
+``calibrate --target cpu`` builds this variant for those kernels instead, chosen by
+measurement (README "CPU INT8"; ``tools/cpu_int8_probe.py``):
 
-- ONNX Runtime's dynamic quantization of every MatMul with a constant weight
-  (``quantize_dynamic``: ``MatMulInteger`` fed by ``DynamicQuantizeLinear``, which ORT fuses to
-  ``DynamicQuantizeMatMul``): weights INT8 with one scale per weight tensor, activations
-  quantized per tensor at run time from their own range, so there is nothing to calibrate and
-  no calibration set that could miss a request's range;
+- ONNX Runtime's static quantization (``quantize_static``, QDQ format) of every MatMul with a
+  constant weight: weights INT8 with one scale per weight tensor (symmetric), activations UINT8
+  with one scale and zero point per tensor from ``MinMax`` calibration on the same real requests
+  as ``calibrate`` (the scorer on each user's candidates with the K/V the float32 encoder made).
+  Dynamic quantization was as fast here but makes a candidate's score depend on the other
+  candidates of its call (the activation range is the whole batch's): measured, scores moved as
+  much as their whole INT8 error when the batch was halved. Static scales do not move;
 - weights in **7 bits** (``reduce_range``; symmetric, so in [-64, 64]). ORT's u8s8 kernel on
   CPUs without VNNI (AVX2) adds pairs of u8 x s8 products in a saturating 16-bit lane
-  (``vpmaddubsw``): 2 x 255 x 127 overflows it, 2 x 255 x 64 = 32,640 does not. With 7-bit weights the fast kernel is exact on every x86-64
-  CPU, so the variant runs without ``session.x64quantprecision`` (which costs about 10% here);
-  :func:`quantize_scorer` checks every INT8 weight is in range and marks the graph
-  (``onetrans_trt.int8_weight_bits`` = ``7``, ``onetrans_trt/ort_options.py``) so sessions know
-  it is safe;
+  (``vpmaddubsw``): 2 x 255 x 127 overflows it, 2 x 255 x 64 = 32,640 does not. With 7-bit
+  weights the fast kernel is exact on every x86-64 CPU, so the variant runs without
+  ``session.x64quantprecision`` (which costs about 10% here); :func:`quantize_scorer` checks
+  every INT8 weight is in range and marks the graph (``onetrans_trt.int8_weight_bits`` = ``7``,
+  ``onetrans_trt/ort_options.py``) so sessions know it is safe;
 - the scorer only: the user encoder runs once per request and is a small part of its time
   (``bench``), so ``int8-cpu/`` pairs an INT8 scorer with the build's float32 encoder and the
   user's K/V stay exact.
 
 Attention scores and softmax stay float (our fused attention ops and their bodies have no
-MatMul with a constant weight); so do norms.
+MatMul with a constant weight); so do norms, and so do the ``Gemm`` layers (the tokenizers' and
+heads' MLPs with a bias: a small share of the FLOPs): quantizing them too took the worst logit
+error on a trained ``small`` from 0.026 to 0.49 (200 MovieLens requests, 2026-12-03).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from onetrans_trt import lineage
@@ -47,42 +52,43 @@ INTEGER_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
 
 
 def weight_range(model: onnx.ModelProto) -> tuple[int, int, int]:
-    """``(count, min, max)`` over the INT8 weights the graph's integer MatMuls read (input B)."""
+    """``(count, min, max)`` over the graph's INT8 weight tensors (initializers of rank >= 2)."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
     lo, hi, n = 0, 0, 0
-    for node in model.graph.node:
-        if node.op_type in INTEGER_OPS and len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
-            if t.data_type != onnx.TensorProto.INT8:
-                continue
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2:
             a = numpy_helper.to_array(t)
             if a.size:
                 lo, hi, n = min(lo, int(a.min())), max(hi, int(a.max())), n + 1
     return n, lo, hi
 
 
-def quantize_scorer(src: str | Path, work: str | Path) -> onnx.ModelProto:
-    """The CPU INT8 form of the scorer graph at ``src`` (its external data beside it), built in
-    the directory ``work``; refused (:class:`BuildError`) when a weight falls outside 7 bits
-    or nothing was quantized."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_scorer(src: str | Path, work: str | Path, feed_list: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """The CPU INT8 form of the scorer graph at ``src`` (its external data beside it),
+    calibrated on ``feed_list`` and built in the directory ``work``; refused
+    (:class:`BuildError`) when a weight falls outside 7 bits or nothing was quantized."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from onetrans_trt.calibrate.data import FeedReader
     from onetrans_trt.log import captured_output
     from onetrans_trt.onnx_files import load_model
 
+    if not feed_list:
+        raise BuildError("no calibration requests for the CPU INT8 scorer")
     out = Path(work) / "scorer_int8.onnx"
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" advice goes to the root logger
     try:
         with captured_output("onnxruntime.quantization"):
-            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=False,
-                             reduce_range=True, op_types_to_quantize=["MatMul"],
-                             extra_options={"MatMulConstBOnly": True}, use_external_data_format=True)
+            quantize_static(str(src), str(out), FeedReader(feed_list), quant_format=QuantFormat.QDQ,
+                            per_channel=False, reduce_range=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                            extra_options={"MatMulConstBOnly": True})
     except Exception as e:  # noqa: BLE001 - the quantizer raises untyped errors
-        raise BuildError(f"{src}: ONNX Runtime's dynamic quantization failed ({str(e).splitlines()[0][:200]})") \
+        raise BuildError(f"{src}: ONNX Runtime's static quantization failed ({str(e).splitlines()[0][:200]})") \
             from None
     finally:
         root.setLevel(level)
@@ -100,36 +106,60 @@ def quantize_scorer(src: str | Path, work: str | Path) -> onnx.ModelProto:
     return model
 
 
-@locks_build("convert")
-def convert_int8_cpu(build: str | Path) -> dict[str, Any]:
-    """Write ``BUILD/int8-cpu/candidate_scorer.onnx`` and record the variant in the manifest
-    (its lineage: both graphs of the build, since the scorer reads the float32 encoder's K/V)."""
+@locks_build("calibrate")
+def calibrate_int8_cpu(build: str | Path, *, n_samples: int = 128, data_dir=None, inputs: str | Path | None = None,
+                       synthetic: bool = False, progress: Callable[[str, int, int], None] | None = None
+                       ) -> dict[str, Any]:
+    """Write ``BUILD/int8-cpu/`` (the INT8 scorer and ``calibration.npz``) and record the variant
+    in the manifest (its lineage: both graphs, since the scorer is calibrated on, and reads, the
+    float32 encoder's K/V). Calibration requests as ``calibrate``'s: MovieLens training-period
+    ones, ``inputs``, or ``synthetic`` when asked; a module build's from its spec."""
+    from onetrans_trt.calibrate.data import build_calibration_set, feeds
     from onetrans_trt.calibrate.fp16 import graph_record
+    from onetrans_trt.calibrate.int8 import calibrate_command, calibration_source
     from onetrans_trt.export.api import sha256_file
     from onetrans_trt.interrupts import temporary_directory
     from onetrans_trt.onnx_files import refuse_tensors_over_2gib, save_model
 
+    say = progress or (lambda stage, i, n: None)
     build = Path(build)
     manifest = read_manifest(build)
     src = build / CANDIDATE_SCORER
     if not src.is_file():
         raise BuildError(f"{src}: missing; re-run `onetrans-trt export`")
-    refuse_tensors_over_2gib([src], "convert")
-    info: dict[str, Any] = {"scheme": "dynamic", "weight_bits": WEIGHT_BITS, "weights": "per tensor, symmetric",
-                            "activations": "per tensor, at run time", "graphs": {},
-                            "lineage": lineage.record(manifest, command=["convert", "BUILD", "--precision", VARIANT])}
+    refuse_tensors_over_2gib([src], "calibrate")
+    if "protocol" in manifest:
+        from onetrans_trt.calibrate.module import calibration_set
+        from onetrans_trt.validate.module import read_spec
+
+        spec = read_spec(build)
+        reqs, source = calibration_source(spec, n_samples, inputs, synthetic)
+        arrays = calibration_set(build, spec, reqs, source, progress=lambda i, n: say("calibration data", i, n))
+    else:
+        arrays = build_calibration_set(build, n_samples, data_dir=data_dir, inputs=inputs, synthetic=synthetic,
+                                       progress=lambda i, n: say("calibration data", i, n))
+        source = str(arrays["source"])
+    info: dict[str, Any] = {
+        "calibration": {"file": f"{VARIANT}/calibration.npz", "requests": int(arrays["count"]), "source": source,
+                        "method": "minmax"},
+        "scheme": "static QDQ", "weight_bits": WEIGHT_BITS, "weights": "INT8, per tensor, symmetric",
+        "activations": "UINT8, per tensor (calibrated)", "graphs": {},
+        "lineage": lineage.record(manifest, command=calibrate_command(n_samples, None, inputs, synthetic, target="cpu"))}
+    say("quantize candidate_scorer", 0, 1)
     with temporary_directory(prefix="onetrans-int8cpu-") as work, \
             atomic_directory(build / VARIANT, force=True) as tmp_dir:
-        model = quantize_scorer(src, work)
+        model = quantize_scorer(src, work, feeds(arrays, "scorer"))
         n, lo, hi = weight_range(model)
         info["quantized_matmuls"] = n
         info["weight_span"] = [lo, hi]
         save_model(model, tmp_dir / CANDIDATE_SCORER)
         info["graphs"]["candidate_scorer"] = graph_record(tmp_dir, CANDIDATE_SCORER, f"{VARIANT}/{CANDIDATE_SCORER}")
-    ue = manifest["graphs"]["user_encoder"]
-    info["graphs"]["user_encoder"] = {"file": ue.get("file", "user_encoder.onnx"),
-                                      "sha256": ue.get("sha256") or sha256_file(build / "user_encoder.onnx"),
-                                      "shared": "the build's float32 user encoder"}
+        with open(tmp_dir / "calibration.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+    say("done", 1, 1)
+    ue = dict(manifest["graphs"]["user_encoder"])
+    ue.setdefault("sha256", sha256_file(build / ue.get("file", "user_encoder.onnx")))
+    info["graphs"]["user_encoder"] = {**ue, "shared": "the build's float32 user encoder"}
     manifest.setdefault("precisions", {})[VARIANT] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info

@@ -170,7 +170,7 @@ class Ranker:
             variant = variant_of(build, backend, on_cpu=runs_on_cpu(providers))
             if not has_variant(build, variant):
                 how = make_command(variant).replace(" BUILD", f" {build}")
-                more = " (or `onetrans-trt convert BUILD --precision int8-cpu` for CPU serving)" \
+                more = " (or `onetrans-trt calibrate BUILD --target cpu` for CPU serving)" \
                     if backend == "ort-int8" else ""
                 raise InputError(f"{build}: no {SUBDIR[variant]}/ graphs for backend {backend!r}; run `{how}` "
                                  f"first{more}")

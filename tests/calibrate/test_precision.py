@@ -33,6 +33,18 @@ def test_int8_quality(small_build):
     assert (build / "int8" / "calibration.npz").is_file()
 
 
+def test_int8_cpu_quality(small_build):
+    """The CPU INT8 variant on a trained model, 200 real requests (issue "CPU performance":
+    |dAUC| <= 0.003, top-10 overlap >= 0.95)."""
+    build, reports = small_build
+    rep = reports["int8-cpu"]
+    assert rep["requests"] == 200 and rep["backend"] == "ort-int8-cpu"
+    for task, m in rep["metrics"].items():
+        assert abs(m["delta_auc"]) <= 0.003, (task, m)
+    assert rep["ranking"]["top10_overlap_mean"] >= 0.95
+    assert json.loads((build / "int8-cpu" / "quality.json").read_text()) == rep
+
+
 def test_fp16_graphs_keep_norms_softmax_and_logits_in_fp32(small_build):
     build, _ = small_build
     for name in ("user_encoder", "candidate_scorer"):

@@ -479,7 +479,7 @@ def test_goldens_round_trip(fx, tmp_path):
     api.validate_build(fx / "build", backends=["torch-split"], data=None, requests_file=reqs, ckpt=fx / "ckpt",
                        save_goldens=g)
     rep = api.validate_goldens(fx / "build", g)
-    assert rep["skipped"] == {"ort-int8": f"no int8/ graphs in {fx / 'build'}"}
+    assert rep["skipped"] == {"ort-int8": f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {fx / 'build'}`"}
     assert api.validate_goldens(fx / "build", g, backends=["ort"])["skipped"] == {}
     for b in rep["backends"].values():
         assert [c["name"] for c in b["checks"]] == ["nan_inf", "max_error", "cosine", "top10_overlap"]

@@ -33,7 +33,9 @@ def test_correct_builds_pass_fp32_fp16_int8(small_build, tmp_path):
              "--html", tmp_path / "r.html")
     assert p.returncode == 0, p.stdout + p.stderr[-2000:]
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["verdict"] == "pass" and set(rep["backends"]) == {"torch-split", "ort", "ort-fp16", "ort-int8"}
+    # with int8-cpu/ beside int8/, each INT8 variant is validated under its own name
+    assert rep["verdict"] == "pass" and set(rep["backends"]) == {"torch-split", "ort", "ort-fp16", "ort-int8-qdq",
+                                                                 "ort-int8-cpu"}
     for b in rep["backends"].values():
         assert b["graphs"]["candidate_scorer"]["logits"]["pass"] and "metrics" in b["end_to_end"]
     assert "report:" in p.stdout
