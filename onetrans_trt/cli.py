@@ -1337,7 +1337,10 @@ def validate_cmd(build, data, requests_file, count, backends, policy_path, ckpt,
               help="onnxruntime: the ONNX graphs; tensorrt: the engines from `onetrans-trt build`; python: Python-"
                    "backend models running the ONNX graphs with ONNX Runtime (any Triton, CPU included), plus the "
                    "`preprocess` model and `rank` ensemble that take the raw request JSON.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+              show_default=True, help="Which variant the models run: int8 is int8/ (TensorRT's Q/DQ graphs); "
+                                      "int8-cpu is int8-cpu/ (`calibrate --target cpu`: ONNX Runtime on CPU, "
+                                      "not --backend tensorrt).")
 @click.option("--limits", "limits_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --backend python: JSON file of request limits for raw requests (as `rank --limits`).")
 @click.option("--threads", type=click.IntRange(0), default=None,

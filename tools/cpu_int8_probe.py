@@ -1,8 +1,9 @@
 """Which of ONNX Runtime's CPU integer paths speeds up our candidate scorer on this CPU: the FP32
 scorer of a build against ORT's dynamic quantization of it, timed side by side (interleaved
 rounds, one process, two intra-op threads) at each C, every contender's logits compared with
-FP32's on the same inputs. A measurement for issue "CPU performance" (item 1), not a variant
-the toolkit ships yet.
+FP32's on the same inputs. The measurement behind issue "CPU performance" (item 1); the variant
+the toolkit ships from it is ``calibrate --target cpu`` (static scales, so that a candidate's
+score does not depend on its batch; same 7-bit weights), timed by ``bench``.
 
     .venv/bin/python tools/cpu_int8_probe.py BUILD [--candidates 256,16] [--rounds 7] [--history 512]
 

@@ -67,32 +67,35 @@ def weight_range(model: onnx.ModelProto) -> tuple[int, int, int]:
 def quantize_scorer(src: str | Path, work: str | Path, feed_list: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """The CPU INT8 form of the scorer graph at ``src`` (its external data beside it),
     calibrated on ``feed_list`` and built in the directory ``work``; refused
-    (:class:`BuildError`) when a weight falls outside 7 bits or nothing was quantized."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    (:class:`BuildError`) when a weight falls outside 7 bits or nothing was quantized.
 
-    from onetrans_trt.calibrate.data import FeedReader
-    from onetrans_trt.log import captured_output
+    ONNX Runtime's quantizer runs in a child process: NVIDIA ModelOpt (``calibrate``'s INT8 for
+    TensorRT) replaces methods of ORT's calibrators and quantizers for the rest of any process it
+    runs in (``modelopt/onnx/quantization/ort_patching.py``, ``patch_ort_modules``), after which
+    ``quantize_static`` here failed ("Quantization parameters are not specified for param ...")."""
+    import subprocess
+    import sys
+
     from onetrans_trt.onnx_files import load_model
 
     if not feed_list:
         raise BuildError("no calibration requests for the CPU INT8 scorer")
-    out = Path(work) / "scorer_int8.onnx"
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice goes to the root logger
-    try:
-        with captured_output("onnxruntime.quantization"):
-            quantize_static(str(src), str(out), FeedReader(feed_list), quant_format=QuantFormat.QDQ,
-                            per_channel=False, reduce_range=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                            extra_options={"MatMulConstBOnly": True})
-    except Exception as e:  # noqa: BLE001 - the quantizer raises untyped errors
-        raise BuildError(f"{src}: ONNX Runtime's static quantization failed ({str(e).splitlines()[0][:200]})") \
-            from None
-    finally:
-        root.setLevel(level)
-    model = load_model(out)
+    work = Path(work)
+    out, feeds_path = work / "scorer_int8.onnx", work / "calibration_feeds.npz"
+    with open(feeds_path, "wb") as fh:
+        np.savez(fh, **{f"{i}/{k}": v for i, f in enumerate(feed_list) for k, v in f.items()})
+    p = subprocess.run([sys.executable, "-m", "onetrans_trt.calibrate.int8_cpu", str(src), str(out), str(feeds_path)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        why = next((ln for ln in reversed(p.stderr.strip().splitlines()) if ln.strip()), f"exit {p.returncode}")
+        raise BuildError(f"{src}: ONNX Runtime's static quantization failed ({why[:200]})")
+    return checked(load_model(out), src)
+
+
+def checked(model: onnx.ModelProto, src: str | Path) -> onnx.ModelProto:
+    """``model`` (a quantized scorer) with every INT8 weight checked to be within
+    [-:data:`SAFE_WEIGHT`, :data:`SAFE_WEIGHT`] and marked so (:class:`BuildError` otherwise, or
+    when nothing was quantized)."""
     n, lo, hi = weight_range(model)
     if n == 0:
         raise BuildError(f"{src}: no MatMul with a constant weight to quantize; the CPU INT8 variant would be the "
@@ -104,6 +107,22 @@ def quantize_scorer(src: str | Path, work: str | Path, feed_list: list[dict[str,
     model.metadata_props.add(key=INT8_WEIGHT_BITS_KEY, value=str(WEIGHT_BITS))
     model.metadata_props.add(key="onetrans_trt.variant", value=VARIANT)
     return model
+
+
+def _quantize(src: str, out: str, feeds_path: str) -> None:
+    """The child process's work: ``quantize_static`` of ``src`` into ``out`` on the feeds saved
+    at ``feeds_path`` (``<i>/<input>`` arrays; no pickle)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from onetrans_trt.calibrate.data import FeedReader, feeds
+
+    with np.load(feeds_path, allow_pickle=False) as z:
+        feed_list = feeds({f"scorer/{k}": z[k] for k in z.files}, "scorer")
+    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice
+    quantize_static(src, out, FeedReader(feed_list), quant_format=QuantFormat.QDQ, per_channel=False,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
+                    use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
 
 
 @locks_build("calibrate")
@@ -163,3 +182,13 @@ def calibrate_int8_cpu(build: str | Path, *, n_samples: int = 128, data_dir=None
     manifest.setdefault("precisions", {})[VARIANT] = info
     atomic_write_json(build / MANIFEST, manifest)
     return info
+
+
+if __name__ == "__main__":  # the child process of quantize_scorer
+    import sys
+
+    try:
+        _quantize(*sys.argv[1:4])
+    except Exception as e:  # noqa: BLE001 - one line for the parent's error message
+        print(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        sys.exit(1)

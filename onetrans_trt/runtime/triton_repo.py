@@ -36,6 +36,7 @@ from typing import Any
 from onetrans_trt import lineage
 from onetrans_trt.errors import BuildError, InputError, MissingCapabilityError
 from onetrans_trt.io import atomic_directory, atomic_write_json
+from onetrans_trt.variants import SUBDIR, graph_path, make_command
 
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 # a module build's graphs may carry more (Triton's data types, model_config.proto)
@@ -352,28 +353,30 @@ def prepare(build: Path, out: Path, *, backend: str, precision: str, force: bool
     """What every repository of ``build`` needs, checked before anything is written: the
     manifest, the graphs' inputs/outputs of ``precision``, the three models' tensors
     (:func:`module_models`, wiring proven by :func:`check_ensemble`) and the variant's
-    subdirectory (``""`` for fp32)."""
+    variant (``precision``; its graphs: :func:`onetrans_trt.variants.graph_path`)."""
     from onetrans_trt.export.api import read_manifest
 
     manifest = read_manifest(build)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
-    if precision not in ("fp32", "fp16", "int8"):
-        raise BuildError(f"precision {precision!r}: expected fp32, fp16 or int8")
+    if precision not in SUBDIR:
+        raise BuildError(f"precision {precision!r}: expected fp32, fp16, int8 or int8-cpu")
+    if precision == "int8-cpu" and backend == "tensorrt":
+        raise InputError("--precision int8-cpu is ONNX Runtime's CPU INT8: TensorRT builds from int8/ "
+                         "(--precision int8)")
     if precision != "fp32" and precision not in (manifest.get("precisions") or {}):
-        how = {"fp16": "convert", "int8": "calibrate"}[precision]
-        raise BuildError(f"{build} has no {precision} variant; run `onetrans-trt {how} {build}` first")
+        raise BuildError(f"{build} has no {precision} variant; run "
+                         f"`{make_command(precision).replace(' BUILD', f' {build}')}` first")
     if precision != "fp32":  # refused before anything is written: a variant of graphs since rewritten
         lineage.check_variant(build, manifest, precision)
     if backend == "tensorrt":
         lineage.check_engines(build, manifest, precision)
-    sub = {"fp32": "", "fp16": "fp16", "int8": "int8"}[precision]
     ios = {role: manifest["graphs"][role] if precision == "fp32" else manifest["precisions"][precision]["graphs"][role]
            for role in ("user_encoder", "candidate_scorer")}
     # everything the ensemble needs is checked before writing (both families and module builds)
     models = module_models(manifest, ios, manifest["dynamic_dims"]["users"]["max"])
     check_ensemble(models)
-    return manifest, ios, models, sub
+    return manifest, ios, models, precision
 
 
 _NP_OF = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_BF16": None, "TYPE_FP64": "float64",
@@ -441,14 +444,14 @@ def write_repository(build: str | Path, out: str | Path, *, backend: str = "onnx
     from onetrans_trt.plugins import strip_functions  # noqa: F401  (engines are built from stripped graphs)
 
     build, out = Path(build), Path(out)
-    manifest, ios, models, sub = prepare(build, out, backend=backend, precision=precision, force=force)
+    manifest, ios, models, variant = prepare(build, out, backend=backend, precision=precision, force=force)
     config_options = check_config_options(instances, preferred_batch_sizes, models)
     written: dict[str, str] = {}
     with atomic_directory(out, force=force) as tmp:
         for role in ("user_encoder", "candidate_scorer"):
             (tmp / role / "1").mkdir(parents=True)
             if backend == "onnxruntime":
-                src = (build / sub / f"{role}.onnx") if sub else build / f"{role}.onnx"
+                src = graph_path(build, variant, role)
                 dst, platform = tmp / role / "1" / "model.onnx", "onnxruntime_onnx"
             else:
                 src = build / "engines" / precision / f"{role}.engine"

@@ -194,13 +194,11 @@ def _matmul_model(tmp_path: Path, weight: np.ndarray, name: str = "mm.onnx") -> 
     return path
 
 
-def test_quantizer_guards(tmp_path, monkeypatch):
-    """A graph with nothing to quantize is refused; so is a quantizer that stopped reducing the
-    range (weights of 8 bits could saturate the fast kernel the variant runs without the exact
-    option)."""
-    import onnxruntime.quantization as q
-
-    from onetrans_trt.calibrate.int8_cpu import quantize_scorer
+def test_quantizer_guards(tmp_path):
+    """A graph with nothing to quantize is refused; so are weights of 8 bits (a quantizer that
+    stopped reducing the range: they could saturate the fast kernel the variant runs without the
+    exact option)."""
+    from onetrans_trt.calibrate.int8_cpu import checked, quantize_scorer
     from onetrans_trt.errors import BuildError
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "relu",
@@ -210,12 +208,27 @@ def test_quantizer_guards(tmp_path, monkeypatch):
     with pytest.raises(BuildError, match="no MatMul with a constant weight to quantize"):
         quantize_scorer(tmp_path / "relu.onnx", tmp_path, [{"x": np.ones(2, np.float32)}])
     src = _matmul_model(tmp_path, np.ones((64, 8), np.float32))
-    feeds = [{"x": np.full((2, 64), 3.0, np.float32)}]
-    assert quantize_scorer(src, tmp_path, feeds) is not None
-    real = q.quantize_static
-    monkeypatch.setattr(q, "quantize_static", lambda *a, **kw: real(*a, **{**kw, "reduce_range": False}))
+    m = quantize_scorer(src, tmp_path, [{"x": np.full((2, 64), 3.0, np.float32)}])
+    w = next(i for i in m.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 2)
+    assert numpy_helper.to_array(w).max() == 64
+    w.CopyFrom(numpy_helper.from_array(np.full((64, 8), 127, np.int8), w.name))
     with pytest.raises(BuildError, match=r"quantized weights span \[0, 127\], outside \[-64, 64\]"):
-        quantize_scorer(src, tmp_path, feeds)
+        checked(m, src)
+
+
+def test_modelopt_in_the_same_process_does_not_break_it(tmp_path):
+    """ModelOpt patches ONNX Runtime's quantizer for the rest of a process (``calibrate`` for
+    TensorRT, then ``--target cpu`` in one Python session failed); the quantizer now runs apart."""
+    from modelopt.onnx.quantization.ort_patching import patch_ort_modules
+
+    from onetrans_trt.calibrate.int8_cpu import quantize_scorer
+
+    patch_ort_modules()
+    src = _matmul_model(tmp_path, np.linspace(-1, 1, 64 * 8, dtype=np.float32).reshape(64, 8))
+    m = quantize_scorer(src, tmp_path, [{"x": np.full((2, 64), 3.0, np.float32)}])
+    producer = {o: n for n in m.graph.node for o in n.output}
+    [mm] = [n for n in m.graph.node if n.op_type == "MatMul"]
+    assert [producer[i].op_type for i in mm.input] == ["DequantizeLinear", "DequantizeLinear"]
 
 
 @needs_qemu

@@ -186,7 +186,7 @@ def test_limits_refuse_or_truncate_like_rank(triton, tiny_build, movielens, tmp_
 
 
 @pytest.mark.serve_full
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8-cpu"])
 def test_precision_variants_score_like_their_ranker(triton, tiny_build, movielens, tmp_path, precision):
     import warnings
 
@@ -200,10 +200,14 @@ def test_precision_variants_score_like_their_ranker(triton, tiny_build, movielen
             from onetrans_trt.calibrate.fp16 import convert_build
 
             convert_build(build)
-        else:
+        elif precision == "int8":
             from onetrans_trt.calibrate.int8 import calibrate_build
 
             calibrate_build(build, n_samples=8)
+        else:
+            from onetrans_trt.calibrate.int8_cpu import calibrate_int8_cpu
+
+            calibrate_int8_cpu(build, n_samples=8)
     write_python_repository(build, tmp_path / "repo", precision=precision)
     reqs = [r for r, _ in movielens.requests(3, n_candidates=7, seed=26)]
     with TritonServer(tmp_path / "repo", install_dir=triton) as server:

@@ -79,8 +79,8 @@ def test_backend_status_says_why(tmp_path, monkeypatch):
     assert st["ort-fp16"] == (f"no fp16/candidate_scorer.onnx; run `onetrans-trt convert {b} --precision fp16`", False)
     assert st["ort-int8"] == st["ort-int8-qdq"] == (f"no int8/candidate_scorer.onnx; run `onetrans-trt calibrate {b}`",
                                                     False)
-    assert st["ort-int8-cpu"] == (f"no int8-cpu/candidate_scorer.onnx; run `onetrans-trt convert {b} --precision "
-                                  "int8-cpu`", False)
+    assert st["ort-int8-cpu"] == (f"no int8-cpu/candidate_scorer.onnx; run `onetrans-trt calibrate {b} --target cpu`",
+                                  False)
     why, capability = st["trt"]
     assert capability is True and st["trt-fp16"] == st["trt-int8"] == st["trt"]
     assert why.startswith("TensorRT is not usable here (ModuleNotFoundError: ") and why.endswith(
