@@ -31,7 +31,7 @@ APPLIES = {
     ("inspect", "history"): "clamped to the model's S-tokens, with a note (test_inspect_clamps_history)",
     ("inspect", "as_json"): "output",
     **{("convert", p): "every build" for p in ("build", "precision", "kv_fp16", "keep_fp32", "as_json")},
-    **{("calibrate", p): "every build" for p in ("build", "keep_float", "as_json")},
+    **{("calibrate", p): "every build" for p in ("build", "target", "as_json")},
     ("calibrate", "inputs_path"): "the calibration requests of either kind of build",
     ("calibrate", "synthetic"): "the calibration requests of either kind of build",
     **{("build", p): "every build and precision (--tf32: the FP32 layers every variant keeps)"
@@ -86,6 +86,7 @@ REFUSED = [
     ("convert", "inputs_path", ["{BUILD}", "--inputs", "{FILE}"], ["--inputs", "export --module"]),
     ("convert", "module_ref", ["{BUILD}", *M], ["--module", "export --module"]),
     ("convert", "weights", ["{BUILD}", "--weights", "{FILE}"], ["--weights", "export --module"]),
+    ("calibrate", "keep_float", ["{BUILD}", "--target", "cpu", "--keep-float", "Softmax"], ["--keep-float", "--target cpu"]),
     ("calibrate", "data", ["{BUILD}", "--synthetic", "--data", "ml-100k"], ["--data", "--synthetic"]),
     ("calibrate", "data", ["{BUILD}", "--inputs", "{REQ}", "--data", "ml-100k"], ["--data", "--inputs"]),
     ("calibrate", "data", ["{MODBUILD}", "--data", "ml-100k"], ["--data", "module build"]),

@@ -101,6 +101,7 @@ BAD: dict[tuple[str, str], tuple[str, str]] = {
     ("calibrate", "data"): ("ml-1m", "--data"),
     ("calibrate", "samples"): ("0", "--samples"),
     ("calibrate", "keep_float"): ("NoSuchOp", "NoSuchOp"),
+    ("calibrate", "target"): ("gpu", "--target"),
     ("calibrate", "quality_requests"): ("-1", "--quality-requests"),
     ("calibrate", "data_dir"): ("{FILE}", "--data-dir"),
     ("calibrate", "inputs_path"): ("{MISSING}", "missing"),
