@@ -44,10 +44,7 @@ def precision_of(backend: str) -> str:
     """The policy a backend is judged by: ``ort-fp16``/``trt-fp16`` fp16; ``ort-int8``,
     ``ort-int8-qdq``, ``ort-int8-cpu``, ``trt-int8`` int8; the others fp32."""
     parts = backend.split("-")
-    for p in ("fp16", "int8"):
-        if p in parts:
-            return p
-    return "fp32"
+    return parts[1] if len(parts) > 1 and parts[1] in ("fp16", "int8") else "fp32"
 
 
 def load_policy(path: str | Path | None) -> dict[str, dict[str, float]]:

@@ -108,8 +108,9 @@ def test_histogram_of_log10_errors():
 # ---- policy ----------------------------------------------------------------------------------
 
 def test_precision_of():
-    assert [precision_of(b) for b in ("ort", "ort-fp16", "trt-int8", "trt", "fp16-ort")] == \
-        ["fp32", "fp16", "int8", "fp32", "fp32"]
+    assert [precision_of(b) for b in ("ort", "ort-fp16", "trt-int8", "trt", "fp16-ort", "ort-int8-cpu",
+                                      "ort-int8-qdq", "ort-unified", "torch-split")] == \
+        ["fp32", "fp16", "int8", "fp32", "fp32", "int8", "int8", "fp32", "fp32"]
 
 
 def test_default_policy_is_a_copy():
