@@ -48,12 +48,17 @@ def variant_of(build: str | Path, backend: str, *, on_cpu: bool = True) -> str:
     return VARIANT_OF[backend]
 
 
+def graph_file(variant: str, role: str) -> str:
+    """The variant's graph of ``role`` (``user_encoder``/``candidate_scorer``) relative to its
+    build (what ``OrtSplitBackend(build, user_graph=...)`` takes)."""
+    if variant == "fp32" or role not in OWN_GRAPHS[variant]:
+        return f"{role}.onnx"
+    return f"{SUBDIR[variant]}/{role}.onnx"
+
+
 def graph_path(build: str | Path, variant: str, role: str) -> Path:
     """Where the variant's graph of ``role`` (``user_encoder``/``candidate_scorer``) lies."""
-    build = Path(build)
-    if variant == "fp32" or role not in OWN_GRAPHS[variant]:
-        return build / f"{role}.onnx"
-    return build / SUBDIR[variant] / f"{role}.onnx"
+    return Path(build) / graph_file(variant, role)
 
 
 def make_command(variant: str) -> str:

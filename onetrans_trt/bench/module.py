@@ -92,7 +92,7 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
             be = OrtUnifiedBackend(build, threads=threads)
             fns[name] = lambda be=be: be.score_unified(user_np, cand_np)
         else:
-            from onetrans_trt.variants import graph_path, make_command, variant_of
+            from onetrans_trt.variants import graph_file, make_command, variant_of
 
             sub = variant_of(build, name)
             if sub != "fp32" and sub not in precisions:
@@ -105,8 +105,8 @@ def bench_module(build: str | Path, module=None, *, module_error: str | None = N
                 if state == "stale":  # made from graphs since rewritten: not measured as this build's
                     skipped[name] = why
                     continue
-            be = OrtSplitBackend(build, name=name, user_graph=str(graph_path(build, sub, "user_encoder")),
-                                 scorer_graph=str(graph_path(build, sub, "candidate_scorer")), threads=threads,
+            be = OrtSplitBackend(build, name=name, user_graph=graph_file(sub, "user_encoder"),
+                                 scorer_graph=graph_file(sub, "candidate_scorer"), threads=threads,
                                  device=None)
 
             def run(be=be):

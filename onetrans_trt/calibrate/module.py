@@ -163,13 +163,13 @@ def evaluate_module_variant(build: str | Path, variant: str, module, requests: l
     from onetrans_trt.protocol import unified_inputs
     from onetrans_trt.runtime.ort_backend import OrtSplitBackend
     from onetrans_trt.validate.module import read_spec
-    from onetrans_trt.variants import graph_path
+    from onetrans_trt.variants import graph_file
 
     build = Path(build)
     spec = read_spec(build)
     be = OrtSplitBackend(build, name=VARIANT_BACKENDS[variant],
-                         user_graph=str(graph_path(build, variant, "user_encoder")),
-                         scorer_graph=str(graph_path(build, variant, "candidate_scorer")), device=None)
+                         user_graph=graph_file(variant, "user_encoder"),
+                         scorer_graph=graph_file(variant, "candidate_scorer"), device=None)
     tasks = list(spec.tasks)
     per = {t: {"abs": 0.0, "rel": 0.0, "overlap": [], "tau": []} for t in tasks}
     users = 0

@@ -161,7 +161,7 @@ class Ranker:
 
         manifest = read_manifest(build)
         cfg = read_config(build)
-        from onetrans_trt.variants import (ORT_BACKENDS, SUBDIR, graph_path, has_variant, make_command,
+        from onetrans_trt.variants import (ORT_BACKENDS, SUBDIR, graph_file, has_variant, make_command,
                                            variant_of)
 
         if backend == "ort":
@@ -175,8 +175,8 @@ class Ranker:
                 raise InputError(f"{build}: no {SUBDIR[variant]}/ graphs for backend {backend!r}; run `{how}` "
                                  f"first{more}")
             lineage.check_variant(build, manifest, variant)  # made from graphs since rewritten: refused
-            b = OrtSplitBackend(build, name=backend, user_graph=str(graph_path(build, variant, "user_encoder")),
-                                scorer_graph=str(graph_path(build, variant, "candidate_scorer")),
+            b = OrtSplitBackend(build, name=backend, user_graph=graph_file(variant, "user_encoder"),
+                                scorer_graph=graph_file(variant, "candidate_scorer"),
                                 providers=providers, threads=threads)
             b.variant = variant
             if variant == "int8-cpu":

@@ -46,3 +46,15 @@ def test_empty_history_and_zero_candidates(movielens, tiny_ckpt):
 def test_unknown_backend(tiny_ckpt):
     with pytest.raises(InputError, match="unknown backend"):
         Ranker.load(tiny_ckpt, backend="tensorflow")
+
+
+@pytest.mark.parametrize("backend", ["ort", "ort-int8-qdq"])
+def test_a_build_named_by_a_relative_path_loads_every_variant(movielens, tiny_int8_build, monkeypatch, backend):
+    """`convert builds/small` (a path relative to the working directory) once looked for
+    builds/small/builds/small/fp16/...: a variant's graph path was joined to the build twice."""
+    req, _ = movielens.requests(1, n_candidates=9, seed=4)[0]
+    want = Ranker.load(tiny_int8_build, backend=backend).rank(req).logits
+    monkeypatch.chdir(tiny_int8_build.parent.parent)
+    rel = tiny_int8_build.relative_to(tiny_int8_build.parent.parent)
+    got = Ranker.load(rel, backend=backend).rank(req).logits
+    assert np.array_equal(got, want)
