@@ -45,7 +45,8 @@ def placeholder_feeds(model: onnx.ModelProto, dims: dict[str, int]) -> dict[str,
 
 
 def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dict[str, int]:
-    """``{"flops": total, "matmuls": count}`` for one run of the graph at ``dims``."""
+    """``{"flops": total, "matmuls": count}`` for one run of the graph at ``dims``; the products
+    inside model-local functions (our fused attention nodes, as ONNX Runtime runs them) included."""
     import onnxruntime as ort
     from onetrans_trt.ort_options import session_options
 
@@ -58,6 +59,10 @@ def graph_flops(path: str | Path | onnx.ModelProto, dims: dict[str, int]) -> dic
         # external data read beside the file; tensors of ON_DISK_BYTES or more stay there (the
         # session below gets a temporary copy of the graph with them beside it)
         model = load_model(path, on_disk_above=ON_DISK_BYTES)
+    if model.functions:  # products inside our fused attention nodes (model-local functions) count too
+        from onnx.inliner import inline_local_functions
+
+        model = inline_local_functions(model)
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     consts = {}
     for n in model.graph.node:
