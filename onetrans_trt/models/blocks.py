@@ -24,6 +24,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
 
+    def token_major(self, x: Tensor) -> Tensor:
+        """:meth:`forward` on ``[T, B, dim]`` (token position first) when gains are per token."""
+        w = self.weight if self.weight.dim() == 1 else self.weight.unsqueeze(1)
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * w
+
 
 class MixedLinear(nn.Module):
     """A linear map per token position: ``[B, T, in] -> [B, T, out]``."""
@@ -39,6 +44,12 @@ class MixedLinear(nn.Module):
         y = torch.matmul(x.transpose(0, 1), self.weight).transpose(0, 1)  # [T,B,in]@[T,in,out]
         return y if self.bias is None else y + self.bias
 
+    def token_major(self, x: Tensor) -> Tensor:
+        """:meth:`forward` on ``[T, B, in]`` -> ``[T, B, out]``: the batched product as it is,
+        no transposes (the candidate scorer keeps its NS stream token-major)."""
+        y = torch.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias.unsqueeze(1)
+
 
 class FFN(nn.Module):
     """Position-wise FFN (GELU); shared when ``tokens`` is None, else per NS-token."""
@@ -53,6 +64,10 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(nn.functional.gelu(self.up(x)))
+
+    def token_major(self, x: Tensor) -> Tensor:
+        """Per-NS-token FFN on ``[T, B, dim]`` (see :meth:`MixedLinear.token_major`)."""
+        return self.down.token_major(nn.functional.gelu(self.up.token_major(x)))
 
 
 class MLP(nn.Module):

@@ -135,12 +135,22 @@ class OneTransLayer(nn.Module):
 
     # -- candidate side ----------------------------------------------------------------
     def score_ns(self, x_ns: Tensor, k_s: Tensor, v_s: Tensor, length: Tensor) -> Tensor:
+        """The NS side of C candidates, token-major: ``x_ns`` ``[T, C, d]`` (NS-token position
+        first) -> ``[T, C, d]``. Each NS-token's projections are then one batched product
+        ``[T, C, d] @ [T, d, d]`` with no transposes around it; only the attention's inputs and
+        output change layout (``[C, H, T, dh]``). Equal to :meth:`ns_update` over the
+        candidate-major stream (tests/models/test_token_major.py)."""
         h = self.n_heads
-        hns = self.ns_norm1(x_ns)
-        q = split_heads(self.ns_q(hns), h)
-        k, v = split_heads(self.ns_k(hns), h), split_heads(self.ns_v(hns), h)
+        t, c, d = x_ns.shape
+        hns = self.ns_norm1.token_major(x_ns)
+
+        def heads(y: Tensor) -> Tensor:  # [T, C, d] -> [C, H, T, dh]
+            return y.reshape(t, c, h, d // h).permute(1, 2, 0, 3)
+
+        q, k, v = heads(self.ns_q.token_major(hns)), heads(self.ns_k.token_major(hns)), heads(self.ns_v.token_major(hns))
         o = shared_prefix_attention(q, k_s, v_s, length, k, v)  # length >= L means all real
-        return self.ns_update(x_ns, merge_heads(o))
+        z = x_ns + self.ns_o.token_major(o.permute(2, 0, 1, 3).reshape(t, c, d))
+        return z + self.ns_ffn.token_major(self.ns_norm2.token_major(z))
 
 
 class OneTrans(nn.Module):
@@ -196,8 +206,8 @@ class OneTrans(nn.Module):
         """Candidate scorer: logits ``[C, tasks]`` for C candidates of one user."""
         if user_kv.keys[0].shape[0] != 1:
             raise ValueError("score_candidates takes the K/V of exactly one user (U=1)")
-        x_ns = self.ns_tokenizer(batch)
+        x_ns = self.ns_tokenizer(batch).transpose(0, 1)  # token-major through the layers
         length = user_kv.lengths.reshape(1)
         for layer, k, v in zip(self.layers, user_kv.keys, user_kv.values):
             x_ns = layer.score_ns(x_ns, k, v, length)
-        return self.head(x_ns)
+        return self.head(x_ns.transpose(0, 1))
