@@ -21,12 +21,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
-
-    def token_major(self, x: Tensor) -> Tensor:
-        """:meth:`forward` on ``[T, B, dim]`` (token position first) when gains are per token."""
-        w = self.weight if self.weight.dim() == 1 else self.weight.unsqueeze(1)
+    def forward(self, x: Tensor, token_major: bool = False) -> Tensor:
+        """``token_major``: ``x`` is ``[T, B, dim]`` (token position first; per-token gains
+        broadcast over B). A flag of ``forward``, not another method, so that module hooks and
+        the exporter's module scopes see the call (validate's first divergence names modules)."""
+        w = self.weight.unsqueeze(1) if token_major and self.weight.dim() == 2 else self.weight
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * w
 
 
@@ -40,15 +39,14 @@ class MixedLinear(nn.Module):
         bound = 1.0 / math.sqrt(d_in)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_major: bool = False) -> Tensor:
+        """``token_major``: ``x`` is ``[T, B, in]`` -> ``[T, B, out]``, the batched product as it
+        is, no transposes (the candidate scorer keeps its NS stream token-major)."""
+        if token_major:
+            y = torch.matmul(x, self.weight)
+            return y if self.bias is None else y + self.bias.unsqueeze(1)
         y = torch.matmul(x.transpose(0, 1), self.weight).transpose(0, 1)  # [T,B,in]@[T,in,out]
         return y if self.bias is None else y + self.bias
-
-    def token_major(self, x: Tensor) -> Tensor:
-        """:meth:`forward` on ``[T, B, in]`` -> ``[T, B, out]``: the batched product as it is,
-        no transposes (the candidate scorer keeps its NS stream token-major)."""
-        y = torch.matmul(x, self.weight)
-        return y if self.bias is None else y + self.bias.unsqueeze(1)
 
 
 class FFN(nn.Module):
@@ -62,12 +60,11 @@ class FFN(nn.Module):
             self.up = MixedLinear(tokens, dim, hidden, bias=True)
             self.down = MixedLinear(tokens, hidden, dim, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_major: bool = False) -> Tensor:
+        """``token_major``: a per-NS-token FFN on ``[T, B, dim]`` (see :class:`MixedLinear`)."""
+        if token_major and isinstance(self.up, MixedLinear):  # shared weights need no layout
+            return self.down(nn.functional.gelu(self.up(x, token_major=True)), token_major=True)
         return self.down(nn.functional.gelu(self.up(x)))
-
-    def token_major(self, x: Tensor) -> Tensor:
-        """Per-NS-token FFN on ``[T, B, dim]`` (see :meth:`MixedLinear.token_major`)."""
-        return self.down.token_major(nn.functional.gelu(self.up.token_major(x)))
 
 
 class MLP(nn.Module):

@@ -142,15 +142,15 @@ class OneTransLayer(nn.Module):
         candidate-major stream (tests/models/test_token_major.py)."""
         h = self.n_heads
         t, c, d = x_ns.shape
-        hns = self.ns_norm1.token_major(x_ns)
+        hns = self.ns_norm1(x_ns, token_major=True)
 
         def heads(y: Tensor) -> Tensor:  # [T, C, d] -> [C, H, T, dh]
             return y.reshape(t, c, h, d // h).permute(1, 2, 0, 3)
 
-        q, k, v = heads(self.ns_q.token_major(hns)), heads(self.ns_k.token_major(hns)), heads(self.ns_v.token_major(hns))
+        q, k, v = (heads(m(hns, token_major=True)) for m in (self.ns_q, self.ns_k, self.ns_v))
         o = shared_prefix_attention(q, k_s, v_s, length, k, v)  # length >= L means all real
-        z = x_ns + self.ns_o.token_major(o.permute(2, 0, 1, 3).reshape(t, c, d))
-        return z + self.ns_ffn.token_major(self.ns_norm2.token_major(z))
+        z = x_ns + self.ns_o(o.permute(2, 0, 1, 3).reshape(t, c, d), token_major=True)
+        return z + self.ns_ffn(self.ns_norm2(z, token_major=True), token_major=True)
 
 
 class OneTrans(nn.Module):
