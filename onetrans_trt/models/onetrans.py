@@ -61,9 +61,10 @@ class OneTransLayer(nn.Module):
         z = x_tail + self.s_o(attn)
         return z + self.s_ffn(self.s_norm2(z))
 
-    def ns_update(self, x_ns: Tensor, attn: Tensor) -> Tensor:
-        z = x_ns + self.ns_o(attn)
-        return z + self.ns_ffn(self.ns_norm2(z))
+    def ns_update(self, x_ns: Tensor, attn: Tensor, token_major: bool = False) -> Tensor:
+        """``token_major``: ``x_ns``/``attn`` are ``[T, C, d]`` (the candidate scorer's layout)."""
+        z = x_ns + self.ns_o(attn, token_major=token_major)
+        return z + self.ns_ffn(self.ns_norm2(z, token_major=token_major), token_major=token_major)
 
     # -- unified ---------------------------------------------------------------------
     def forward_unified(self, x_s: Tensor, x_ns: Tensor, length: Tensor, n_queries: int | None):
@@ -138,8 +139,8 @@ class OneTransLayer(nn.Module):
         """The NS side of C candidates, token-major: ``x_ns`` ``[T, C, d]`` (NS-token position
         first) -> ``[T, C, d]``. Each NS-token's projections are then one batched product
         ``[T, C, d] @ [T, d, d]`` with no transposes around it; only the attention's inputs and
-        output change layout (``[C, H, T, dh]``). Equal to :meth:`ns_update` over the
-        candidate-major stream (tests/models/test_token_major.py)."""
+        output change layout (``[C, H, T, dh]``). Equal to the candidate-major layer
+        (tests/models/test_token_major.py)."""
         h = self.n_heads
         t, c, d = x_ns.shape
         hns = self.ns_norm1(x_ns, token_major=True)
@@ -149,8 +150,7 @@ class OneTransLayer(nn.Module):
 
         q, k, v = (heads(m(hns, token_major=True)) for m in (self.ns_q, self.ns_k, self.ns_v))
         o = shared_prefix_attention(q, k_s, v_s, length, k, v)  # length >= L means all real
-        z = x_ns + self.ns_o(o.permute(2, 0, 1, 3).reshape(t, c, d), token_major=True)
-        return z + self.ns_ffn(self.ns_norm2(z, token_major=True), token_major=True)
+        return self.ns_update(x_ns, o.permute(2, 0, 1, 3).reshape(t, c, d), token_major=True)
 
 
 class OneTrans(nn.Module):
