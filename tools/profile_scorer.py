@@ -1,4 +1,4 @@
-"""Where the candidate scorer's time goes on ONNX Runtime CPU: op types and the heaviest nodes.
+"""Where the candidate scorer's time goes on CPU: ONNX Runtime, or PyTorch (eager or compiled).
 
 A random-weight build (synthetic schema) of ``--preset`` at ``--history``; ORT's own profiler
 on ``--candidates`` C; prints each op type's share of the node time (and, with ``--nodes``,
@@ -6,6 +6,12 @@ the heaviest nodes). For issue 20 (the scorer layout): run it before and after a
 
     PYTHONPATH=. .venv/bin/python tools/profile_scorer.py --preset onetrans-s --history 512 \
         --candidates 1024 --work /tmp/prof
+
+``--peer torch-compile`` (or ``torch-split``): the same checkpoint's ``score_candidates`` through
+``torch.compile`` (inductor, static shapes, kernels profiled) or eagerly, under torch.profiler,
+sorted into the same kinds: matrix products (their FLOPs and rate), inductor's fused loops
+(``cpp_fused_*``: elementwise chains and reductions in one pass) and the rest; so the two
+runtimes' time can be compared kind by kind.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import argparse
 import collections
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 
@@ -63,6 +71,88 @@ def matmul_flops(args: dict) -> float:
     return 2.0 * math.prod(out) * k
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+              "mkl::_mkl_linear", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def kind_of(name: str) -> str:
+    """The profile's kinds: 'matmul' (a matrix product kernel), 'fused' (an inductor-generated
+    loop), 'other' (copies, layout, elementwise ops run one by one)."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "cpp_fused" in name or "CppKernelProxy" in name:  # graph_<i>_cpp_fused_<ops>
+        return "fused"
+    return "other"
+
+
+def profile_torch(build: Path, peer: str, candidates: int, history: int, threads: int, runs: int) -> dict:
+    """Self time per profiler event (leaf kernels: a parent's self time excludes its children),
+    per run, of the checkpoint's scorer at C=``candidates`` with a full history of ``history``."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from onetrans_trt.data.requests import encode_request
+    from onetrans_trt.data.synthetic import synthetic_request
+    from onetrans_trt.export.api import read_manifest
+    from onetrans_trt.models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    manifest = read_manifest(build)
+    model = load_checkpoint(manifest_checkpoint(build, manifest)).eval()
+    req = synthetic_request(model.cfg.schema, np.random.default_rng(0), n_history=history, n_candidates=candidates)
+    hist, ns = encode_request(model.cfg.schema, req)
+    t = lambda d: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.items()}  # noqa: E731
+    with torch.no_grad():
+        kv = model.encode_user(t(hist))
+    feeds = t(ns)
+    score = model.score_candidates
+    if peer == "torch-compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # each generated loop is a profiler event
+        score = torch.compile(model.score_candidates, dynamic=False)
+    with torch.no_grad():
+        for _ in range(2):  # the compile happens here, untimed
+            score(kv, feeds)
+        times = []
+        for _ in range(runs):  # without the profiler's overhead
+            t0 = time.perf_counter()
+            score(kv, feeds)
+            times.append(time.perf_counter() - t0)
+        with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for _ in range(runs):
+                score(kv, feeds)
+    events = prof.key_averages()
+    nodes = {e.key: e.self_cpu_time_total / 1e3 / runs for e in events if e.self_cpu_time_total > 0}
+    flops = {e.key: e.flops / runs for e in events if e.key in MATMUL_OPS and e.flops}
+    return {"nodes": nodes, "flops": flops, "wall_ms": 1e3 * statistics.median(times)}
+
+
+def manifest_checkpoint(build: Path, manifest: dict) -> Path:
+    """The checkpoint a build was exported from (its manifest records the path)."""
+    return Path(manifest["checkpoint"]["path"])
+
+
+def report_torch(res: dict, machine: float) -> None:
+    total = sum(res["nodes"].values())
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for n, ms in res["nodes"].items():
+        kinds[kind_of(n)] += ms
+    mm_ms = sum(res["nodes"][n] for n in res["flops"])
+    mm_gflop = sum(res["flops"].values()) / 1e9
+    print(f"  self time of all events {total:.1f} ms per run")
+    for k in ("matmul", "fused", "other"):
+        print(f"  {k:<8}{kinds[k]:>9.1f} ms {100 * kinds[k] / max(total, 1e-9):>5.1f}%")
+    if mm_ms:
+        print(f"  matrix products (profiler's FLOPs, {', '.join(sorted(res['flops']))}): {mm_gflop:.1f} GFLOP "
+              f"in {mm_ms:.1f} ms = {mm_gflop / (mm_ms / 1e3):.1f} GFLOP/s "
+              f"({100 * mm_gflop / (mm_ms / 1e3) / machine:.0f}% of machine)")
+    for n, ms in sorted(res["nodes"].items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {kind_of(n):<7}{ms:>8.2f} ms  {n[:90]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="onetrans-s")
@@ -74,6 +164,8 @@ def main() -> None:
     ap.add_argument("--build", type=Path, help="an existing build (else a random one in --work)")
     ap.add_argument("--graph", type=Path, help="profile this scorer graph instead of BUILD's")
     ap.add_argument("--nodes", type=int, default=0, help="also list the N heaviest nodes")
+    ap.add_argument("--peer", choices=("ort", "torch-split", "torch-compile"), default="ort",
+                    help="profile ONNX Runtime's scorer graph, or the checkpoint's scorer in PyTorch")
     a = ap.parse_args()
 
     from onetrans_trt.bench.fused import random_build
@@ -86,6 +178,14 @@ def main() -> None:
     build = a.build or a.work / "build"
     if not (build / "manifest.json").is_file():
         random_build(build, preset=a.preset, history=a.history)
+    if a.peer != "ort":
+        from onetrans_trt.bench.peers import matmul_gflops
+
+        res = profile_torch(build, a.peer, a.candidates, a.history, a.threads, a.runs)
+        print(f"{a.peer} scorer: C={a.candidates} L={a.history}, {a.threads} threads, "
+              f"{res['wall_ms']:.1f} ms per run (median of {a.runs}, without the profiler)")
+        report_torch(res, matmul_gflops(a.threads))
+        return
     graph = a.graph or build / "candidate_scorer.onnx"
     dims = request_dims(read_manifest(build), a.candidates, a.history)
     feeds = placeholder_feeds(load_model(graph, external=False), dims)
