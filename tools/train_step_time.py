@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from onetrans_trt.data.movielens import TASKS, MovieLens
-from onetrans_trt.models import attention, training
 from onetrans_trt.models.checkpoint import build_model
 from onetrans_trt.models.config import HYFORMER_WAVE1, ModelConfig
 from onetrans_trt.models.training import to_torch
@@ -37,16 +36,7 @@ def contenders(ml: MovieLens) -> dict[str, ModelConfig]:
         f"paper small, caps {caps} (train's default)": ModelConfig.from_preset("small", schema, seq_max_len=caps,
                                                                                **hy),
         "paper small, --seq-max-len off": ModelConfig.from_preset("small", schema, **hy),
-        # train's default as it trained before 2026-12-04 (explicit attention, AdamW unfused)
-        f"paper small, caps {caps}, explicit attention": ModelConfig.from_preset("small", schema, seq_max_len=caps,
-                                                                                 **hy),
     }
-
-
-def explicit_attention(name: str) -> bool:
-    """The configs that train as the first release did: attention in its explicit form (no fused
-    SDPA), AdamW unfused, the gradient clip per tensor; the others run ``train``'s own step."""
-    return name.startswith("wave1 transformer") or name.endswith("explicit attention")
 
 
 def main() -> None:
@@ -71,22 +61,11 @@ def main() -> None:
         model = build_model(cfg).train()
         if name.startswith("wave1 transformer"):
             model.fit_training_layout = False  # the first release laid every sequence out at the stream's width
-            # (and ran attention in the explicit form: see explicit_attention())
-        first_release = explicit_attention(name)
-        opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if first_release
-               else training.optimizer(model, lr=1e-3))
-        runs[name] = (model, opt)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     loss_fn = nn.BCEWithLogitsLoss()
 
     def step(name, b, y):
         model, opt = runs[name]
-        # the first release ran attention in its explicit form in training too (no fused SDPA), AdamW
-        # unfused and the clip per gradient; the others run train's own step
-        first_release = explicit_attention(name)
-        attention.FUSED_TRAINING_ATTENTION = not first_release
-        if not first_release:
-            training.train_step(model, opt, loss_fn, b, y)
-            return
         loss = loss_fn(model(b), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

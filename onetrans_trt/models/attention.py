@@ -4,10 +4,6 @@ Three forms share one softmax definition (scores scaled by ``1/sqrt(dh)``, maske
 at ``-inf``, every query row sees at least itself so no row is fully masked):
 
 - :func:`masked_attention`: plain attention under a boolean mask (the unified model).
-  While training (a gradient to take, eagerly), it runs PyTorch's fused
-  ``scaled_dot_product_attention`` on the same mask: the same function (within float
-  rounding), 2-4x less time forward and backward on CPU at our sizes; everywhere else (eval,
-  export, torch.compile, tracing) it is the explicit form the graph passes read.
 - :func:`tail_causal_attention`: the user side. Queries are the newest ``Lq`` of ``Lk``
   S-tokens; causal **bottom-right** aligned; keys in the left padding are masked.
 - :func:`shared_prefix_attention`: the candidate side. ``C`` candidates' NS queries attend
@@ -39,26 +35,7 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * dh)
 
 
-# False: training runs the explicit form too (what the first release did; tools/train_step_time.py
-# times its baseline that way)
-FUSED_TRAINING_ATTENTION = True
-
-
-def training_fast_path(*xs: Tensor) -> bool:
-    """True when attention may run as PyTorch's fused SDPA: eager (not compiled, traced or
-    exported, where the explicit form is what the graph passes and the exact-split tests read)
-    and a gradient is being taken through one of ``xs`` (training: the fused kernel's backward
-    is the win; inference keeps the reference math, so eval scores do not move)."""
-    if not FUSED_TRAINING_ATTENTION or not torch.is_grad_enabled() or not any(x.requires_grad for x in xs):
-        return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
-
-
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """softmax(q.k^T / sqrt(dh), masked keys at -inf) . v; ``mask`` broadcasts to
-    ``[B, H, Lq, Lk]`` and leaves every row at least one key (see :func:`training_fast_path`)."""
-    if training_fast_path(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, NEG_INF)

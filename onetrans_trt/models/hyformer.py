@@ -48,7 +48,6 @@ from onetrans_trt.models.attention import (
     shared_decode_attention,
     split_heads,
     tail_causal_attention,
-    training_fast_path,
 )
 from onetrans_trt.models.blocks import FFN, MLP, RMSNorm
 from onetrans_trt.models.config import ModelConfig
@@ -139,8 +138,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Ten
     qq = q.transpose(0, 1).reshape(1, h, b * nq, dh) if shared else q
     if sink_k is None and k.shape[2] == 0:  # no key at all (an appended state's empty sequence)
         return torch.zeros_like(q)
-    if not shared and training_fast_path(q, k, v):
-        return _decode_fused(q, k, v, valid, sink_k, sink_v)
     s = torch.matmul(qq, k.transpose(-1, -2)) * scale  # [1|B, H, rows, n]
     if shared:
         real = _real_prefix_keys(k, valid)  # [1, 1, 1, n]
@@ -158,25 +155,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Ten
         p = torch.softmax(torch.cat([s, s0], dim=-1), dim=-1)
         o = torch.matmul(p[..., :-1], v) + p[..., -1:] * sink_v.reshape(1, h, 1, dh)
     return o.reshape(h, b, nq, dh).transpose(0, 1) if shared else o
-
-
-def _decode_fused(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, sink_k: Tensor | None,
-                  sink_v: Tensor | None) -> Tensor:
-    """:func:`decode_attention` (per row, not shared) through PyTorch's fused SDPA, for training
-    (:func:`~onetrans_trt.models.attention.training_fast_path`): the same function. The sink is
-    one more key/value; without it a row with no real key gets an all-true mask (SDPA has no
-    empty row) and its output is multiplied by 0, as the reference's 0 (no gradient either)."""
-    b, h, _, dh = q.shape
-    n = k.shape[2]
-    real = prefix_key_mask(n, valid.clamp(max=n)).reshape(b, 1, 1, n)
-    if sink_k is not None:
-        k = torch.cat([k, sink_k.reshape(1, h, 1, dh).expand(b, h, 1, dh)], dim=2)
-        v = torch.cat([v, sink_v.reshape(1, h, 1, dh).expand(b, h, 1, dh)], dim=2)
-        real = torch.cat([real, real.new_ones(b, 1, 1, 1)], dim=-1)
-        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=real)
-    empty = ~real.any(dim=-1, keepdim=True)  # [B, 1, 1, 1]
-    o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=real | empty)
-    return o * (~empty).to(o.dtype)
 
 
 class QueryDecoder(nn.Module):

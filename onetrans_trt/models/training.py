@@ -47,23 +47,6 @@ def evaluate(model: nn.Module, source: Any, split: Any, batch_size: int = 1024) 
     return binary_metrics(split.labels, predict(model, source, split, batch_size), model.cfg.tasks)
 
 
-def optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-5) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel over every parameter per step instead of a few small ops per
-    parameter: the same update within float rounding, a few percent of a small model's step)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, batch: dict, y: torch.Tensor):
-    """One step as ``train`` runs it: forward, loss, backward, gradient norm clipped to 1
-    (foreach: one pass over all gradients), optimizer step. Returns the loss."""
-    loss = loss_fn(model(batch), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-    opt.step()
-    return loss
-
-
 def train_model(cfg: ModelConfig, source: Any, *, epochs: int = 2, batch_size: int = 256,
                 lr: float = 2e-3, weight_decay: float = 1e-5, seed: int = 0,
                 progress: Callable[[int, int, float], None] | None = None) -> tuple[nn.Module, dict]:
@@ -74,7 +57,7 @@ def train_model(cfg: ModelConfig, source: Any, *, epochs: int = 2, batch_size: i
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_model(cfg)
-    opt = optimizer(model, lr, weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(source.train)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
@@ -88,7 +71,11 @@ def train_model(cfg: ModelConfig, source: Any, *, epochs: int = 2, batch_size: i
             idx = perm[start:start + batch_size]
             batch = to_torch(source.batch(source.train, idx))
             y = torch.from_numpy(source.train.labels[idx])
-            loss = train_step(model, opt, loss_fn, batch, y)
+            loss = loss_fn(model(batch), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
             sched.step()
             step += 1
             if progress is not None:
