@@ -36,9 +36,6 @@ def contenders(ml: MovieLens) -> dict[str, ModelConfig]:
         f"paper small, caps {caps} (train's default)": ModelConfig.from_preset("small", schema, seq_max_len=caps,
                                                                                **hy),
         "paper small, --seq-max-len off": ModelConfig.from_preset("small", schema, **hy),
-        # train's default with the S tokenizer as it ran before 2026-12-04 (every MLP over the stream)
-        f"paper small, caps {caps}, stream-wide S MLPs": ModelConfig.from_preset("small", schema, seq_max_len=caps,
-                                                                                 **hy),
     }
 
 
@@ -64,9 +61,6 @@ def main() -> None:
         model = build_model(cfg).train()
         if name.startswith("wave1 transformer"):
             model.fit_training_layout = False  # the first release laid every sequence out at the stream's width
-            model.s_tokenizer.own_positions_eagerly = False  # and ran every sequence's MLP over the whole stream
-        if name.endswith("stream-wide S MLPs"):
-            model.s_tokenizer.own_positions_eagerly = False
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     loss_fn = nn.BCEWithLogitsLoss()
 

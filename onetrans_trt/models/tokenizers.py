@@ -18,12 +18,6 @@ from onetrans_trt.data.schema import FeatureSchema
 from onetrans_trt.models.blocks import MLP
 
 
-def static_shapes() -> bool:
-    """True while the model is traced, exported or compiled: no data-dependent shapes there."""
-    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export())
-
-
 def newest_tokens(batch: dict[str, Tensor], n_max: int) -> dict[str, Tensor]:
     """The S-stream tensors cut to their newest ``n_max`` positions (left padding first)."""
     return {k: v[:, -n_max:] for k, v in batch.items() if k.startswith("s_") and k != "s_length"}
@@ -100,10 +94,6 @@ class GroupNSTokenizer(_UsesEmbeddings):
 
 
 class STokenizer(_UsesEmbeddings):
-    # eagerly, each sequence's MLP runs on its own positions only (False: over the whole stream, masked,
-    # as the first release did everywhere; tools/train_step_time.py times the two side by side)
-    own_positions_eagerly: bool = True
-
     def __init__(self, emb: Embeddings, d_model: int, hidden: int):
         super().__init__(emb)
         schema = emb.schema
@@ -120,26 +110,12 @@ class STokenizer(_UsesEmbeddings):
             self.type_emb.weight[0].zero_()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """``[B, L, d]``: each position's type row plus its own sequence's MLP of its fields.
-
-        Traced, exported or compiled (static shapes), every sequence's MLP runs over the whole
-        stream and the type mask keeps its own positions (a graph with no data-dependent
-        shape). Eagerly, each MLP runs on its own positions only (gathered, then added back in
-        place): the same numbers for a K-th of the MLP work, K the sequence count (training
-        runs this)."""
         types = batch["s_type"]
         fields = {f: self.emb.tables[t](batch[f"s_{f}"]) for f, t in self.schema.seq_fields.items()}
         out = self.type_emb(types)
-        if static_shapes() or not self.own_positions_eagerly:
-            for k, (seq, mlp) in enumerate(zip(self.schema.sequences, self.mlps)):
-                x = torch.cat([fields[f] for f in seq.fields], dim=-1)
-                out = out + (types == k + 1).to(out.dtype).unsqueeze(-1) * mlp(x)
-            return out
         for k, (seq, mlp) in enumerate(zip(self.schema.sequences, self.mlps)):
-            mine = types == k + 1
-            if bool(mine.any()):
-                x = torch.cat([fields[f][mine] for f in seq.fields], dim=-1)  # [events of k, in]
-                out = out.index_put((mine,), mlp(x), accumulate=True)
+            x = torch.cat([fields[f] for f in seq.fields], dim=-1)
+            out = out + (types == k + 1).to(out.dtype).unsqueeze(-1) * mlp(x)
         return out
 
     def sequence(self, j: int, ids: dict[str, Tensor]) -> Tensor:
